@@ -1,0 +1,161 @@
+"""The Qwen2 / Qwen3 language model with multimodal RoPE (M-RoPE), shared by all three VLMs."""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+from .vision import attend, rotate_half
+
+
+def mrope_axes(head_dim: int, section, interleaved: bool) -> mx.array:
+    """Which position row (0=t, 1=h, 2=w) drives each of the head_dim // 2 frequencies."""
+    half = head_dim // 2
+    if interleaved:  # Qwen3-VL: j % 3 == 1 -> h, j % 3 == 2 -> w (within their sections), else t
+        axes = [0] * half
+        for j in range(half):
+            if j % 3 == 1 and j < 3 * section[1]:
+                axes[j] = 1
+            elif j % 3 == 2 and j < 3 * section[2]:
+                axes[j] = 2
+    else:  # Qwen2/2.5-VL: contiguous chunks
+        axes = [0] * section[0] + [1] * section[1] + [2] * section[2]
+        axes += [0] * (half - len(axes))
+    return mx.array(axes[:half])
+
+
+def quantized_attend(q, k, v, scale, mask, group_size: int, bits: int) -> mx.array:
+    """Attention with keys/values as (packed, scales, biases) tuples, via quantized matmuls."""
+    B, H, L, d = q.shape
+    Hkv = k[0].shape[1]
+    q = (q * scale).reshape(B, Hkv, H // Hkv, L, d)  # [B, Hkv, rep, L, d]
+    k = tuple(t[:, :, None] for t in k)
+    v = tuple(t[:, :, None] for t in v)
+    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # [B, Hkv, rep, L, S]
+    if isinstance(mask, str):
+        S = s.shape[-1]
+        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask
+    p = mx.softmax(s, axis=-1, precise=True)
+    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = hd = cfg.head_dim
+        self.scale = hd**-0.5
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)  # [B, L, H, hd]
+        k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)  # [B, Hkv, L, hd]
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(0, 2, 1, 3)
+        k = k.transpose(0, 2, 1, 3)
+        q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
+        k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if isinstance(k, tuple):
+            out = quantized_attend(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            out = attend(q, k, v, self.scale, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """Decoder over input embeddings with explicit [3, B, L] M-RoPE positions."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        half = cfg.head_dim // 2
+        self._inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, half, dtype=mx.float32) * 2 / cfg.head_dim))
+        self._axes = mrope_axes(cfg.head_dim, cfg.mrope_section, cfg.mrope_interleaved)
+
+    def rope(self, positions: mx.array):
+        """cos, sin [B, 1, L, head_dim] in float32 for [3, B, L] positions."""
+        pos = positions.astype(mx.float32)  # [3, B, L]
+        onehot = (self._axes[None] == mx.arange(3)[:, None]).astype(mx.float32)  # [3, hd/2]
+        ang = (pos[..., None] * (onehot * self._inv_freq)[:, None, None]).sum(0)  # [B, L, hd/2]
+        ang = mx.concatenate([ang, ang], axis=-1)[:, None]  # [B, 1, L, hd]
+        return mx.cos(ang), mx.sin(ang)
+
+    def __call__(
+        self,
+        inputs_embeds: mx.array,
+        positions: mx.array,
+        cache: Optional[list] = None,
+        deepstack: Optional[List[mx.array]] = None,
+        mask=None,
+    ) -> mx.array:
+        """Logits [B, L, V] for embeddings [B, L, D] at positions [3, B, L].
+
+        ``deepstack`` (Qwen3-VL): dense [B, L, D] additions after layers 0, 1, ..., zero on text rows.
+        """
+        h = inputs_embeds
+        cos, sin = self.rope(positions)
+        L = h.shape[1]
+        layers = self.model.layers
+        cache = cache or [None] * len(layers)
+        if mask is None:
+            c0 = cache[0]
+            mask = c0.make_mask(L) if c0 is not None and hasattr(c0, "make_mask") else ("causal" if L > 1 else None)
+        for i, (layer, c) in enumerate(zip(layers, cache)):
+            h = layer(h, cos, sin, mask, c)
+            if deepstack is not None and i < len(deepstack):
+                h = h + deepstack[i]
+        h = self.model.norm(h)
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)

@@ -1,0 +1,242 @@
+"""Blocks shared by the three Qwen-VL vision towers."""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "gelu": nn.gelu,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_tanh": nn.gelu_approx,
+    "silu": nn.silu,
+}
+
+# Queries per attention call on the CPU backend, where attention is not fused and the
+# score block [heads, chunk, keys] is materialized. Set lower to bound memory on huge images.
+ATTENTION_CHUNK = 2048
+
+
+@dataclass
+class VisionOutput:
+    """What a vision tower hands on: merged tokens in raster order per image/slice."""
+
+    features: mx.array  # [M, D_llm]
+    deepstack: List[mx.array] = field(default_factory=list)  # each [M, D_llm]
+    units: Optional[List[mx.array]] = None  # kept merge-unit indices per image (in-encoder compaction)
+
+
+def fused_attention_available() -> bool:
+    return mx.metal.is_available()
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """Attention over [B, H, L, d] queries and [B, Hkv, S, d] keys/values.
+
+    Fused SDPA on Metal; on the CPU backend, query-chunked matmuls (they run on BLAS,
+    and the score block stays bounded).
+    """
+    if fused_attention_available():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    q = (q * scale).reshape(B, Hkv, rep, L, d)  # [B, Hkv, rep, L, d]
+    k, v = k[:, :, None], v[:, :, None]  # [B, Hkv, 1, S, d]
+    if isinstance(mask, str):
+        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S]
+    outs = []
+    for i in range(0, L, ATTENTION_CHUNK):
+        s = q[:, :, :, i : i + ATTENTION_CHUNK] @ k.swapaxes(-1, -2)  # [B, Hkv, rep, c, S]
+        if mask is not None:
+            m = mask[..., i : i + ATTENTION_CHUNK, :] if mask.ndim >= 2 and mask.shape[-2] == L else mask
+            s = mx.where(m, s, -mx.inf) if m.dtype == mx.bool_ else s + m
+        outs.append(mx.softmax(s, axis=-1, precise=True) @ v)  # [B, Hkv, rep, c, d]
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+    return out.reshape(B, H, L, d)
+
+
+def segment_attention(q, k, v, bounds: Sequence[int], scale: float) -> mx.array:
+    """Attention of [N, H, d] rows within the segments given by cumulative bounds.
+
+    Segments of equal length are batched into one call; no [N, N] matrix is formed.
+    """
+    N, H, d = q.shape
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    starts = [a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(set(lengths)) == 1:  # one size: a reshape, no gather
+        n, G = lengths[0], len(lengths)
+        qkv = [x.reshape(G, n, H, d).transpose(0, 2, 1, 3) for x in (q, k, v)]  # [G, H, n, d]
+        return attend(*qkv, scale).transpose(0, 2, 1, 3).reshape(N, H, d)
+    groups = {}
+    for a, n in zip(starts, lengths):
+        groups.setdefault(n, []).append(a)
+    outs, order = [], []
+    for n, group_starts in groups.items():
+        idx = (mx.array(group_starts)[:, None] + mx.arange(n)[None]).reshape(-1)  # [G*n]
+        qkv = [x[idx].reshape(len(group_starts), n, H, d).transpose(0, 2, 1, 3) for x in (q, k, v)]
+        outs.append(attend(*qkv, scale).transpose(0, 2, 1, 3).reshape(-1, H, d))
+        order.append(idx)
+    inverse = mx.argsort(mx.concatenate(order))
+    return mx.concatenate(outs)[inverse]
+
+
+def rotate_half(x: mx.array) -> mx.array:
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-x2, x1], axis=-1)
+
+
+def patch_coords(grid_thw, merge: int) -> mx.array:
+    """(h, w) of every patch, block-major over merge x merge units: [N, 2]."""
+    coords = []
+    for t, h, w in grid_thw:
+        hh = mx.broadcast_to(mx.arange(h)[:, None], (h, w))
+        ww = mx.broadcast_to(mx.arange(w)[None, :], (h, w))
+        hw = mx.stack([hh, ww], axis=-1).reshape(h // merge, merge, w // merge, merge, 2)
+        hw = hw.transpose(0, 2, 1, 3, 4).reshape(-1, 2)  # [h*w, 2]
+        coords.append(mx.tile(hw, (t, 1)))
+    return mx.concatenate(coords)
+
+
+def rope_angles(coords: mx.array, head_dim: int, theta: float) -> mx.array:
+    """2D RoPE angles for [N, 2] patch coordinates: [N, head_dim // 2] (h half, w half)."""
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (theta ** (mx.arange(0, 2 * quarter, 2, dtype=mx.float32) / (2 * quarter)))
+    ang = coords.astype(mx.float32)[:, :, None] * inv_freq  # [N, 2, head_dim/4]
+    return ang.reshape(ang.shape[0], -1)
+
+
+def segment_bounds(grid_thw) -> List[int]:
+    """Cumulative patch bounds of every temporal slice of every image."""
+    bounds = [0]
+    for t, h, w in grid_thw:
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    return bounds
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride, applied as one matmul on [N, C*T*P*P] rows."""
+
+    def __init__(self, cfg, bias: bool = False):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.proj.weight  # [O, T, P, P, C]
+        w = w.transpose(0, 4, 1, 2, 3).reshape(w.shape[0], -1)  # [O, C*T*P*P]
+        out = x.astype(w.dtype) @ w.T  # [N, O]
+        return out + self.proj.bias if "bias" in self.proj else out
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, bounds) -> mx.array:
+        N, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).transpose(1, 0, 2, 3)  # [N, H, d] each
+        q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
+        k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
+        return self.proj(segment_attention(q, k, v, bounds, self.scale).reshape(N, D))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg, norm: Callable, mlp: nn.Module):
+        super().__init__()
+        self.norm1 = norm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = norm(cfg.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
+        self.mlp = mlp
+
+    def __call__(self, x, cos, sin, bounds):
+        x = x + self.attn(self.norm1(x), cos, sin, bounds)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nn.Module):
+    """Patch embed, 2D RoPE, blocks, merger. Subclasses add window attention or DeepStack.
+
+    ``select(hidden [U, 4, D], units_grid) -> kept unit indices`` may be given with ``select_at``
+    (a block index): before that block, only the kept 2x2 merge units go on.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+
+    def embed(self, pixel_values, grid_thw) -> mx.array:
+        return self.patch_embed(pixel_values)  # [N, D]
+
+    def block_bounds(self, index: int, ctx: dict):
+        return ctx["bounds"]
+
+    def after_block(self, index: int, x: mx.array, out: VisionOutput):
+        pass
+
+    def __call__(self, pixel_values, grid_thw, select=None, select_at: int = 0) -> VisionOutput:
+        grid_thw = [tuple(int(v) for v in g) for g in grid_thw]
+        x = self.embed(pixel_values, grid_thw)  # [N, D]
+        ang = rope_angles(patch_coords(grid_thw, self.cfg.spatial_merge_size), self.head_dim, self.cfg.rope_theta)
+        ang = mx.concatenate([ang, ang], axis=-1)[:, None, :]  # [N, 1, head_dim]
+        cos, sin = mx.cos(ang), mx.sin(ang)
+        x, cos, sin, ctx = self.prepare(x, cos, sin, grid_thw)
+        out = VisionOutput(features=None)
+        for i, blk in enumerate(self.blocks):
+            if select is not None and i == select_at:
+                x, cos, sin, ctx["bounds"], out.units = self.keep_units(x, cos, sin, grid_thw, select)
+            x = blk(x, cos, sin, self.block_bounds(i, ctx))
+            self.after_block(i, x, out)
+        out.features = self.finish(self.merger(x), ctx)
+        return out
+
+    def prepare(self, x, cos, sin, grid_thw):
+        """Reorder rows if the tower needs it; ``ctx`` carries what later steps need."""
+        return x, cos, sin, {"bounds": segment_bounds(grid_thw)}
+
+    def finish(self, merged, ctx):
+        return merged
+
+    def keep_units(self, x, cos, sin, grid_thw, select):
+        """Keep the 2x2 merge units that ``select`` picks, per image/slice."""
+        unit = self.cfg.spatial_merge_size**2
+        D = x.shape[-1]
+        kept, bounds, offset = [], [0], 0
+        for t, h, w in grid_thw:
+            n = t * h * w // unit
+            units = x[offset * unit : (offset + n) * unit].reshape(n, unit, D)  # [n, 4, D]
+            idx = select(units, (t, h // self.cfg.spatial_merge_size, w // self.cfg.spatial_merge_size))
+            kept.append(idx)
+            per_slice = [int(((idx >= s * n // t) & (idx < (s + 1) * n // t)).sum()) for s in range(t)]
+            for c in per_slice:
+                bounds.append(bounds[-1] + c * unit)
+            offset += n
+        rows = mx.concatenate(
+            [(mx.array(k) + sum(g[0] * g[1] * g[2] for g in grid_thw[:i]) // unit) for i, k in enumerate(kept)]
+        )
+        rows = (rows[:, None] * unit + mx.arange(unit)[None]).reshape(-1)  # [K*4]
+        return x[rows], cos[rows], sin[rows], bounds, kept
+
+
+class PatchMerger(nn.Module):
+    """Qwen2/2.5-VL merger: norm per patch, 2x2 patches concatenated, MLP."""
+
+    def __init__(self, dim: int, context_dim: int, norm: Callable, merge: int = 2):
+        super().__init__()
+        self.hidden = context_dim * merge**2
+        self.ln_q = norm(context_dim, eps=1e-6)
+        self.mlp = [nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.ln_q(x).reshape(-1, self.hidden)  # [N/4, 4*C]
+        for layer in self.mlp:
+            x = layer(x)
+        return x
