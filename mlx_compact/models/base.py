@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .language import LanguageModel
+from .rope_index import get_rope_index
 from .vision import VisionOutput
 
 
@@ -52,8 +53,6 @@ class VLModel(nn.Module):
 
     def positions(self, input_ids: Sequence[int], image_grid_thw=(), video_grid_thw=(), second_per_grid_ts=None):
         """Full-sequence M-RoPE ids [3, L] (python lists) and the rope delta."""
-        from .rope_index import get_rope_index
-
         c = self.config
         return get_rope_index(
             list(input_ids),

@@ -138,8 +138,9 @@ class LanguageModel(nn.Module):
         cache: Optional[list] = None,
         deepstack: Optional[List[mx.array]] = None,
         mask=None,
+        last_only: bool = False,
     ) -> mx.array:
-        """Logits [B, L, V] for embeddings [B, L, D] at positions [3, B, L].
+        """Logits [B, L, V] for embeddings [B, L, D] at positions [3, B, L] ([B, 1, V] if ``last_only``).
 
         ``deepstack`` (Qwen3-VL): dense [B, L, D] additions after layers 0, 1, ..., zero on text rows.
         """
@@ -155,7 +156,7 @@ class LanguageModel(nn.Module):
             h = layer(h, cos, sin, mask, c)
             if deepstack is not None and i < len(deepstack):
                 h = h + deepstack[i]
-        h = self.model.norm(h)
+        h = self.model.norm(h[:, -1:] if last_only else h)
         if self.cfg.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
