@@ -1,0 +1,424 @@
+"""KV caches for the language model: a growing one and a fixed-size, pinned, rotating one.
+
+All caches follow mlx-lm's cache protocol (``update_and_fetch``, ``offset``, ``state``,
+``meta_state``, ``nbytes``, ``trim``, ``is_trimmable``, ``make_mask``, ``size``, ``empty``).
+Keys and values are ``[B, n_kv_heads, L, head_dim]`` and already RoPE-rotated with their
+absolute positions, so keys are stored once and never re-rotated.
+
+Call order (one attention layer, ``L`` new tokens)::
+
+    mask = cache.make_mask(L)                      # 1. BEFORE the update (reads cache.offset)
+    keys, values = cache.update_and_fetch(k, v)    # 2. writes the L tokens, returns every key held
+    out = scaled_dot_product_attention(q, keys, values, scale, mask, cache)   # 3.
+
+``make_mask(L)`` never changes the cache: it describes the keys that the *next*
+``update_and_fetch`` of ``L`` tokens will return. Every layer sees the same positions, so a
+model may call it once (on ``caches[0]``) before its layer loop, as mlx-lm models do. A mask
+is ``None`` (every returned key visible), ``"causal"`` (plain causal mask, queries aligned to
+the last keys) or a bool array ``[L, n_keys]`` (True = attend).
+
+``FixedKVCache`` semantics (``P`` pinned tokens, ring of ``R = max_tokens - P`` slots,
+``window = R - max_chunk + 1``): the query at absolute position ``q`` attends to every
+pinned token and to the unpinned tokens in ``(q - window, q]``. The answer does not depend
+on how the input was split into chunks. A chunk may hold at most ``max_chunk`` tokens once
+it would overwrite something (``offset + L > max_tokens``); before that any size fits.
+The window is ``max_chunk - 1`` shorter than the ring because the ring must still hold the
+oldest token the first query of a chunk needs after the chunk's last token is written.
+
+Buffers are updated in place by MLX slice assignment. That only stays in place while no
+other array or view references the buffer: drop the arrays returned by ``update_and_fetch``
+and ``state`` before the next update (a model's forward pass does this naturally).
+"""
+
+import json
+
+import mlx.core as mx
+
+__all__ = [
+    "KVCache",
+    "FixedKVCache",
+    "scaled_dot_product_attention",
+    "save_cache",
+    "load_cache",
+    "cache_nbytes",
+]
+
+
+def _causal(n, offset):
+    """Bool causal mask [n, offset + n] for n queries after `offset` earlier keys."""
+    return mx.arange(offset, offset + n)[:, None] >= mx.arange(offset + n)[None]  # [n, offset+n]
+
+
+def _no_window(window_size):
+    if window_size is not None:
+        raise ValueError("window_size is not supported; FixedKVCache has its own window")
+
+
+class KVCache:
+    """Growing float cache: keeps every token; grows its buffers in steps of 256 tokens."""
+
+    step = 256
+    meta_state = ()
+
+    def __init__(self):
+        self.keys = self.values = None  # [B, H, capacity, D]
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        """Append keys/values [B, H, L, D]; return all held [B, H, offset, D]."""
+        prev, L = self.offset, keys.shape[2]
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            grow = (prev + L + self.step - 1) // self.step * self.step - prev
+            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)  # [B, H, grow, D]
+            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            if self.keys is not None:
+                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)  # [B, H, cap, D]
+                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            self.keys, self.values = new_k, new_v
+        self.offset = prev + L
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.state
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        """Mask for the next `n` queries; call before `update_and_fetch`."""
+        _no_window(window_size)
+        return _causal(n, self.offset) if return_array else None if n == 1 else "causal"
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return ()
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v if v else (None, None)
+        self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self.keys is None
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class FixedKVCache:
+    """Fixed-size KV cache: a pinned prefix plus a ring over the rest, float or quantized.
+
+    Args:
+        max_tokens: slots per layer; the buffers are allocated once, at this size, on the
+            first update (batch, heads, head_dim and dtype come from the first keys).
+        pinned: number of leading tokens that are never evicted (system prompt, image
+            tokens). ``pin()`` sets it later instead.
+        bits: ``None`` stores keys/values as given; ``8`` or ``4`` stores them quantized
+            like mlx-lm's ``QuantizedKVCache``: ``update_and_fetch`` then returns tuples
+            ``(wq, scales, biases)`` and ``bits``/``group_size`` select the quantized attention.
+        group_size: quantization group size along head_dim.
+        max_chunk: the most tokens one ``update_and_fetch`` may write once the ring is full
+            (larger chunks raise ``ValueError``). Each query sees the pinned tokens and the
+            ``window = max_tokens - pinned - max_chunk + 1`` most recent unpinned tokens.
+            Default ``min(512, max_tokens // 4)``. ``max_chunk=1`` makes the window the
+            whole ring (then, once full, the cache takes one token at a time).
+
+    Token ``t`` lives in slot ``t`` if ``t < pinned``, else in ``pinned + (t - pinned) % ring``.
+    """
+
+    def __init__(self, max_tokens, pinned=None, bits=None, group_size=64, max_chunk=None):
+        if bits not in (None, 4, 8):
+            raise ValueError(f"bits must be None, 4 or 8, got {bits}")
+        self.max_tokens = int(max_tokens)
+        self._max_chunk = int(max_chunk or min(512, max(1, self.max_tokens // 4)))
+        self._bits = bits
+        self.group_size = int(group_size)
+        self.keys = self.values = None  # lists of full buffers: [K] or [wq, scales, biases]
+        self.offset = 0  # tokens ever written (absolute position of the next token)
+        self.pinned = 0
+        self.pin(pinned or 0)
+
+    # ----- configuration -------------------------------------------------------------
+
+    @property
+    def bits(self):
+        """Quantization bits; absent (AttributeError) on a float cache, so that
+        ``hasattr(cache, "bits")`` dispatch (mlx-lm) picks the float attention."""
+        if self._bits is None:
+            raise AttributeError("float FixedKVCache has no 'bits'")
+        return self._bits
+
+    @property
+    def max_chunk(self):
+        """Largest chunk one `update_and_fetch` may write once the ring is full."""
+        return self._max_chunk
+
+    @property
+    def ring(self):
+        """Slots for unpinned tokens."""
+        return self.max_tokens - self.pinned
+
+    @property
+    def window(self):
+        """How many most recent unpinned tokens each query attends to."""
+        return self.ring - self._max_chunk + 1
+
+    def pin(self, n=None):
+        """Pin the first `n` tokens (default: every token written so far).
+
+        Only possible while nothing has been overwritten (``offset <= max_tokens``), and
+        the ring left (``max_tokens - n``) must hold at least ``max_chunk`` tokens. The
+        window shrinks by the newly pinned count, so pin before the window matters.
+        """
+        n = self.offset if n is None else int(n)
+        if self.offset > self.max_tokens and n != self.pinned:
+            raise ValueError("cannot change the pinned prefix after the ring has wrapped")
+        if not 0 <= n <= self.max_tokens - self._max_chunk:
+            raise ValueError(
+                f"pinning {n} tokens leaves a ring of {self.max_tokens - n} slots; it needs at "
+                f"least max_chunk={self._max_chunk} (max_tokens={self.max_tokens})"
+            )
+        self.pinned = n
+
+    # ----- protocol ------------------------------------------------------------------
+
+    def size(self):
+        """Number of tokens held."""
+        return min(self.offset, self.max_tokens)
+
+    def empty(self):
+        return self.keys is None
+
+    def _runs(self, start, L):
+        """(slot, chunk_index, length) runs for tokens start .. start+L-1."""
+        runs, t, end = [], start, start + L
+        while t < end:
+            s = t if t < self.pinned else self.pinned + (t - self.pinned) % self.ring
+            limit = self.pinned if t < self.pinned else self.max_tokens
+            n = min(end - t, limit - s)
+            runs.append((s, t - start, n))
+            t += n
+        return runs
+
+    def update_and_fetch(self, keys, values):
+        """Write keys/values [B, H, L, D] in place; return every key/value held.
+
+        Returns views ``[B, H, size, D]`` in slot order (not time order once the ring has
+        wrapped: use ``make_mask``), or for a quantized cache tuples ``(wq, scales, biases)``.
+        """
+        L = keys.shape[2]
+        if L > self._max_chunk and self.offset + L > self.max_tokens:
+            raise ValueError(
+                f"chunk of {L} tokens would overwrite the ring; feed chunks of at most "
+                f"max_chunk={self._max_chunk} tokens once offset + L > max_tokens "
+                f"(offset={self.offset}, max_tokens={self.max_tokens})"
+            )
+        if self._bits is None:
+            new_k, new_v = [keys], [values]
+        else:  # [B, H, L, D*bits/32] uint32, [B, H, L, D/group_size] scales and biases
+            new_k = mx.quantize(keys, group_size=self.group_size, bits=self._bits)
+            new_v = mx.quantize(values, group_size=self.group_size, bits=self._bits)
+        if self.keys is None:
+            self._allocate(new_k, new_v)
+        for s, a, n in self._runs(self.offset, L):
+            for buf, new in ((self.keys, new_k), (self.values, new_v)):
+                for i in range(len(buf)):
+                    buf[i][..., s : s + n, :] = new[i][..., a : a + n, :]  # in place
+        self.offset += L
+        return self.state
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        """Mask for the next `n` queries; call BEFORE `update_and_fetch` of those tokens.
+
+        Returns ``None`` (all returned keys visible), ``"causal"``, or a bool array
+        ``[n, n_keys]`` with True = attend, correct after wrap-around. ``return_array``
+        forces the array; ``window_size`` exists for mlx-lm callers and must be None.
+        """
+        _no_window(window_size)
+        P, R, W = self.pinned, self.ring, self.window
+        o, end = self.offset, self.offset + n
+        wrapped = end > self.max_tokens
+        if not return_array:
+            if not wrapped and end - P <= W:  # time order, no window cut
+                return None if n == 1 else "causal"
+            if wrapped and n == 1 and W >= R:  # one query sees the whole ring
+                return None
+        if wrapped:  # absolute position held by each slot after the update
+            head = (end - P) % R  # next ring slot to write
+            ring_pos = end - R + (mx.arange(R) - head) % R  # [R]
+            pos = mx.concatenate([mx.arange(P), ring_pos])  # [max_tokens]
+        else:
+            pos = mx.arange(end)  # [end]
+        q = mx.arange(o, end)[:, None]  # [n, 1]
+        pos = pos[None]  # [1, n_keys]
+        return (pos <= q) & ((pos < P) | (pos > q - W))  # [n, n_keys]
+
+    @property
+    def state(self):
+        """Views of the held region: (K, V), or ((wq, s, b), (wq, s, b)) when quantized.
+
+        Always new arrays (never the buffers themselves), so what a caller holds does not
+        change later; holding them across an update makes that update copy the buffers.
+        """
+        if self.keys is None:
+            return ()
+        n = self.size()
+        k, v = ([x[..., :n, :] for x in b] for b in (self.keys, self.values))  # new views
+        return (k[0], v[0]) if self._bits is None else (tuple(k), tuple(v))
+
+    @state.setter
+    def state(self, v):
+        """Restore from `state` (set `meta_state` first); allocates the full buffers."""
+        self.keys = self.values = None
+        if not v:
+            return
+        k, v = ([x] if self._bits is None else list(x) for x in v)
+        n = k[0].shape[2]
+        self._allocate(k, v)
+        for buf, src in ((self.keys, k), (self.values, v)):
+            for i in range(len(buf)):
+                buf[i][..., :n, :] = src[i]
+
+    def _allocate(self, k, v):
+        """Allocate the full buffers once, shaped like the parts in `k` and `v`."""
+        shape = lambda x: (*x.shape[:2], self.max_tokens, x.shape[3])  # noqa: E731  [B, H, C, *]
+        self.keys = [mx.zeros(shape(x), x.dtype) for x in k]
+        self.values = [mx.zeros(shape(x), x.dtype) for x in v]
+
+    @property
+    def meta_state(self):
+        """Strings: max_tokens, pinned, max_chunk, bits (0 = float), group_size, offset."""
+        meta = (self.max_tokens, self.pinned, self._max_chunk, self._bits or 0, self.group_size, self.offset)
+        return tuple(map(str, meta))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.max_tokens, self.pinned, self._max_chunk, bits, self.group_size, self.offset = map(int, v)
+        self._bits = bits or None
+        self.keys = self.values = None
+
+    @property
+    def nbytes(self):
+        """Bytes allocated (the full buffers)."""
+        if self.keys is None:
+            return 0
+        return sum(x.nbytes for x in self.keys + self.values)
+
+    @property
+    def used_bytes(self):
+        """Bytes the held tokens occupy."""
+        return self.nbytes * self.size() // self.max_tokens
+
+    def is_trimmable(self):
+        """Trimming is possible until something has been overwritten."""
+        return self.offset <= self.max_tokens
+
+    def trim(self, n):
+        """Forget the last `n` tokens (only while `is_trimmable()`); return how many.
+
+        The pinned count is unchanged: re-written tokens below it land in pinned slots.
+        """
+        if not self.is_trimmable():
+            return 0
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+# ----- attention ---------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(queries, keys, values, scale, mask, cache=None):
+    """Attention over what `cache.update_and_fetch` returned.
+
+    queries: [B, n_q_heads, L, D]; keys/values: [B, n_kv_heads, S, D] arrays, or
+    (wq, scales, biases) tuples for a quantized cache (``cache.bits`` set). mask: None,
+    "causal" or a bool/additive array broadcastable to [B, n_q_heads, L, S].
+    """
+    bits = getattr(cache, "bits", None)
+    if bits is None:
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    gs = cache.group_size
+    B, n_q, L, D = queries.shape
+    n_kv = keys[0].shape[1]
+    n_rep = n_q // n_kv
+    # GQA: the n_rep query heads of a kv head become extra query rows (no copy of K/V).
+    q = (queries * scale).reshape(B, n_kv, n_rep * L, D)  # [B, n_kv, n_rep*L, D]
+    # [B, n_kv, n_rep*L, S]
+    scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=gs, bits=bits)
+    S = scores.shape[-1]
+    scores = scores.reshape(B, n_kv, n_rep, L, S)  # [B, n_kv, n_rep, L, S]
+    if isinstance(mask, str):
+        mask = _causal(L, S - L)  # [L, S]
+    if mask is not None:
+        if mask.ndim == 4:  # [B, n_q | 1, L, S] -> [B, n_kv | 1, n_rep | 1, L, S]
+            mask = mask.reshape(mask.shape[0], min(mask.shape[1], n_kv), -1, *mask.shape[2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    p = mx.softmax(scores, axis=-1, precise=True).reshape(B, n_kv, n_rep * L, S)
+    # [B, n_kv, n_rep*L, Dv]
+    out = mx.quantized_matmul(p, *values, transpose=False, group_size=gs, bits=bits)
+    return out.reshape(B, n_q, L, -1)  # [B, n_q, L, Dv]
+
+
+# ----- save / load -------------------------------------------------------------------
+
+_CLASSES = {"KVCache": KVCache, "FixedKVCache": FixedKVCache}
+
+
+def save_cache(path, caches, metadata=None):
+    """Save a chat session's caches (one per layer) and a JSON-able `metadata` dict.
+
+    `path` should end in ``.safetensors``. Only the held tokens are written; the caches
+    keep working (their buffers are read, not moved).
+    """
+    arrays, info = {}, []
+    for i, c in enumerate(caches):
+        parts = 0
+        for name, x in zip(("keys", "values"), c.state):
+            x = x if isinstance(x, tuple) else (x,)
+            arrays.update({f"{i}.{name}.{j}": a for j, a in enumerate(x)})
+            parts = len(x)
+        info.append({"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts})
+    header = {"mlx_compact.caches": json.dumps(info), "metadata": json.dumps(metadata or {})}
+    mx.save_safetensors(path, arrays, header)
+
+
+def load_cache(path):
+    """Load what `save_cache` wrote; return ``(caches, metadata)``."""
+    arrays, header = mx.load(path, return_metadata=True)
+    caches = []
+    for i, entry in enumerate(json.loads(header["mlx_compact.caches"])):
+        cls, parts = _CLASSES[entry["class"]], entry["parts"]
+        c = cls.__new__(cls)
+        if entry["meta"]:
+            c.meta_state = entry["meta"]
+        k, v = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(parts)) for name in ("keys", "values"))
+        c.state = () if parts == 0 else (k[0], v[0]) if parts == 1 else (k, v)
+        caches.append(c)
+    return caches, json.loads(header["metadata"])
+
+
+def cache_nbytes(layers, kv_heads, head_dim, tokens, dtype_bytes=2, bits=None, group_size=64):
+    """Exact KV bytes for `tokens` tokens (batch 1), as MLX stores them.
+
+    Float: ``2 * layers * kv_heads * head_dim * dtype_bytes`` per token. Quantized: packed
+    ``bits``-bit data plus one scale and one bias (``dtype_bytes`` each) per group.
+    """
+    if bits is None:
+        per_row = head_dim * dtype_bytes
+    else:
+        per_row = head_dim * bits // 8 + 2 * (head_dim // group_size) * dtype_bytes
+    return 2 * layers * kv_heads * tokens * per_row
