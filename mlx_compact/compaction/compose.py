@@ -1,0 +1,108 @@
+"""Compose operators into one call: floor, selector, optional merge of the dropped, sort, gather once."""
+
+import mlx.core as mx
+import numpy as np
+
+from . import ops
+from .types import Compaction, CompactVisual, VisualTokens
+
+
+def plan(tokens: VisualTokens, c: Compaction) -> ops.Selection:
+    """The index map of `compact`: kept raster indices sorted ascending, and (when merging) the slot each
+    original token is averaged into. Useful for in-encoder compaction, where only indices are needed."""
+    n = tokens.n
+    if c.is_identity:
+        return ops.Selection(np.arange(n, dtype=np.int64))
+    if c.method == "pool":
+        sel = ops.pool(tokens)
+    else:
+        k = c.budget(n)
+        start = None
+        if c.floor_stride is not None and c.method != "random":
+            start = ops.floor(tokens.grid, c.floor_stride, k)
+        if c.method == "floor":
+            sel = ops.Selection(ops.uniform(tokens, k, start))
+        elif c.method == "diversity":
+            sel = ops.Selection(ops.diversity(tokens, k, start))
+        elif c.method == "prompt":
+            sel = ops.Selection(ops.prompt(tokens, k, start, c.relevance))
+        elif c.method == "random":
+            sel = ops.Selection(ops.random(tokens, k, c.seed))
+        elif c.method == "saliency":
+            sel = ops.saliency(tokens, k, start, c.contextual)
+        else:  # merge
+            weights = None
+            if c.prompt_weighted:
+                rel = np.array(ops.prompt_relevance(tokens))  # [N] in [-1, 1]
+                weights = np.exp((rel - rel.max()) / 0.1)  # sharper preference for prompt-relevant tokens
+            sel = ops.merge(tokens, k, start, c.window, weights)
+    if c.merge_dropped:
+        sel = ops.nearest_kept(tokens, sel)
+    return _sorted(sel)
+
+
+def _sorted(sel: ops.Selection) -> ops.Selection:
+    order = np.argsort(sel.keep, kind="stable")
+    if sel.assign is None:
+        return ops.Selection(sel.keep[order])
+    slot = np.empty(len(order), np.int64)
+    slot[order] = np.arange(len(order))
+    assign = np.where(sel.assign >= 0, slot[np.maximum(sel.assign, 0)], -1)
+    return ops.Selection(sel.keep[order], assign, sel.weight)
+
+
+def _take_cols(positions, keep: np.ndarray):
+    if isinstance(positions, mx.array):
+        return mx.take(positions, mx.array(keep.astype(np.int32)), axis=1)  # [3, K]
+    return np.asarray(positions)[:, keep]  # [3, K]
+
+
+def _group_mean(x: mx.array, assign: np.ndarray, weight, k: int) -> mx.array:
+    """Weighted average of the rows of x [N, D] per slot of assign; -1 rows are left out. -> [K, D]"""
+    rows = np.flatnonzero(assign >= 0)
+    w = mx.array(np.ones(len(rows), np.float32) if weight is None else weight[rows].astype(np.float32))[:, None]
+    slot = mx.array(assign[rows].astype(np.int32))
+    vals = x[mx.array(rows.astype(np.int32))].astype(mx.float32) * w  # [R, D]
+    num = mx.zeros((k, x.shape[1]), dtype=mx.float32).at[slot].add(vals)  # [K, D]
+    den = mx.zeros((k, 1), dtype=mx.float32).at[slot].add(w)  # [K, 1]
+    return (num / den).astype(x.dtype)
+
+
+def compact(tokens: VisualTokens, c: Compaction) -> CompactVisual:
+    """Compact one image's visual tokens.
+
+    Floor indices first, then the selector fills the budget, then (merge_dropped) dropped tokens are averaged
+    into their nearest kept token, then kept tokens are sorted by raster index and features, positions and
+    DeepStack rows are gathered with that one index map. Positions are the kept tokens' original full-sequence
+    M-RoPE ids (never renumbered). `Compaction.none()` or keep=1.0 returns the input unchanged.
+    """
+    deepstack = list(tokens.deepstack or [])
+    if c.is_identity:
+        src = mx.arange(tokens.n, dtype=mx.int32)
+        return CompactVisual(tokens.features, tokens.positions, src, deepstack, tokens.grid)
+    sel = plan(tokens, c)
+    keep, k = sel.keep, len(sel.keep)
+    if sel.assign is None:
+        idx = mx.array(keep.astype(np.int32))
+        gather = lambda x: mx.take(x, idx, axis=0)  # noqa: E731  [K, D]
+        weights = groups = None
+    else:
+        gather = lambda x: _group_mean(x, sel.assign, sel.weight, k)  # noqa: E731  [K, D]
+        mass = np.ones(tokens.n, np.float32) if sel.weight is None else sel.weight.astype(np.float32)
+        m = sel.assign >= 0
+        weights = mx.array(np.bincount(sel.assign[m], mass[m], minlength=k).astype(np.float32))  # [K]
+        groups = mx.array(sel.assign.astype(np.int32))  # [N]
+    return CompactVisual(
+        features=gather(tokens.features),
+        positions=_take_cols(tokens.positions, keep),
+        source=mx.array(keep.astype(np.int32)),
+        deepstack=[gather(d) for d in deepstack],
+        grid=tokens.grid,
+        weights=weights,
+        groups=groups,
+    )
+
+
+def compact_many(items, c: Compaction) -> list:
+    """Compact several images of one prompt; each gets its own budget from `c`."""
+    return [compact(t, c) for t in items]
