@@ -34,6 +34,8 @@ import json
 
 import mlx.core as mx
 
+from .kernels import quantize_rows
+
 __all__ = [
     "KVCache",
     "FixedKVCache",
@@ -226,8 +228,8 @@ class FixedKVCache:
         if self._bits is None:
             new_k, new_v = [keys], [values]
         else:  # [B, H, L, D*bits/32] uint32, [B, H, L, D/group_size] scales and biases
-            new_k = mx.quantize(keys, group_size=self.group_size, bits=self._bits)
-            new_v = mx.quantize(values, group_size=self.group_size, bits=self._bits)
+            new_k = quantize_rows(keys, group_size=self.group_size, bits=self._bits)
+            new_v = quantize_rows(values, group_size=self.group_size, bits=self._bits)
         if self.keys is None:
             self._allocate(new_k, new_v)
         for s, a, n in self._runs(self.offset, L):

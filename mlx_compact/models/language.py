@@ -29,16 +29,16 @@ def quantized_attend(q, k, v, scale, mask, group_size: int, bits: int) -> mx.arr
     """Attention with keys/values as (packed, scales, biases) tuples, via quantized matmuls."""
     B, H, L, d = q.shape
     Hkv = k[0].shape[1]
-    q = (q * scale).reshape(B, Hkv, H // Hkv, L, d)  # [B, Hkv, rep, L, d]
-    k = tuple(t[:, :, None] for t in k)
-    v = tuple(t[:, :, None] for t in v)
-    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # [B, Hkv, rep, L, S]
+    rep = H // Hkv
+    q = (q * scale).reshape(B, Hkv, rep * L, d)  # query heads folded into rows: no broadcast of K/V
+    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # [B, Hkv, rep*L, S]
+    S = s.shape[-1]
+    s = s.reshape(B, Hkv, rep, L, S)
     if isinstance(mask, str):
-        S = s.shape[-1]
         mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))
     if mask is not None:
         s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask
-    p = mx.softmax(s, axis=-1, precise=True)
+    p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * L, S)
     out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, H, L, d)
 
