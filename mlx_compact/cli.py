@@ -61,8 +61,87 @@ def run_convert(args) -> int:
     return 0
 
 
-# Subcommands, in help order. `generate`, `chat` and `plan` get their add_*_parser / run_* here.
-SUBCOMMANDS = [add_convert_parser]
+# ---------------------------------------------------------------- generate
+
+
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="answer one prompt about one or more images",
+        description="Run a Qwen-VL model on a prompt (and images) and stream the answer.",
+    )
+    p.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="shrink images to at most this many pixels before encoding (fewer visual tokens)")
+    p.add_argument("--stats", choices=("text", "json"), default="text",
+                   help="print run statistics as text on stderr (default) or one JSON object on stdout")
+    p.set_defaults(run=run_generate)
+
+
+def _check_images(paths):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.convert("RGB") if im.mode != "RGB" else im.copy())
+        except FileNotFoundError:
+            raise UserError(f"image not found: {path}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {path}: {e}") from None
+    return images
+
+
+def run_generate(args) -> int:
+    import json
+
+    from mlx_compact.generate import stream_generate
+    from mlx_compact.loader import load
+
+    images = _check_images(args.image)
+    model, processor = load(args.model)
+    stats = None
+    stream = args.stats == "text"
+    for item in stream_generate(
+        model, processor, args.prompt, images, max_tokens=args.max_tokens, temperature=args.temperature,
+        seed=args.seed, max_pixels=args.max_pixels,
+    ):
+        if isinstance(item, dict):
+            stats = item
+        elif stream:
+            print(item, end="", flush=True)
+    if stream:
+        print()
+        stats.pop("tokens")
+        stats.pop("text")
+        print(_stats_text(stats), file=sys.stderr)
+    else:
+        stats.pop("tokens")
+        print(json.dumps(stats))
+    return 0
+
+
+def _stats_text(s: dict) -> str:
+    t = s["ttft_s"]
+    vis = ", ".join(f"{v['before']}->{v['after']}" for v in s["visual_tokens"]) or "none"
+    return (
+        f"prompt {s['prompt_tokens']} tokens (visual {vis}), generated {s['generation_tokens']}; "
+        f"TTFT {sum(t.values()):.2f} s (preprocess {t['preprocess']:.2f}, vision {t['vision']:.2f}, "
+        f"prefill {t['prefill']:.2f}); decode {s['decode_tokens_per_s']:.1f} tok/s; "
+        f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB; "
+        f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
+
+
+# Subcommands, in help order.
+SUBCOMMANDS = [add_generate_parser, add_convert_parser]
 
 
 # ---------------------------------------------------------------- entry point
