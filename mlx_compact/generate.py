@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import KVCache
+from .compaction import Compaction, as_compaction, assemble, tower_hooks
 
 
 @dataclass
@@ -22,7 +24,11 @@ class GenerationResult:
 
 @dataclass
 class Prepared:
-    """A prompt ready for prefill: embeddings, positions, DeepStack rows, and timings."""
+    """A prompt ready for prefill: embeddings, positions, DeepStack rows, and timings.
+
+    With compaction, everything here is already compact: ``input_ids`` / ``embeds`` / ``positions`` hold
+    L_compact rows and ``kept`` maps each row to its row in the uncompacted prompt.
+    """
 
     input_ids: List[int]
     embeds: mx.array  # [1, L, D]
@@ -32,6 +38,9 @@ class Prepared:
     visual_tokens: List[dict]
     preprocess_s: float
     vision_s: float
+    compaction_s: float = 0.0
+    kept: Optional[np.ndarray] = None  # [L] row of the uncompacted prompt behind each row
+    compaction: Optional[Compaction] = None  # the compaction applied (None: uncompacted)
 
 
 def _sampler(temperature: float, top_p: float = 1.0) -> Callable[[mx.array], mx.array]:
@@ -42,26 +51,64 @@ def _sampler(temperature: float, top_p: float = 1.0) -> Callable[[mx.array], mx.
     return make_sampler(temp=temperature, top_p=top_p)
 
 
-def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True) -> Prepared:
-    """Tokenize the prompt, run the vision tower, splice visual tokens and compute positions."""
+def set_default_compaction(model, compaction) -> None:
+    """Make ``compaction`` (a Compaction, a dict, a "method[:keep[:where]]" string, or None) the model's default:
+    ``generate`` / ``stream_generate`` / ``prepare`` use it when they are not given one."""
+    model.default_compaction = as_compaction(compaction)
+
+
+def _active(model, compaction) -> Optional[Compaction]:
+    return as_compaction(compaction) if compaction is not None else getattr(model, "default_compaction", None)
+
+
+def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, compaction=None,
+                prompt_ids=None, preprocess_s: float = 0.0) -> Prepared:
+    """Run the vision tower on token ids + patchified images, compact, splice and compute positions.
+
+    ``grid``: the processor's (t, h, w) per image. ``compaction``: a Compaction (or spec; see
+    ``set_default_compaction``); None uses the model's default, and without one nothing is compacted.
+    ``prompt_ids``: the question's token ids for prompt-aware operators.
+    """
+    c = _active(model, compaction)
+    ids = [int(i) for i in input_ids]
+    grid = [tuple(int(v) for v in g) for g in grid]
+    t1 = time.perf_counter()
+    visual, ds, attention, units = [], None, None, None
+    if grid:
+        out = model.encode(mx.array(pixel_values), grid, **tower_hooks(model, c))
+        mx.eval(out.features, out.deepstack)
+        visual, ds = model.split_visual(out, grid)
+        units = out.units
+        if out.attention is not None:
+            sizes = np.cumsum([t * h * w // model.config.vision.spatial_merge_size**2 for t, h, w in grid])[:-1]
+            attention = mx.split(out.attention, sizes.tolist())
+    t2 = time.perf_counter()
+    positions, _ = model.positions(ids, grid)
+    m = model.config.vision.spatial_merge_size
+    merged = [(t, h // m, w // m) for t, h, w in grid]
+    a = assemble(model, ids, visual, positions, merged, c, deepstack=ds if ds and ds[0] else None,
+                 attention=attention, kept=units, prompt_ids=prompt_ids)
+    if c is not None:
+        mx.eval(a.embeds, a.deepstack)
+    t3 = time.perf_counter()
+    return Prepared(a.input_ids, a.embeds, a.positions, a.rope_delta, a.deepstack, a.visual_tokens,
+                    preprocess_s, t2 - t1, t3 - t2, a.kept, c)
+
+
+def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True,
+            compaction=None) -> Prepared:
+    """Tokenize the prompt, run the vision tower, compact (optional), splice visual tokens and compute positions."""
     t0 = time.perf_counter()
     images = list(images or [])
     text = processor.build_prompt(prompt, n_images=len(images)) if chat_template else prompt
     inputs = processor(text=text, images=images or None, max_pixels=max_pixels)
     ids = [int(i) for i in inputs["input_ids"][0]]
-    t1 = time.perf_counter()
-    grid = [tuple(int(v) for v in g) for g in inputs["grid_thw"]] if images else []
-    visual, ds = [], None
-    if images:
-        out = model.encode(mx.array(inputs["pixel_values"]), grid)
-        mx.eval(out.features, out.deepstack)
-        visual, ds = model.split_visual(out, grid)
-    t2 = time.perf_counter()
-    embeds, deepstack = model.splice(ids, visual, ds if ds and ds[0] else None)
-    positions, delta = model.positions(ids, grid)
-    merge = model.config.vision.spatial_merge_size ** 2
-    counts = [{"before": t * h * w // merge, "after": t * h * w // merge} for t, h, w in grid]
-    return Prepared(ids, embeds, mx.array(positions)[:, None, :], delta, deepstack, counts, t1 - t0, t2 - t1)
+    grid = inputs["grid_thw"] if images else ()
+    prompt_ids = None
+    if _active(model, compaction) is not None and _active(model, compaction).single_turn:
+        prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=compaction, prompt_ids=prompt_ids,
+                       preprocess_s=time.perf_counter() - t0)
 
 
 def make_cache(model) -> list:
@@ -113,12 +160,18 @@ def stream_generate(
     max_pixels: Optional[int] = None,
     prefill_step: int = 512,
     seed: Optional[int] = None,
+    compaction=None,
 ) -> Iterator:
-    """Yield text chunks as they are generated, then (last) the stats dict."""
+    """Yield text chunks as they are generated, then (last) the stats dict.
+
+    ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses the model's default
+    (``set_default_compaction``). With one, the LLM prefill and the KV cache only see the compact sequence,
+    ``visual_tokens`` reports before/after per image and ``ttft_s`` gains a "compaction" entry.
+    """
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
-    prep = prepare(model, processor, prompt, images, max_pixels=max_pixels)
+    prep = prepare(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction)
     cache = make_cache(model)
     eos = set(processor.eos_token_ids)
     t_prefill = time.perf_counter()
@@ -135,6 +188,9 @@ def stream_generate(
             text = new_text
     t_end = time.perf_counter()
     decoded = max(len(tokens) - 1, 0)
+    ttft = {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill}
+    if prep.compaction is not None:
+        ttft["compaction"] = prep.compaction_s
     yield {
         "text": processor.decode(tokens),
         "tokens": tokens,
@@ -143,7 +199,7 @@ def stream_generate(
         "visual_tokens": prep.visual_tokens,
         "kv_bytes_allocated": sum(c.nbytes for c in cache),
         "kv_bytes_used": sum(getattr(c, "used_bytes", c.nbytes) for c in cache),
-        "ttft_s": {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill},
+        "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else 0.0,
         "peak_memory_bytes": mx.get_peak_memory(),
     }
@@ -154,7 +210,8 @@ def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> 
 
     Returns a ``GenerationResult`` with ``.text``, ``.tokens`` and ``.stats`` (prompt and generated
     token counts, visual tokens before/after per image, KV bytes allocated and used, TTFT split into
-    preprocess / vision / prefill seconds, decode tokens/s, peak memory since the call began).
+    preprocess / vision / prefill seconds (and compaction, when compacting), decode tokens/s, peak memory
+    since the call began). ``compaction=Compaction(...)`` compacts the visual tokens end to end.
     """
     stats = None
     for item in stream_generate(model, processor, prompt, images, **kwargs):

@@ -1,5 +1,6 @@
 """Visual-token compaction: fewer visual tokens, each keeping its true M-RoPE position."""
 
+from .assembler import Assembled, assemble, visual_runs
 from .attention import attention_received, reduce_to_units
 from .compose import compact, compact_many, plan
 from .ops import (
@@ -15,14 +16,19 @@ from .ops import (
     saliency,
     uniform,
 )
-from .types import METHODS, CompactVisual, Compaction, VisualTokens
+from .encoder import tower_hooks, unit_selector
+from .types import ENCODER_METHODS, METHODS, CompactVisual, Compaction, VisualTokens, as_compaction
 
 __all__ = [
+    "ENCODER_METHODS",
     "METHODS",
+    "Assembled",
     "CompactVisual",
     "Compaction",
     "Selection",
     "VisualTokens",
+    "as_compaction",
+    "assemble",
     "attention_received",
     "compact",
     "compact_many",
@@ -37,5 +43,8 @@ __all__ = [
     "random",
     "reduce_to_units",
     "saliency",
+    "tower_hooks",
     "uniform",
+    "unit_selector",
+    "visual_runs",
 ]

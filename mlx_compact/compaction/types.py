@@ -191,3 +191,26 @@ class Compaction:
             return 0
         k = self.tokens if self.tokens is not None else int(np.floor(self.keep * n + 0.5))
         return max(1, min(int(k), n))
+
+
+def as_compaction(spec) -> Optional[Compaction]:
+    """A `Compaction` from a user-facing spec (for loaders and command lines).
+
+    None -> None (no compaction); a Compaction -> itself; a dict -> Compaction(**spec); a string
+    "method[:keep[:where]]", e.g. "diversity", "diversity:0.33", "saliency:0.25:encoder", "none".
+    """
+    if spec is None or isinstance(spec, Compaction):
+        return spec
+    if isinstance(spec, dict):
+        return Compaction(**spec)
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"a compaction spec is 'method[:keep[:where]]', got {spec!r}")
+        kw = {"method": parts[0]}
+        if len(parts) > 1:
+            kw["keep"] = float(parts[1])
+        if len(parts) > 2:
+            kw["where"] = parts[2]
+        return Compaction.none() if parts[0] == "none" else Compaction(**kw)
+    raise TypeError(f"a compaction is None, a Compaction, a dict or a 'method[:keep[:where]]' string, got {type(spec)}")

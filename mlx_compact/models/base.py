@@ -112,8 +112,12 @@ class VLModel(nn.Module):
         One block per image, or per temporal slice when ``per_frame`` (Qwen3-VL videos).
         """
         merge = self.config.vision.spatial_merge_size**2
-        if out.units is not None:
-            sizes = [len(u) for u in out.units]
+        if out.units is not None:  # in-encoder compaction: kept units per image (or per temporal slice)
+            sizes = []
+            for units, (t, h, w) in zip(out.units, grid_thw):
+                n, kept = t * h * w // merge, units.tolist()
+                slices = range(t) if per_frame else [None]
+                sizes += [len(kept) if s is None else sum(s * n // t <= u < (s + 1) * n // t for u in kept) for s in slices]
         elif per_frame:
             sizes = [h * w // merge for t, h, w in grid_thw for _ in range(t)]
         else:

@@ -26,6 +26,7 @@ class VisionOutput:
     features: mx.array  # [M, D_llm]
     deepstack: List[mx.array] = field(default_factory=list)  # each [M, D_llm]
     units: Optional[List[mx.array]] = None  # kept merge-unit indices per image (in-encoder compaction)
+    attention: Optional[mx.array] = None  # [U] attention received per merge unit (when asked), raster order
 
 
 def fused_attention_available() -> bool:
@@ -44,16 +45,19 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx
     Hkv, S = k.shape[1], k.shape[2]
     rep = H // Hkv
     q = (q * scale).reshape(B, Hkv, rep, L, d)  # [B, Hkv, rep, L, d]
-    k, v = k[:, :, None], v[:, :, None]  # [B, Hkv, 1, S, d]
+    kt = k.swapaxes(-1, -2)  # [B, Hkv, d, S]
     if isinstance(mask, str):
         mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S]
     outs = []
     for i in range(0, L, ATTENTION_CHUNK):
-        s = q[:, :, :, i : i + ATTENTION_CHUNK] @ k.swapaxes(-1, -2)  # [B, Hkv, rep, c, S]
+        qc = q[:, :, :, i : i + ATTENTION_CHUNK]
+        c = qc.shape[3]
+        s = (qc.reshape(B, Hkv, rep * c, d) @ kt).reshape(B, Hkv, rep, c, S)  # query heads folded into rows
         if mask is not None:
-            m = mask[..., i : i + ATTENTION_CHUNK, :] if mask.ndim >= 2 and mask.shape[-2] == L else mask
+            m = mask[..., i : i + c, :] if mask.ndim >= 2 and mask.shape[-2] == L else mask
             s = mx.where(m, s, -mx.inf) if m.dtype == mx.bool_ else s + m
-        outs.append(mx.softmax(s, axis=-1, precise=True) @ v)  # [B, Hkv, rep, c, d]
+        p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * c, S)
+        outs.append((p @ v).reshape(B, Hkv, rep, c, d))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, d)
 
@@ -140,12 +144,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, bounds) -> mx.array:
+    def qkv_rope(self, x: mx.array, cos: mx.array, sin: mx.array):
+        """Queries, keys (2D RoPE applied) and values, each [N, H, d]."""
         N, D = x.shape
         q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).transpose(1, 0, 2, 3)  # [N, H, d] each
         q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
         k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
-        return self.proj(segment_attention(q, k, v, bounds, self.scale).reshape(N, D))
+        return q, k, v
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, bounds) -> mx.array:
+        q, k, v = self.qkv_rope(x, cos, sin)
+        return self.proj(segment_attention(q, k, v, bounds, self.scale).reshape(x.shape))
 
 
 class VisionBlock(nn.Module):
@@ -164,8 +173,12 @@ class VisionBlock(nn.Module):
 class VisionTower(nn.Module):
     """Patch embed, 2D RoPE, blocks, merger. Subclasses add window attention or DeepStack.
 
-    ``select(hidden [U, 4, D], units_grid) -> kept unit indices`` may be given with ``select_at``
-    (a block index): before that block, only the kept 2x2 merge units go on.
+    Optional hooks (the runtime supplies them; the tower knows nothing of how they decide):
+    ``received(q [H, N, d], k [H, N, d], scale, bounds) -> [N]`` with ``received_at`` (a block index): the
+    attention each patch receives in that block, reported per merge unit in ``VisionOutput.attention``.
+    ``select(hidden [U, 4, D], units_grid (t, h, w), attention [U] or None) -> kept unit indices`` with
+    ``select_at`` (a block index): before that block, only the kept 2x2 merge units go on (blocks, merger,
+    DeepStack); DeepStack features collected earlier are gathered with the same unit map.
     """
 
     def __init__(self, cfg):
@@ -182,7 +195,7 @@ class VisionTower(nn.Module):
     def after_block(self, index: int, x: mx.array, out: VisionOutput):
         pass
 
-    def __call__(self, pixel_values, grid_thw, select=None, select_at: int = 0) -> VisionOutput:
+    def __call__(self, pixel_values, grid_thw, select=None, select_at: int = 0, received=None, received_at: int = 0):
         grid_thw = [tuple(int(v) for v in g) for g in grid_thw]
         x = self.embed(pixel_values, grid_thw)  # [N, D]
         ang = rope_angles(patch_coords(grid_thw, self.cfg.spatial_merge_size), self.head_dim, self.cfg.rope_theta)
@@ -191,8 +204,13 @@ class VisionTower(nn.Module):
         x, cos, sin, ctx = self.prepare(x, cos, sin, grid_thw)
         out = VisionOutput(features=None)
         for i, blk in enumerate(self.blocks):
+            if received is not None and i == received_at:
+                q, k, _ = blk.attn.qkv_rope(blk.norm1(x), cos, sin)  # [N, H, d]
+                att = received(q.transpose(1, 0, 2), k.transpose(1, 0, 2), blk.attn.scale, self.block_bounds(i, ctx))
+                out.attention = self.finish(att.reshape(-1, self.cfg.spatial_merge_size**2).sum(-1), ctx)  # [U]
             if select is not None and i == select_at:
-                x, cos, sin, ctx["bounds"], out.units = self.keep_units(x, cos, sin, grid_thw, select)
+                x, cos, sin, ctx["bounds"], out.units, units = self.keep_units(x, cos, sin, grid_thw, select, out.attention)
+                out.deepstack = [d[units] for d in out.deepstack]  # [K, D]: the same unit map
             x = blk(x, cos, sin, self.block_bounds(i, ctx))
             self.after_block(i, x, out)
         out.features = self.finish(self.merger(x), ctx)
@@ -205,25 +223,28 @@ class VisionTower(nn.Module):
     def finish(self, merged, ctx):
         return merged
 
-    def keep_units(self, x, cos, sin, grid_thw, select):
+    def keep_units(self, x, cos, sin, grid_thw, select, attention=None):
         """Keep the 2x2 merge units that ``select`` picks, per image/slice."""
-        unit = self.cfg.spatial_merge_size**2
+        m = self.cfg.spatial_merge_size
+        unit = m * m
         D = x.shape[-1]
         kept, bounds, offset = [], [0], 0
         for t, h, w in grid_thw:
             n = t * h * w // unit
             units = x[offset * unit : (offset + n) * unit].reshape(n, unit, D)  # [n, 4, D]
-            idx = select(units, (t, h // self.cfg.spatial_merge_size, w // self.cfg.spatial_merge_size))
+            att = None if attention is None else attention[offset : offset + n]  # [n]
+            idx = mx.array(select(units, (t, h // m, w // m), att), dtype=mx.int32)  # [k] sorted
             kept.append(idx)
             per_slice = [int(((idx >= s * n // t) & (idx < (s + 1) * n // t)).sum()) for s in range(t)]
             for c in per_slice:
                 bounds.append(bounds[-1] + c * unit)
             offset += n
-        rows = mx.concatenate(
-            [(mx.array(k) + sum(g[0] * g[1] * g[2] for g in grid_thw[:i]) // unit) for i, k in enumerate(kept)]
-        )
-        rows = (rows[:, None] * unit + mx.arange(unit)[None]).reshape(-1)  # [K*4]
-        return x[rows], cos[rows], sin[rows], bounds, kept
+        starts = [0]
+        for t, h, w in grid_thw[:-1]:
+            starts.append(starts[-1] + t * h * w // unit)
+        units = mx.concatenate([k + s for k, s in zip(kept, starts)])  # [K] unit indices in the batch
+        rows = (units[:, None] * unit + mx.arange(unit)[None]).reshape(-1)  # [K*4]
+        return x[rows], cos[rows], sin[rows], bounds, kept, units
 
 
 class PatchMerger(nn.Module):
