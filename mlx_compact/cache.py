@@ -100,7 +100,13 @@ class KVCache:
 
     @property
     def nbytes(self):
+        """Bytes allocated (the buffers grow in steps of 256 tokens)."""
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def used_bytes(self):
+        """Bytes of the tokens held."""
+        return 0 if self.keys is None else self.nbytes * self.offset // self.keys.shape[2]
 
     def size(self):
         return self.offset

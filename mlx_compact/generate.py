@@ -11,7 +11,8 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
+from .cache import FixedKVCache, KVCache
+from .memory import MemoryPlanError, fmt_bytes, plan, wired_limit
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 
 
@@ -111,41 +112,151 @@ def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=
                        preprocess_s=time.perf_counter() - t0)
 
 
-def make_cache(model) -> list:
-    """A plain growing KV cache, one per LLM layer."""
-    return [KVCache() for _ in model.layers]
+def make_cache(model, max_kv_tokens: Optional[int] = None, kv_bits: Optional[int] = None,
+               kv_group_size: Optional[int] = None) -> list:
+    """One KV cache per LLM layer: growing (default), or fixed-size/rotating when ``max_kv_tokens`` or
+    ``kv_bits`` is given (allocated once at its full size on the first write). Quantized groups default
+    to 64 values (32 when head_dim is not a multiple of 64)."""
+    if kv_group_size is None:
+        kv_group_size = 64 if model.config.text.head_dim % 64 == 0 else 32
+    if max_kv_tokens is None and kv_bits is None:
+        return [KVCache() for _ in model.layers]
+    if max_kv_tokens is None:
+        raise ValueError("kv_bits needs max_kv_tokens: the quantized cache has a fixed size")
+    return [FixedKVCache(max_kv_tokens, bits=kv_bits, group_size=kv_group_size) for _ in model.layers]
 
 
-def prefill(model, prep: Prepared, cache: list, step: int = 512) -> mx.array:
-    """Run the prompt through the LLM in chunks of ``step`` tokens; return the last logits [1, V]."""
+def pin_point(model, ids: Sequence[int], im_end_id: Optional[int] = None) -> int:
+    """Tokens to keep pinned in a rotating cache: through the last visual block, else the system prompt."""
+    c = model.config
+    last = max((i for i, t in enumerate(ids) if t == c.vision_end_token_id), default=-1)
+    if last >= 0:
+        return last + 1
+    if im_end_id is not None and im_end_id in ids:
+        return ids.index(im_end_id) + 1
+    return 0
+
+
+def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[int] = None) -> mx.array:
+    """Run the prompt through the LLM in chunks of ``step`` tokens; return the last logits [1, V].
+
+    ``pin``: with a fixed-size cache, pin the first ``pin`` rows of this prompt (after the tokens already
+    cached) once they are written, so they never rotate out.
+    """
     L = prep.embeds.shape[1]
-    for i in range(0, L, step):
-        j = min(i + step, L)
+    fixed = isinstance(cache[0], FixedKVCache)
+    if fixed:
+        step = min(step, cache[0].max_chunk)
+    cuts = sorted(set(list(range(0, L, step)) + ([pin] if pin else []) + [L]))
+    start = cache[0].offset
+    for i, j in zip(cuts[:-1], cuts[1:]):
         ds = [d[:, i:j] for d in prep.deepstack] if prep.deepstack else None
         logits = model.language_model(
             prep.embeds[:, i:j], prep.positions[:, :, i:j], cache=cache, deepstack=ds, last_only=True
         )
-        if j < L:
+        if fixed and pin and j == pin:
+            mx.eval([c.state for c in cache])
+            _pin(cache, start + pin)
+        elif j < L:
             mx.eval([c.state for c in cache])
     return logits[:, -1, :]
 
 
-def generate_step(model, prep: Prepared, cache: list, sampler, prefill_step: int = 512) -> Iterator[int]:
-    """Yield generated token ids forever (the caller stops). Decode position = offset + rope delta."""
-    logits = prefill(model, prep, cache, prefill_step)
+def _pin(cache: list, n: int) -> None:
+    c0 = cache[0]
+    if c0.offset > c0.max_tokens or n > c0.max_tokens - c0.max_chunk:
+        raise MemoryPlanError(
+            f"the pinned prefix (system prompt and images) needs {n} KV slots but the cache holds "
+            f"{c0.max_tokens} with {c0.max_chunk} kept free for new tokens: raise max_kv_tokens to at least "
+            f"{n + c0.max_chunk}, or use fewer visual tokens (lower keep or max_pixels)"
+        )
+    for c in cache:
+        c.pin(n)
+
+
+def generate_step(model, prep: Prepared, cache: list, sampler, prefill_step: int = 512,
+                  pin: Optional[int] = None) -> Iterator[int]:
+    """Yield generated token ids forever (the caller stops).
+
+    Decode step n sits at position max(prompt positions) + 1 + n (= offset + rope delta for one turn).
+    The next step is computed while the current token is handed out (double-buffered).
+    """
+    logits = prefill(model, prep, cache, prefill_step, pin)
     embed = model.language_model.model.embed_tokens
-    L = prep.embeds.shape[1]
-    n = 0
+    next_pos = int(prep.positions.max().item()) + 1
     token = sampler(logits)
     mx.async_eval(token)
     while True:
-        pos = mx.full((3, 1, 1), L + n + prep.rope_delta, dtype=mx.int32)
+        pos = mx.full((3, 1, 1), next_pos, dtype=mx.int32)
         next_logits = model.language_model(embed(token.reshape(1, 1)), pos, cache=cache)
         next_token = sampler(next_logits[:, -1, :])
         mx.async_eval(next_token)
         yield int(token.item())
         token = next_token
-        n += 1
+        next_pos += 1
+
+
+def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[int]:
+    """Patches each image will become, read from image headers only (nothing decoded or allocated)."""
+    merge = processor.image.merge_size**2
+    return [processor.image_size_tokens(*_hw(im), max_pixels=max_pixels) * merge for im in images]
+
+
+def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=None, compaction=None,
+                 max_kv_tokens=None, kv_bits=None, max_tokens=256, prefill_step=512, budget=None,
+                 fit: str = "refuse"):
+    """Plan the run before anything is allocated. Returns the (possibly lowered) max_pixels.
+
+    ``fit="refuse"`` raises ``MemoryPlanError`` naming what would fit; ``"auto"`` lowers max_pixels until
+    the plan fits (and refuses if nothing does); ``"off"`` skips the check.
+    """
+    if fit == "off" or not images:
+        return max_pixels
+    c = _active(model, compaction)
+    keep = 1.0 if c is None or c.is_identity else (c.keep if c.tokens is None else 1.0)
+    text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
+
+    def make(mp, k=keep, kv=max_kv_tokens, bits=kv_bits):
+        return plan(model, image_patches(processor, images, mp), text_tokens, keep=k, max_kv_tokens=kv,
+                    kv_bits=bits, max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
+
+    p = make(max_pixels)
+    if p.fits:
+        return max_pixels
+    current = max(h * w for h, w in (processor.image_resized_size(*_hw(im), max_pixels=max_pixels) for im in images))
+    candidates = [int(current / 2**i) for i in range(1, 12) if current / 2**i >= 56 * 56]
+    smaller = next((mp for mp in candidates if make(mp).fits), None)
+    if fit == "auto" and smaller is not None:
+        return smaller
+    advice = []
+    if smaller is not None:
+        advice.append(f"max_pixels={smaller}")
+    for k in (0.5, 0.33, 0.25, 0.1):
+        if k < keep and make(max_pixels, k=k).fits:
+            advice.append(f"keep={k}")
+            break
+    for bits in (8, 4):
+        if kv_bits is None and make(max_pixels, bits=bits, kv=max_kv_tokens or p.tokens).fits:
+            advice.append(f"kv_bits={bits}")
+            break
+    f = fmt_bytes
+    raise MemoryPlanError(
+        f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, vision peak {f(p.vision)}, "
+        f"prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "
+        f"{', '.join(advice) if advice else 'nothing at these settings; use a smaller model'}"
+    )
+
+
+def _hw(im) -> tuple:
+    """(height, width) of a path, PIL image or HWC array, without decoding pixels."""
+    if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__"):
+        from PIL import Image
+
+        with Image.open(im) as f:
+            return f.size[1], f.size[0]
+    if hasattr(im, "size") and not hasattr(im, "shape"):
+        return im.size[1], im.size[0]
+    return im.shape[0], im.shape[1]
 
 
 def stream_generate(
@@ -161,44 +272,62 @@ def stream_generate(
     prefill_step: int = 512,
     seed: Optional[int] = None,
     compaction=None,
+    max_kv_tokens: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    fit: str = "refuse",
 ) -> Iterator:
     """Yield text chunks as they are generated, then (last) the stats dict.
 
     ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses the model's default
     (``set_default_compaction``). With one, the LLM prefill and the KV cache only see the compact sequence,
     ``visual_tokens`` reports before/after per image and ``ttft_s`` gains a "compaction" entry.
+    ``max_kv_tokens`` / ``kv_bits``: a fixed-size rotating KV cache (8/4-bit when ``kv_bits``) whose prefix
+    (system prompt and images) is pinned. ``memory_budget`` / ``fit``: see ``check_memory``.
     """
     if seed is not None:
         mx.random.seed(seed)
+    images = list(images or [])
+    max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction,
+                              max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens,
+                              prefill_step=prefill_step, budget=memory_budget, fit=fit)
     mx.reset_peak_memory()
     prep = prepare(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction)
-    cache = make_cache(model)
+    cache = make_cache(model, max_kv_tokens, kv_bits)
+    pin = pin_point(model, prep.input_ids, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     eos = set(processor.eos_token_ids)
     t_prefill = time.perf_counter()
     tokens, text, t_first = [], "", None
-    for tok in generate_step(model, prep, cache, _sampler(temperature, top_p), prefill_step):
-        if t_first is None:
-            t_first = time.perf_counter()
-        if tok in eos or len(tokens) >= max_tokens:
-            break
-        tokens.append(tok)
-        new_text = processor.decode(tokens)
-        if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-            yield new_text[len(text) :]
-            text = new_text
+    with wired_limit():
+        for tok in generate_step(model, prep, cache, _sampler(temperature, top_p), prefill_step, pin):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in eos or len(tokens) >= max_tokens:
+                break
+            tokens.append(tok)
+            new_text = processor.decode(tokens)
+            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
+                yield new_text[len(text) :]
+                text = new_text
     t_end = time.perf_counter()
-    decoded = max(len(tokens) - 1, 0)
+    stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end)
+    yield {"text": processor.decode(tokens), "tokens": tokens, **stats}
+
+
+def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float) -> dict:
+    """The stats every run reports (see ``generate``)."""
+    decoded = max(n_generated - 1, 0)
     ttft = {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill}
     if prep.compaction is not None:
         ttft["compaction"] = prep.compaction_s
-    yield {
-        "text": processor.decode(tokens),
-        "tokens": tokens,
+    held = sum(c.offset for c in cache[:1])
+    return {
         "prompt_tokens": len(prep.input_ids),
-        "generation_tokens": len(tokens),
+        "generation_tokens": n_generated,
         "visual_tokens": prep.visual_tokens,
         "kv_bytes_allocated": sum(c.nbytes for c in cache),
         "kv_bytes_used": sum(getattr(c, "used_bytes", c.nbytes) for c in cache),
+        "kv_evicted_tokens": max(0, held - getattr(cache[0], "max_tokens", held)),
         "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else 0.0,
         "peak_memory_bytes": mx.get_peak_memory(),

@@ -4,6 +4,7 @@ All figures are bytes. Estimates are upper bounds of the live tensors at each st
 benchmark `benchmarks/bench_memory.py` compares them with measured peaks.
 """
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -11,6 +12,11 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes in GiB or MiB, whichever reads better."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class MemoryPlanError(RuntimeError):
@@ -79,6 +85,7 @@ class Plan:
     vision: int
     prefill: int
     budget: int
+    tokens: int = 0
     visual_tokens: List[int] = field(default_factory=list)
 
     @property
@@ -90,12 +97,11 @@ class Plan:
         return self.peak <= self.budget
 
     def summary(self) -> str:
-        gib = 1024**3
         rows = [
             ("weights", self.weights), ("KV cache", self.kv), ("vision peak", self.vision),
             ("prefill peak", self.prefill), ("total peak", self.peak), ("device budget", self.budget),
         ]
-        lines = [f"{name:>14}: {v / gib:8.2f} GiB" for name, v in rows]
+        lines = [f"{name:>14}: {fmt_bytes(v):>12}" for name, v in rows]
         lines.append(f"{'fits':>14}: {'yes' if self.fits else 'NO'}")
         return "\n".join(lines)
 
@@ -129,5 +135,20 @@ def plan(
         vision=vision,
         prefill=prefill,
         budget=budget if budget is not None else device_budget()["available"],
+        tokens=tokens,
         visual_tokens=visual,
     )
+
+
+@contextlib.contextmanager
+def wired_limit():
+    """On Metal, wire up to the recommended working set while running (as mlx-lm does); no-op elsewhere."""
+    if not mx.metal.is_available():
+        yield
+        return
+    old = mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(old)

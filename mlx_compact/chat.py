@@ -1,0 +1,155 @@
+"""A multi-turn chat that keeps its KV cache across turns.
+
+A follow-up question costs only its own tokens: images are encoded once, in the turn that brings them,
+and the history is never prefilled again. With ``max_kv_tokens`` the cache has a fixed size; the system
+prompt and the images are pinned and old chat text rotates out.
+"""
+
+import json
+import time
+from typing import Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+from .cache import FixedKVCache, load_cache, save_cache
+from .generate import GenerationResult, _sampler, make_cache, prepare_ids, run_stats
+from .memory import MemoryPlanError, wired_limit
+
+
+class ChatSession:
+    """A conversation with one model: ``ask`` / ``stream`` a turn, ``reset``, ``save`` / ``load``.
+
+    Args:
+        model, processor: from ``mlx_compact.load``.
+        system_prompt: the system message (the chat template's default when None).
+        compaction: visual-token compaction for every image of the conversation (prompt-free operators
+            suit multi-turn chat; a prompt-aware one is applied with the question of the turn that brings
+            the image).
+        max_kv_tokens, kv_bits: a fixed-size rotating cache (8/4-bit if ``kv_bits``) with a pinned prefix.
+        max_pixels: shrink images to at most this many pixels.
+    """
+
+    def __init__(self, model, processor, *, system_prompt: Optional[str] = None, compaction=None,
+                 max_kv_tokens: Optional[int] = None, kv_bits: Optional[int] = None,
+                 max_pixels: Optional[int] = None, prefill_step: int = 512):
+        self.model, self.processor = model, processor
+        self.system_prompt = system_prompt
+        self.compaction = compaction
+        self.max_kv_tokens, self.kv_bits = max_kv_tokens, kv_bits
+        self.max_pixels, self.prefill_step = max_pixels, prefill_step
+        self.im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (and free its cache)."""
+        self.cache = make_cache(self.model, self.max_kv_tokens, self.kv_bits)
+        self.next_pos = 0  # M-RoPE position of the next token
+        self.turns = 0
+        self.closed = True  # the last assistant turn ended with <|im_end|> in the cache
+        self.last_stats: dict = {}
+
+    def _turn_text(self, prompt: str, n_images: int) -> str:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        if self.turns == 0:
+            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+            return self.processor.apply_chat_template(messages + [{"role": "user", "content": content}])
+        vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+        head = "\n" if self.closed else "<|im_end|>\n"
+        return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    def stream(self, prompt: str, images: Sequence = (), *, max_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, seed: Optional[int] = None) -> Iterator:
+        """Yield the reply's text chunks, then the turn's stats dict (as ``generate``)."""
+        if seed is not None:
+            mx.random.seed(seed)
+        images = list(images or [])
+        t0 = time.perf_counter()
+        text = self._turn_text(prompt, len(images))
+        inputs = self.processor(text=text, images=images or None, max_pixels=self.max_pixels)
+        ids = [int(i) for i in inputs["input_ids"][0]]
+        grid = inputs["grid_thw"] if images else ()
+        prompt_ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        mx.reset_peak_memory()
+        prep = prepare_ids(self.model, ids, inputs.get("pixel_values"), grid, compaction=self.compaction,
+                           prompt_ids=prompt_ids, preprocess_s=time.perf_counter() - t0)
+        prep.positions = prep.positions + self.next_pos  # this turn continues the conversation's positions
+        pin = self._pin_point(prep.input_ids, bool(images))
+        eos = set(self.processor.eos_token_ids)
+        sampler = _sampler(temperature, top_p)
+        t_prefill = time.perf_counter()
+        tokens, out, t_first, fed = [], "", None, 0
+        from .generate import generate_step
+
+        with wired_limit():
+            for tok in generate_step(self.model, prep, self.cache, sampler, self.prefill_step, pin):
+                fed += 1  # generate_step has written `tok` into the cache before yielding it
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if tok in eos or len(tokens) >= max_tokens:
+                    break
+                tokens.append(tok)
+                new = self.processor.decode(tokens)
+                if len(new) > len(out) and not new.endswith("\ufffd"):
+                    yield new[len(out):]
+                    out = new
+        t_end = time.perf_counter()
+        self.closed = fed > len(tokens) and tok == self.im_end
+        if fed > len(tokens) and not self.closed and self._trim(1):
+            fed -= 1
+        self.next_pos = int(prep.positions.max().item()) + 1 + fed
+        self.turns += 1
+        self.last_stats = run_stats(prep, self.cache, len(tokens), t_prefill, t_first, t_end)
+        yield {"text": self.processor.decode(tokens), "tokens": tokens, **self.last_stats}
+
+    def ask(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
+        """One turn: the reply as a ``GenerationResult`` (``.text``, ``.tokens``, ``.stats``)."""
+        stats = None
+        for item in self.stream(prompt, images, **kwargs):
+            if isinstance(item, dict):
+                stats = item
+        text, tokens = stats.pop("text"), stats.pop("tokens")
+        return GenerationResult(text=text, tokens=tokens, stats=stats)
+
+    def _pin_point(self, ids, has_images: bool) -> Optional[int]:
+        """Rows of this turn to pin: through its last image (or the system prompt on the first turn)."""
+        c0 = self.cache[0]
+        if not isinstance(c0, FixedKVCache):
+            return None
+        if has_images:
+            end = self.model.config.vision_end_token_id
+            n = max(i for i, t in enumerate(ids) if t == end) + 1
+        elif self.turns == 0 and self.im_end in ids:
+            n = ids.index(self.im_end) + 1
+        else:
+            return None
+        if c0.offset + n > c0.max_tokens - c0.max_chunk:  # a pin is a prefix: it must fit before the ring
+            if has_images:
+                raise MemoryPlanError(
+                    f"pinning this image needs {c0.offset + n} KV slots but the cache keeps only "
+                    f"{c0.max_tokens - c0.max_chunk} for its pinned prefix: start a new chat (/reset), "
+                    f"raise max_kv_tokens, or use fewer visual tokens (lower keep or max_pixels)"
+                )
+            return None
+        return n
+
+    def _trim(self, n: int) -> bool:
+        if all(c.is_trimmable() for c in self.cache):
+            for c in self.cache:
+                c.trim(n)
+            return True
+        return False
+
+    def save(self, path: str) -> None:
+        """Save the conversation (KV cache and position state) to a .safetensors file."""
+        meta = {"next_pos": self.next_pos, "turns": self.turns, "closed": self.closed,
+                "model_type": self.model.model_type}
+        save_cache(path, self.cache, {"chat": json.dumps(meta)})
+
+    def load(self, path: str) -> None:
+        """Restore a conversation saved by ``save`` with the same model."""
+        cache, meta = load_cache(path)
+        state = json.loads(meta["chat"])
+        if state["model_type"] != self.model.model_type or len(cache) != len(self.cache):
+            raise ValueError(f"{path} was saved with a different model ({state['model_type']})")
+        self.cache, self.next_pos = cache, state["next_pos"]
+        self.turns, self.closed = state["turns"], state["closed"]
