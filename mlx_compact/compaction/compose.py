@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 
+from ..kernels import gather_rows, merge_rows
 from . import ops
 from .types import Compaction, CompactVisual, VisualTokens
 
@@ -57,15 +58,13 @@ def _take_cols(positions, keep: np.ndarray):
     return np.asarray(positions)[:, keep]  # [3, K]
 
 
-def _group_mean(x: mx.array, assign: np.ndarray, weight, k: int) -> mx.array:
-    """Weighted average of the rows of x [N, D] per slot of assign; -1 rows are left out. -> [K, D]"""
+def _groups_csr(assign: np.ndarray, weight, k: int):
+    """Slot -> member rows as CSR (offsets [K+1], members [M], weights [M]); -1 rows are left out."""
     rows = np.flatnonzero(assign >= 0)
-    w = mx.array(np.ones(len(rows), np.float32) if weight is None else weight[rows].astype(np.float32))[:, None]
-    slot = mx.array(assign[rows].astype(np.int32))
-    vals = x[mx.array(rows.astype(np.int32))].astype(mx.float32) * w  # [R, D]
-    num = mx.zeros((k, x.shape[1]), dtype=mx.float32).at[slot].add(vals)  # [K, D]
-    den = mx.zeros((k, 1), dtype=mx.float32).at[slot].add(w)  # [K, 1]
-    return (num / den).astype(x.dtype)
+    rows = rows[np.argsort(assign[rows], kind="stable")]  # grouped by slot, raster order inside
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign[rows], minlength=k))])
+    w = np.ones(len(rows), np.float32) if weight is None else weight[rows].astype(np.float32)
+    return mx.array(offsets.astype(np.int32)), mx.array(rows.astype(np.int32)), mx.array(w)
 
 
 def compact(tokens: VisualTokens, c: Compaction) -> CompactVisual:
@@ -84,10 +83,11 @@ def compact(tokens: VisualTokens, c: Compaction) -> CompactVisual:
     keep, k = sel.keep, len(sel.keep)
     if sel.assign is None:
         idx = mx.array(keep.astype(np.int32))
-        gather = lambda x: mx.take(x, idx, axis=0)  # noqa: E731  [K, D]
+        gather = lambda x: gather_rows(x, idx)  # noqa: E731  [K, D]
         weights = groups = None
     else:
-        gather = lambda x: _group_mean(x, sel.assign, sel.weight, k)  # noqa: E731  [K, D]
+        csr = _groups_csr(sel.assign, sel.weight, k)
+        gather = lambda x: merge_rows(x, *csr)  # noqa: E731  [K, D] weighted mean of each group
         mass = np.ones(tokens.n, np.float32) if sel.weight is None else sel.weight.astype(np.float32)
         m = sel.assign >= 0
         weights = mx.array(np.bincount(sel.assign[m], mass[m], minlength=k).astype(np.float32))  # [K]
