@@ -58,6 +58,8 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx
             s = mx.where(m, s, -mx.inf) if m.dtype == mx.bool_ else s + m
         p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * c, S)
         outs.append((p @ v).reshape(B, Hkv, rep, c, d))
+        if L > ATTENTION_CHUNK:
+            mx.eval(outs[-1])  # bound memory: one score block alive at a time
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, d)
 

@@ -1,0 +1,371 @@
+"""Our uncompacted Qwen-VL path against mlx-vlm, side by side, same weights, one process.
+
+Random float32 weights at real widths (Qwen2.5-VL-3B, Qwen3-VL-2B) and reduced depth are
+generated once and loaded into both our model and mlx-vlm's. A 1280x720 image is preprocessed
+once (smart_resize + patchify as the checkpoints' processors do) and fed to both. Measured for
+both, alternating ours / mlx-vlm, best of --repeats:
+
+- vision: the vision tower including the merger (and DeepStack mergers), one image;
+- prefill: the LLM over the whole prompt with each library's own generation loop
+  (ours: ``mlx_compact.generate.generate_step``; mlx-vlm: ``mlx_vlm.generate.ar.generate_step``),
+  both with the same chunk size, time to the first token;
+- decode: tokens/s over --decode greedy steps after the first token, each with its own KV cache;
+- peak memory of each phase above the memory active before it (mx.reset_peak_memory()).
+
+A correctness check compares vision features, DeepStack features, the first token's log-probs and
+teacher-forced decode log-probs between the two, so the comparison is apples to apples.
+
+    python benchmarks/bench_port.py [--models qwen2_5_vl,qwen3_vl] [--llm-layers 4] [--vit-layers 4]
+                                    [--decode 16] [--repeats 3] [--prefill-step 512|default]
+
+Prints a table (ratio = mlx-vlm time / our time, > 1 means we are faster; memory: theirs / ours)
+and writes benchmarks/results/bench_port.json.
+"""
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (imports mlx_compact before mlx.core)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_compact.generate import Prepared, generate_step as our_generate_step, make_cache  # noqa: E402
+from mlx_compact.processor import CLIP_MEAN, CLIP_STD, _PixelConfig, smart_resize  # noqa: E402
+
+IMAGE_HW = (720, 1280)  # height, width
+OUR_DEFAULT_STEP = 512  # mlx_compact.generate.prefill default
+TARGET = 0.95
+
+# ----- inputs -------------------------------------------------------------------------------
+
+
+def make_image_rows(model_type: str, seed: int = 0):
+    """A random 1280x720 RGB image through smart_resize + normalize + patchify: rows, grid."""
+    from PIL import Image
+
+    qwen3 = model_type == "qwen3_vl"
+    patch = 16 if qwen3 else 14
+    pix = _PixelConfig(
+        {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
+         "min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28},
+        (56 * 56, 16384 * 28 * 28),
+        (0.5, 0.5, 0.5) if qwen3 else CLIP_MEAN,
+        (0.5, 0.5, 0.5) if qwen3 else CLIP_STD,
+    )
+    rng = np.random.default_rng(seed)
+    # smooth-ish content: low-res noise upscaled, so resizing is not degenerate
+    small = rng.integers(0, 256, (IMAGE_HW[0] // 16, IMAGE_HW[1] // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((IMAGE_HW[1], IMAGE_HW[0]), Image.Resampling.BILINEAR)
+    h, w = smart_resize(*IMAGE_HW, factor=pix.factor, min_pixels=pix.min_pixels, max_pixels=pix.max_pixels)
+    x = pix.normalize(image, h, w)  # [C, H, W]
+    rows, grid = pix.patchify(np.broadcast_to(x, (2, *x.shape)))
+    return rows.astype(np.float32), tuple(int(g) for g in grid), (h, w)
+
+
+def make_prompt(cfg: dict, grid, seed: int = 0):
+    """Chat-formatted ids: system-less user turn with one image and ~16 text tokens."""
+    n_visual = grid[0] * grid[1] * grid[2] // 4
+    rng = np.random.default_rng(seed)
+    text = [int(t) for t in rng.integers(1000, 100000, 16)]
+    ids = [151644, 872, 198, cfg["vision_start_token_id"]] + [cfg["image_token_id"]] * n_visual
+    ids += [cfg["vision_end_token_id"]] + text + [151645, 198, 151644, 77091, 198]
+    return ids
+
+
+# ----- the two sides ------------------------------------------------------------------------
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, model, rows, grid, ids):
+        self.model, self.rows, self.grid, self.ids = model, mx.array(rows), [grid], ids
+
+    def vision(self):
+        out = self.model.encode(self.rows, self.grid)
+        mx.eval(out.features, out.deepstack)
+        return out
+
+    def prepare(self, out) -> Prepared:
+        """What mlx_compact.generate.prepare does after tokenizing, from a computed VisionOutput."""
+        m = self.model
+        visual, ds = m.split_visual(out, self.grid)
+        embeds, deepstack = m.splice(self.ids, visual, ds if ds and ds[0] else None)
+        positions, delta = m.positions(self.ids, self.grid)
+        mx.eval(embeds, deepstack)
+        return Prepared(self.ids, embeds, mx.array(positions)[:, None, :], delta, deepstack, [], 0.0, 0.0)
+
+    def generate(self, prep, step):
+        """Yield token ids (int) with mlx_compact's own loop (prefill chunks of `step`)."""
+        return our_generate_step(self.model, prep, make_cache(self.model), lambda x: mx.argmax(x, axis=-1), step)
+
+    def teacher_forced_logprobs(self, prep, tokens, step):
+        """Log-probs after the prompt and after each of `tokens` fed back (ours, no sampling)."""
+        from mlx_compact.generate import prefill
+
+        cache = make_cache(self.model)
+        logits = prefill(self.model, prep, cache, step)
+        out = [logits - mx.logsumexp(logits, axis=-1, keepdims=True)]
+        L = prep.embeds.shape[1]
+        embed = self.model.language_model.model.embed_tokens
+        for n, tok in enumerate(tokens):
+            pos = mx.full((3, 1, 1), L + n + prep.rope_delta, dtype=mx.int32)
+            lg = self.model.language_model(embed(mx.array([[tok]])), pos, cache=cache)[:, -1, :]
+            out.append(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
+        mx.eval(out)
+        return [o[0] for o in out]
+
+
+class _Precomputed:
+    """mlx-vlm's model with get_input_embeddings answered from a precomputed result, so that
+    mlx-vlm's own generate_step can be timed without re-running the vision tower."""
+
+    def __init__(self, model, features):
+        self._model, self._features = model, features
+
+    def get_input_embeddings(self, *args, **kwargs):
+        return self._features
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class Theirs:
+    name = "mlx-vlm"
+
+    def __init__(self, model, rows, grid, ids):
+        self.model, self.rows, self.ids = model, mx.array(rows), mx.array([ids])
+        self.grid = mx.array([grid])
+        self.qwen3 = model.config.model_type == "qwen3_vl"
+
+    def vision(self):
+        out = self.model.vision_tower(self.rows, self.grid)
+        mx.eval(out)
+        return out
+
+    def prepare(self):
+        feats = self.model.get_input_embeddings(self.ids, self.rows, image_grid_thw=self.grid)
+        mx.eval([v for v in feats.to_dict().values() if v is not None])
+        return feats
+
+    def generate(self, feats, step, max_tokens):
+        """Yield token ids (int) with mlx-vlm's own generate_step."""
+        from mlx_vlm.generate.ar import generate_step
+
+        lm = self.model.language_model
+        lm._position_ids = lm._rope_deltas = None  # fresh generation
+        gen = generate_step(
+            self.ids, _Precomputed(self.model, feats), None, None,
+            max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0,
+            prefill_step_size=step, image_grid_thw=self.grid,
+        )
+        self.logprobs = []
+        for tok, logprobs in gen:
+            self.logprobs.append(logprobs)
+            yield int(tok)
+
+
+# ----- measurement --------------------------------------------------------------------------
+
+
+def run_vision(side):
+    with common.Peak() as pk:
+        t, out = common.timed(side.vision)
+    return t, pk.delta, out
+
+
+def run_generate(side, args_, n_decode):
+    """One generation: (prefill s = time to first token, decode tok/s, peak delta, tokens)."""
+    tokens = []
+    with common.Peak() as pk:
+        t0 = time.perf_counter()
+        gen = side.generate(*args_)
+        tokens.append(next(gen))
+        t1 = time.perf_counter()
+        for _ in range(n_decode):
+            tokens.append(next(gen))
+        t2 = time.perf_counter()
+        gen.close()
+    return t1 - t0, n_decode / (t2 - t1), pk.delta, tokens
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def bench_model(model_type, args):
+    cfg = common.CONFIGS[model_type](args.llm_layers, args.vit_layers)
+    print(f"\n=== {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
+          flush=True)
+    t = time.perf_counter()
+    ours_m, theirs_m = common.build_ours(cfg), common.build_mlx_vlm(cfg)
+    weights = common.random_weights(ours_m, seed=args.seed)
+    common.load_same_weights([ours_m, theirs_m], weights)
+    rows, grid, hw = make_image_rows(model_type, args.seed)
+    ids = make_prompt(cfg, grid, args.seed)
+    n_visual = grid[0] * grid[1] * grid[2] // 4
+    print(f"weights {common.param_bytes(weights) / 2**30:.2f} GiB f32 (vision {common.param_bytes(weights, 'vision_tower') / 2**20:.0f} MiB), "
+          f"built in {time.perf_counter() - t:.1f}s; image {IMAGE_HW[1]}x{IMAGE_HW[0]} -> {hw[1]}x{hw[0]}, "
+          f"grid {grid} = {rows.shape[0]} patches, {n_visual} visual tokens, prompt {len(ids)} tokens", flush=True)
+    ours, theirs = Ours(ours_m, rows, grid, ids), Theirs(theirs_m, rows, grid, ids)
+    step_ours = OUR_DEFAULT_STEP if args.prefill_step == "default" else int(args.prefill_step)
+    step_theirs = None if args.prefill_step != "default" else None
+    if args.prefill_step == "default":
+        from mlx_vlm.generate.common import DEFAULT_PREFILL_STEP_SIZE
+
+        step_theirs = DEFAULT_PREFILL_STEP_SIZE
+    else:
+        step_theirs = int(args.prefill_step)
+
+    # --- vision, alternating
+    res = {s: {"vision_s": [], "vision_peak": []} for s in ("ours", "mlx-vlm")}
+    outs = {}
+    for r in range(args.repeats):
+        for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+            t, peak, out = run_vision(side)
+            res[side.name]["vision_s"].append(t)
+            res[side.name]["vision_peak"].append(peak)
+            outs[side.name] = out
+            print(f"  vision  {side.name:8s} {t:7.2f}s  peak +{peak / common.MiB:7.0f} MiB", flush=True)
+
+    # --- correctness: vision
+    o, (tf, tds) = outs["ours"], (outs["mlx-vlm"] if theirs.qwen3 else (outs["mlx-vlm"], []))
+    check = {"vision_features_rel_err": rel_err(o.features, tf)}
+    if o.deepstack or tds:
+        check["deepstack_rel_err"] = max(rel_err(a, b) for a, b in zip(o.deepstack, tds)) if len(o.deepstack) == len(tds) else float("inf")
+    del outs, o, tf, tds
+
+    prep = ours.prepare(ours.vision())
+    feats = theirs.prepare()
+    check["embeds_rel_err"] = rel_err(prep.embeds, feats.inputs_embeds)
+    check["positions_equal"] = bool(np.array_equal(np.array(prep.positions), np.array(feats.position_ids)))
+
+    # --- generation (prefill + decode), alternating
+    for s in res.values():
+        s.update(prefill_s=[], decode_tps=[], generate_peak=[])
+    toks = {}
+    for r in range(args.repeats):
+        for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+            gargs = (prep, step_ours) if side is ours else (feats, step_theirs, args.decode + 2)
+            tp, tps, peak, tk = run_generate(side, gargs, args.decode)
+            gc.collect()
+            res[side.name]["prefill_s"].append(tp)
+            res[side.name]["decode_tps"].append(tps)
+            res[side.name]["generate_peak"].append(peak)
+            toks[side.name] = tk
+            print(f"  prefill {side.name:8s} {tp:7.2f}s  decode {tps:6.2f} tok/s  peak +{peak / common.MiB:7.0f} MiB",
+                  flush=True)
+
+    # --- correctness: first-token and teacher-forced decode log-probs (mlx-vlm's tokens fed to ours)
+    theirs_lp = [np.array(lp) for lp in theirs.logprobs[: args.check_steps + 1]]
+    ours_lp = ours.teacher_forced_logprobs(prep, toks["mlx-vlm"][: args.check_steps], step_ours)
+    check["first_token_logprob_max_abs_diff"] = float(np.abs(np.array(ours_lp[0]) - theirs_lp[0]).max())
+    check["decode_logprob_max_abs_diff"] = max(
+        float(np.abs(np.array(a) - b).max()) for a, b in zip(ours_lp[1:], theirs_lp[1:])) if args.check_steps else None
+    check["greedy_tokens_equal"] = toks["ours"] == toks["mlx-vlm"]
+    check["greedy_tokens_agree"] = sum(a == b for a, b in zip(toks["ours"], toks["mlx-vlm"])) / len(toks["ours"])
+    check["logprob_scale"] = float(np.abs(theirs_lp[0]).max())
+    tol = 1e-3
+    check["ok"] = bool(
+        check["vision_features_rel_err"] < tol and check.get("deepstack_rel_err", 0) < tol
+        and check["embeds_rel_err"] < tol and check["positions_equal"]
+        and check["first_token_logprob_max_abs_diff"] < 1e-2 and (check["decode_logprob_max_abs_diff"] or 0) < 1e-2
+    )
+    print("  check: " + ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()),
+          flush=True)
+
+    summary = {}
+    for name, s in res.items():
+        summary[name] = {
+            "vision_s": min(s["vision_s"]),
+            "prefill_s": min(s["prefill_s"]),
+            "decode_tok_s": max(s["decode_tps"]),
+            "vision_peak_mib": max(s["vision_peak"]) / common.MiB,
+            "generate_peak_mib": max(s["generate_peak"]) / common.MiB,
+            "runs": s,
+        }
+    out = {
+        "model": common.NAMES[model_type],
+        "model_type": model_type,
+        "llm_layers": args.llm_layers,
+        "vit_layers": args.vit_layers,
+        "config": cfg,
+        "image": {"input_hw": IMAGE_HW, "resized_hw": hw, "grid_thw": grid, "patches": rows.shape[0],
+                  "visual_tokens": n_visual},
+        "prompt_tokens": len(ids),
+        "prefill_step": {"ours": step_ours, "mlx-vlm": step_theirs},
+        "decode_steps": args.decode,
+        "check": check,
+        "summary": summary,
+    }
+    del ours, theirs, ours_m, theirs_m, weights, prep, feats
+    gc.collect()
+    mx.clear_cache()
+    return out
+
+
+def table(results, args):
+    rows = []
+    for r in results:
+        s, o, t = r["summary"], r["summary"]["ours"], r["summary"]["mlx-vlm"]
+        L, V = r["llm_layers"], r["vit_layers"]
+        figs = [
+            ("vision s", o["vision_s"], t["vision_s"], t["vision_s"] / o["vision_s"]),
+            ("  per ViT block ms*", 1e3 * o["vision_s"] / V, 1e3 * t["vision_s"] / V, None),
+            ("prefill s", o["prefill_s"], t["prefill_s"], t["prefill_s"] / o["prefill_s"]),
+            ("  per LLM layer ms*", 1e3 * o["prefill_s"] / L, 1e3 * t["prefill_s"] / L, None),
+            ("decode tok/s", o["decode_tok_s"], t["decode_tok_s"], o["decode_tok_s"] / t["decode_tok_s"]),
+            ("  ms/token", 1e3 / o["decode_tok_s"], 1e3 / t["decode_tok_s"], None),
+            ("vision peak MiB", o["vision_peak_mib"], t["vision_peak_mib"], t["vision_peak_mib"] / max(o["vision_peak_mib"], 1e-9)),
+            ("generate peak MiB", o["generate_peak_mib"], t["generate_peak_mib"], t["generate_peak_mib"] / max(o["generate_peak_mib"], 1e-9)),
+        ]
+        for name, a, b, ratio in figs:
+            flag = "" if ratio is None else ("" if ratio >= TARGET else "  <-- below 0.95x")
+            rstr = "" if ratio is None else f"{ratio:6.2f}x"
+            rows.append(f"{r['model']:14s} {name:20s} {a:10.2f} {b:10.2f} {rstr:>8s}{flag}")
+    head = f"{'model':14s} {'figure':20s} {'ours':>10s} {'mlx-vlm':>10s} {'ratio':>8s}"
+    note = ("ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
+            "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
+            "  prefill includes embedding, final norm and lm_head).")
+    return "\n".join([head, "-" * len(head)] + rows + [note])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen2_5_vl,qwen3_vl")
+    p.add_argument("--llm-layers", type=int, default=4)
+    p.add_argument("--vit-layers", type=int, default=4)
+    p.add_argument("--decode", type=int, default=8, help="decode steps timed after the first token")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefill-step", default=str(OUR_DEFAULT_STEP),
+                   help="chunk for both, or 'default' (ours 512, mlx-vlm 2048)")
+    p.add_argument("--check-steps", type=int, default=3, help="teacher-forced decode steps compared")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_port.json")
+    args = p.parse_args()
+
+    env = common.environment()
+    print(f"MLX {env['mlx']} on {env['device']} ({env['device_info'].get('device_name', '?')}), "
+          f"BLAS: {env['blas']}, mlx-vlm {env['mlx_vlm']}, {env['cpus']} CPUs, float32")
+    t0 = time.perf_counter()
+    results = [bench_model(m.strip(), args) for m in args.models.split(",") if m.strip()]
+    print()
+    print(table(results, args))
+    for r in results:
+        print(f"{r['model']}: correctness {'OK' if r['check']['ok'] else 'MISMATCH'} "
+              f"(vision rel err {r['check']['vision_features_rel_err']:.1e}, "
+              f"first-token logprob diff {r['check']['first_token_logprob_max_abs_diff']:.1e})")
+    total = time.perf_counter() - t0
+    print(f"total {total:.0f}s")
+    path = common.write_json(args.out, {"environment": env, "args": vars(args), "total_s": total, "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
