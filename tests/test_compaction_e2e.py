@@ -5,20 +5,17 @@ tokens masked out as keys (merge operators: with the kept rows' features replace
 in-encoder compaction equals the tower run at full length with later blocks' keys restricted to kept units.
 """
 
-import glob
-import json
 
 import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
+from mlx_compact.loader import load
 import numpy as np
 import pytest
 
 from mlx_compact.cache import KVCache
 from mlx_compact.compaction import Compaction, assemble, tower_hooks
 from mlx_compact.generate import _sampler, generate, generate_step, make_cache, prefill, prepare
-from mlx_compact.models import build_model
 from mlx_compact.models.vision import attend, patch_coords, rope_angles, segment_bounds
-from mlx_compact.processor import Processor
 from tiny_checkpoints import ARCHS
 
 PROMPT = "what is in both pictures?"
@@ -39,13 +36,7 @@ ENCODER = {m: Compaction(m, keep=0.5, where="encoder", encoder_layer=1) for m in
 
 
 def _load(path):
-    model = build_model(json.loads((path / "config.json").read_text()))
-    weights = {}
-    for f in glob.glob(str(path / "*.safetensors")):
-        weights.update(mx.load(f))
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
-    mx.eval(model.parameters())
-    return model, Processor.from_pretrained(path)
+    return load(str(path))
 
 
 @pytest.fixture(scope="module")

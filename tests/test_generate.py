@@ -1,15 +1,12 @@
 """The minimal generation path: cached decoding equals full recomputation, stats are filled in."""
 
-import glob
-import json
 
 import numpy as np
 import pytest
 
 import mlx.core as mx
+from mlx_compact.loader import load
 from mlx_compact.generate import generate
-from mlx_compact.models import build_model
-from mlx_compact.processor import Processor
 from tiny_checkpoints import ARCHS
 
 STATS_KEYS = {
@@ -19,13 +16,7 @@ STATS_KEYS = {
 
 
 def _load(path):
-    model = build_model(json.loads((path / "config.json").read_text()))
-    weights = {}
-    for f in glob.glob(str(path / "*.safetensors")):
-        weights.update(mx.load(f))
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
-    mx.eval(model.parameters())
-    return model, Processor.from_pretrained(path)
+    return load(str(path))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
