@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 
 from .cache import FixedKVCache, load_cache, save_cache
-from .generate import GenerationResult, _sampler, make_cache, prepare_ids, run_stats
+from .generate import GenerationResult, _sampler, generate_step, make_cache, prepare_ids, run_stats
 from .memory import MemoryPlanError, wired_limit
 
 
@@ -48,7 +48,8 @@ class ChatSession:
         self.closed = True  # the last assistant turn ended with <|im_end|> in the cache
         self.last_stats: dict = {}
 
-    def _turn_text(self, prompt: str, n_images: int) -> str:
+    def turn_text(self, prompt: str, n_images: int = 0) -> str:
+        """The text the next turn adds to the conversation (before images are expanded)."""
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
         if self.turns == 0:
             messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -58,13 +59,16 @@ class ChatSession:
         return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
     def stream(self, prompt: str, images: Sequence = (), *, max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, seed: Optional[int] = None) -> Iterator:
-        """Yield the reply's text chunks, then the turn's stats dict (as ``generate``)."""
+               top_p: float = 1.0, seed: Optional[int] = None, progress=None) -> Iterator:
+        """Yield the reply's text chunks, then the turn's stats dict (as ``generate``).
+
+        Stopping early (closing the generator, Ctrl-C) keeps the part of the reply produced so far.
+        """
         if seed is not None:
             mx.random.seed(seed)
         images = list(images or [])
         t0 = time.perf_counter()
-        text = self._turn_text(prompt, len(images))
+        text = self.turn_text(prompt, len(images))
         inputs = self.processor(text=text, images=images or None, max_pixels=self.max_pixels)
         ids = [int(i) for i in inputs["input_ids"][0]]
         grid = inputs["grid_thw"] if images else ()
@@ -78,27 +82,28 @@ class ChatSession:
         sampler = _sampler(temperature, top_p)
         t_prefill = time.perf_counter()
         tokens, out, t_first, fed = [], "", None, 0
-        from .generate import generate_step
-
-        with wired_limit():
-            for tok in generate_step(self.model, prep, self.cache, sampler, self.prefill_step, pin):
-                fed += 1  # generate_step has written `tok` into the cache before yielding it
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if tok in eos or len(tokens) >= max_tokens:
-                    break
-                tokens.append(tok)
-                new = self.processor.decode(tokens)
-                if len(new) > len(out) and not new.endswith("\ufffd"):
-                    yield new[len(out):]
-                    out = new
-        t_end = time.perf_counter()
-        self.closed = fed > len(tokens) and tok == self.im_end
-        if fed > len(tokens) and not self.closed and self._trim(1):
-            fed -= 1
-        self.next_pos = int(prep.positions.max().item()) + 1 + fed
-        self.turns += 1
-        self.last_stats = run_stats(prep, self.cache, len(tokens), t_prefill, t_first, t_end)
+        tok = None
+        try:
+            with wired_limit():
+                for tok in generate_step(self.model, prep, self.cache, sampler, self.prefill_step, pin, progress):
+                    fed += 1  # generate_step has written `tok` into the cache before yielding it
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if tok in eos or len(tokens) >= max_tokens:
+                        break
+                    tokens.append(tok)
+                    new = self.processor.decode(tokens)
+                    if len(new) > len(out) and not new.endswith("\ufffd"):
+                        yield new[len(out):]
+                        out = new
+        finally:  # commit the turn, complete or not, so the conversation stays consistent
+            t_end = time.perf_counter()
+            self.closed = fed > len(tokens) and tok == self.im_end
+            if fed > len(tokens) and not self.closed and self._trim(1):
+                fed -= 1
+            self.next_pos = int(prep.positions.max().item()) + 1 + fed
+            self.turns += 1
+            self.last_stats = run_stats(prep, self.cache, len(tokens), t_prefill, t_first, t_end)
         yield {"text": self.processor.decode(tokens), "tokens": tokens, **self.last_stats}
 
     def ask(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:

@@ -1,25 +1,668 @@
 """The `mlx-compact` command.
 
-    mlx-compact convert --hf-path SRC --mlx-path DST [-q] [--q-bits 4|8] [--q-group-size 64]
-                        [--dtype bfloat16|float16|float32] [--quantize-vision] [--force]
+    mlx-compact generate --prompt TEXT [--image PATH ...] [options]   answer one prompt about images
+    mlx-compact chat [--image PATH ...] [options]                     a conversation that keeps its cache
+    mlx-compact plan --image PATH ... [options]                       the memory plan, without running
+    mlx-compact convert --hf-path SRC --mlx-path DST [options]        Hugging Face checkpoint -> MLX
 
 Each subcommand has an ``add_<name>_parser(subparsers)`` that declares its arguments and a
-``run_<name>(args)`` that does the work; `SUBCOMMANDS` lists them. Errors the user can fix are printed
+``run_<name>(args)`` that does the work; `SUBCOMMANDS` lists them. Options shared by several
+subcommands are declared once by the ``_add_*`` helpers. Errors the user can fix (bad arguments,
+unreadable images, a checkpoint that is not Qwen-VL, a run that would not fit in memory) are printed
 as one line on stderr with exit code 2, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 
 import mlx_compact  # noqa: F401  (loads OpenBLAS before mlx.core)
+from mlx_compact.loader import DEFAULT_MODEL
 
 EXIT_USAGE = 2
+METHOD_HELP = {
+    "none": "keep every visual token",
+    "pool": "average 2x2 neighbours (keeps 1/4; ignores --keep)",
+    "floor": "an evenly spaced grid; fastest, ignores content",
+    "diversity": "a grid plus the most different tokens (default; all-rounder)",
+    "saliency": "what the vision tower attends to most, plus merged context",
+    "merge": "merge similar neighbours instead of dropping them",
+    "prompt": "the tokens closest to the question (one-shot, not for chat)",
+    "random": "a random subset (a baseline for comparisons)",
+}
 
 
 class UserError(Exception):
     """An error the user can fix; printed as one line."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps paragraphs, but keeps texts with explicit line breaks (lists) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (and exit 2), like every other error here."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _keep(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep must be a number in (0, 1] (the share of visual tokens kept), got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
+
+
+def _size(text: str) -> int:
+    """Bytes from '16GB', '10.5g', '512MB' or a plain byte count (binary units: 1 GB = 2**30 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower().replace("i", "") not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"a memory size is like 16GB, 10.5GB or 512MB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower().replace("i", "")])
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def _add_model(p) -> None:
+    p.add_argument("--model", default=None, metavar="M",
+                   help="a Qwen-VL model: a local directory or a Hugging Face repo id such as "
+                        "mlx-community/Qwen2.5-VL-3B-Instruct-4bit (downloaded once, then cached; no conversion "
+                        f"needed). Default: {DEFAULT_MODEL}")
+
+
+def _add_images(p, required: bool = False, what: str = "the first question") -> None:
+    p.add_argument("--image", action="append", default=[], metavar="PATH", required=required,
+                   help=f"an image file (JPEG, PNG, WebP, TIFF, ...; HEIC with pillow-heif installed) for {what}; "
+                        "repeat for several")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="P",
+                   help="shrink each image to at most P pixels before the model sees it (e.g. 1000000 for about "
+                        "1 megapixel). Each 28x28 pixel block (32x32 on Qwen3-VL) becomes one visual token, so a "
+                        "12 MP photo can cost thousands of tokens: fewer pixels = less memory and a faster first "
+                        "token, but less fine detail. Default: the model's own limit")
+
+
+def _add_compaction(p, post_only: bool = False) -> None:
+    methods = "\n".join(f"  {k:<10} {v}" for k, v in METHOD_HELP.items())
+    g = p.add_argument_group(
+        "visual-token compaction",
+        "A photo becomes hundreds to thousands of visual tokens; keeping a share of them\n"
+        f"makes the first token come sooner and the KV cache smaller. Methods:\n{methods}")
+    g.add_argument("--compaction", choices=list(METHOD_HELP), default=None, metavar="METHOD",
+                   help="how to choose the visual tokens to keep (see the list above). Default: none, or "
+                        "diversity when --keep/--tokens is given")
+    keep = g.add_mutually_exclusive_group()
+    keep.add_argument("--keep", type=_keep, default=None, metavar="R",
+                      help="share of each image's visual tokens to keep, in (0, 1]: 0.33 keeps a third. The KV "
+                           "cache and the prefill shrink in proportion, so the first token comes sooner and uses "
+                           "less memory; very low values lose detail. Default with --compaction: 0.33")
+    keep.add_argument("--tokens", type=_positive_int, default=None, metavar="K",
+                      help="keep at most K visual tokens per image (instead of a share)")
+    if not post_only:
+        g.add_argument("--where", choices=("post", "encoder"), default="post",
+                       help="post (default): compact after the vision tower (every model). encoder: choose the "
+                            "tokens inside the vision tower, so its remaining layers run on fewer tokens too "
+                            "(faster vision; Qwen2-VL and Qwen3-VL only; floor, diversity, saliency or random)")
+
+
+def _add_cache(p) -> None:
+    g = p.add_argument_group("KV cache (the model's working memory of the conversation)")
+    g.add_argument("--max-kv-tokens", type=_positive_int, default=None, metavar="N",
+                   help="give the cache a fixed size of N tokens, allocated once: memory cannot grow during a "
+                        "long answer or chat. The system prompt and the images stay pinned; when it fills, the "
+                        "oldest chat text is forgotten first. Default: a cache that grows as needed")
+    g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="store the cache in 8 or 4 bits instead of 16: about 2x or 4x less cache memory (8 is "
+                        "near-lossless, 4 can change answers). Needs --max-kv-tokens")
+
+
+def _add_sampling(p, top_p_seed: bool = True) -> None:
+    g = p.add_argument_group("answer")
+    g.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
+                   help="longest answer, in tokens (about 3/4 of a word each; default %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="randomness of the answer: 0 (default) always picks the likeliest word; 0.7 is livelier")
+    if top_p_seed:
+        g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                       help="with --temperature > 0, sample only from the likeliest words whose probabilities "
+                            "add up to P (e.g. 0.9); default 1.0 (all words)")
+        g.add_argument("--seed", type=int, default=None, metavar="S",
+                       help="random seed, so that a sampled answer can be repeated")
+
+
+def _add_memory(p, fit: bool = True) -> None:
+    g = p.add_argument_group("memory plan (checked before anything runs)")
+    g.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="plan against SIZE of memory (e.g. 10GB) instead of what this machine allows; on a Mac "
+                        "that is the GPU's share of unified memory, about 2/3 to 3/4 of its RAM")
+    if fit:
+        g.add_argument("--fit", choices=("refuse", "auto"), default="refuse",
+                       help="what to do when the plan does not fit: refuse (default) stops with a message naming "
+                            "what would fit; auto shrinks the images until it fits")
+
+
+def _add_stats(p, per: str) -> None:
+    p.add_argument("--stats", choices=("text", "json"), default="text",
+                   help=f"statistics of {per} (tokens, visual tokens kept, KV bytes, time to first token split "
+                        "into preprocess / vision / prefill, decode speed, peak memory): text on stderr "
+                        "(default), or json on stdout")
+
+
+def _check_cache_args(args) -> None:
+    if args.kv_bits is not None and args.max_kv_tokens is None:
+        raise UserError("--kv-bits needs --max-kv-tokens (a quantized cache has a fixed size)")
+
+
+def _compaction(args, keep=None):
+    """The Compaction the arguments ask for, or None for no compaction."""
+    from mlx_compact.compaction import Compaction
+
+    method, keep = args.compaction, keep if keep is not None else args.keep
+    if method is None and keep is None and args.tokens is None:
+        return None
+    if method == "none" or (keep == 1.0 and args.tokens is None):
+        return Compaction.none()
+    kw = {"method": method or "diversity", "where": getattr(args, "where", "post")}
+    if keep is not None:
+        kw["keep"] = keep
+    if args.tokens is not None:
+        kw["tokens"] = args.tokens
+    try:
+        return Compaction(**kw)
+    except ValueError as e:
+        raise UserError(str(e).replace("Compaction(where='encoder')", "--where encoder")) from None
+
+
+def _check_kv_bits(model, bits) -> None:
+    """Refuse a quantized cache the model's head size cannot take (groups of 32 or 64 values per head)."""
+    d = model.config.text.head_dim
+    if bits is not None and d % 32:
+        raise UserError(f"--kv-bits needs a head size that is a multiple of 32; this model's is {d}")
+
+
+def _check_compaction(model, c) -> None:
+    """Refuse, before running, a compaction this model cannot do (in-encoder on Qwen2.5-VL)."""
+    from mlx_compact.compaction import tower_hooks
+
+    try:
+        tower_hooks(model, c)
+    except ValueError as e:
+        raise UserError(str(e).replace("Compaction(where='post')", "--where post")) from None
+
+
+# ---------------------------------------------------------------- images
+
+
+def _open_image(path: str):
+    """Image.open, with HEIC/HEIF (the iPhone's format) when pillow-heif is installed."""
+    from PIL import Image
+
+    try:
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    except ImportError:
+        pass
+    return Image.open(path)
+
+
+def _unreadable(path: str) -> UserError:
+    hint = ""
+    if str(path).lower().endswith((".heic", ".heif")):
+        hint = " (HEIC needs `pip install pillow-heif`, or export the photo as JPEG)"
+    return UserError(f"cannot read image {path}: Pillow does not recognise it (a corrupt file, or an unsupported "
+                     f"format or pixel mode){hint}")
+
+
+def _read_image(path: str):
+    """Decode an image file into an RGB PIL image: EXIF rotation applied, transparency on white, 16-bit
+    greyscale scaled to 8 bits; any mode Pillow can convert is converted, anything else is refused."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from mlx_compact.processor import to_rgb
+
+    try:
+        with _open_image(path) as im:
+            im.load()
+            mode = im.mode
+            im = ImageOps.exif_transpose(im)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"image not found: {path}") from None
+    except UnidentifiedImageError:
+        raise _unreadable(path) from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"image {path} is too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: corrupt or truncated ({e})") from None
+    try:
+        if mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255
+            a = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray(np.clip(a / 257.0 if a.max() > 255 else a, 0, 255).astype(np.uint8), "L")
+        return to_rgb(im)
+    except (ValueError, OSError) as e:
+        raise UserError(f"image {path} has pixel mode {mode}, which cannot be converted to RGB ({e})") from None
+
+
+def _image_size(path: str) -> tuple:
+    """(height, width) from the image header, without decoding pixels."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with _open_image(path) as im:
+            return im.size[1], im.size[0]
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"image not found: {path}") from None
+    except UnidentifiedImageError:
+        raise _unreadable(path) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: corrupt or truncated ({e})") from None
+
+
+def _visual_after(c, h: int, w: int) -> int:
+    """Visual tokens an image with a merged (h, w) grid keeps under compaction c."""
+    if c is None or c.is_identity:
+        return h * w
+    if c.method == "pool":
+        return ((h + 1) // 2) * ((w + 1) // 2)
+    return c.budget(h * w)
+
+
+def _prompt_tokens(processor, text: str, images, max_pixels, c) -> int:
+    """Tokens a templated prompt becomes, visual tokens (after compaction) included."""
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])  # one <|image_pad|> per image
+    f = processor.image.factor
+    for im in images:
+        h, w = processor.image_resized_size(im.height, im.width, max_pixels=max_pixels)
+        n += _visual_after(c, h // f, w // f) - 1
+    return n
+
+
+def _check_fits_cache(n: int, max_kv_tokens, what: str = "the prompt") -> None:
+    if max_kv_tokens is not None and n > max_kv_tokens:
+        raise UserError(
+            f"{what} is {n} tokens but the cache holds {max_kv_tokens} (--max-kv-tokens): its start would be "
+            f"forgotten before the answer begins; raise --max-kv-tokens, or use fewer visual tokens "
+            f"(--keep, --max-pixels) or a shorter prompt")
+
+
+# ---------------------------------------------------------------- progress and stats
+
+
+def _prefill_progress(prefill_step: int = 512):
+    """A progress(done, total) callback that draws a tqdm bar on stderr for prefills longer than three
+    chunks, when stderr is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if total <= 3 * prefill_step:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="tok", desc="prefill", leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bar = None
+
+    return progress
+
+
+def _stats_text(s: dict) -> str:
+    t = s["ttft_s"]
+    vis = ", ".join(f"{v['before']}->{v['after']}" for v in s["visual_tokens"]) or "none"
+    split = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+    evicted = f", {s['kv_evicted_tokens']} evicted" if s.get("kv_evicted_tokens") else ""
+    return (
+        f"prompt {s['prompt_tokens']} tokens (visual {vis}), generated {s['generation_tokens']}; "
+        f"TTFT {sum(t.values()):.2f} s ({split}); decode {s['decode_tokens_per_s']:.1f} tok/s; "
+        f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB{evicted}; "
+        f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
+
+
+def _print_stats(stats: dict, mode: str, text=None) -> None:
+    """JSON (one line on stdout; with the reply's text when given) or text (stderr)."""
+    if mode == "json":
+        print(json.dumps(stats if text is None else {"text": text, **stats}), flush=True)
+    else:
+        print(_stats_text(stats), file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- generate
+
+
+def add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="answer one prompt about one or more images",
+        description="Answer one prompt about one or more images and stream the answer to stdout. The memory "
+        "plan is checked first: a run that would not fit is refused (or scaled down with --fit auto) "
+        "before anything is allocated.",
+    )
+    _add_model(p)
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    _add_images(p, what="the prompt")
+    _add_compaction(p)
+    _add_cache(p)
+    _add_sampling(p)
+    _add_memory(p)
+    _add_stats(p, "the run")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    from mlx_compact.generate import stream_generate
+    from mlx_compact.loader import load
+
+    _check_cache_args(args)
+    c = _compaction(args)
+    images = [_read_image(p) for p in args.image]
+    model, processor = load(args.model)
+    _check_compaction(model, c)
+    _check_kv_bits(model, args.kv_bits)
+    if args.max_kv_tokens is not None:
+        text = processor.build_prompt(args.prompt, n_images=len(images))
+        _check_fits_cache(_prompt_tokens(processor, text, images, args.max_pixels, c), args.max_kv_tokens)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  max_pixels=args.max_pixels, compaction=c, max_kv_tokens=args.max_kv_tokens,
+                  kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit)
+    stream = args.stats == "text"
+    stats = None
+    for item in stream_generate(model, processor, args.prompt, images, **kwargs, progress=_prefill_progress()):
+        if isinstance(item, dict):
+            stats = item
+        elif stream:
+            print(item, end="", flush=True)
+    text = stats.pop("text")
+    stats.pop("tokens")
+    if stream:
+        print()
+    _print_stats(stats, args.stats, None if stream else text)
+    return 0
+
+
+# ---------------------------------------------------------------- chat
+
+CHAT_HELP = """commands:
+  /image PATH   attach an image to the next question (repeat for several)
+  /keep R       keep this share of visual tokens (0 < R <= 1) for images added from now on
+  /stats        statistics of the last answer
+  /reset        forget the conversation (and free its cache)
+  /save FILE    save the conversation (its KV cache) to FILE.safetensors
+  /load FILE    continue a conversation saved with /save (same model)
+  /help         this list
+  /quit         leave (or Ctrl-D / Ctrl-C)"""
+
+
+def add_chat_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="a multi-turn conversation about images that keeps its cache across turns",
+        description="Chat with a Qwen-VL model. Images are encoded once, in the turn that brings them, and the "
+        "conversation's cache is kept: a follow-up question costs only its own tokens. Type /help for the "
+        "commands (/image, /keep, /stats, /reset, /save, /load, /quit). From a pipe, each input line is one "
+        "question and no prompts are printed.",
+    )
+    _add_model(p)
+    _add_images(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="the system prompt (default: the model's own)")
+    _add_compaction(p)
+    _add_cache(p)
+    _add_sampling(p)
+    _add_memory(p)
+    _add_stats(p, "each answer")
+    p.set_defaults(run=run_chat)
+
+
+class _Chat:
+    """The chat loop's state: a ChatSession, the images waiting for the next question, the options."""
+
+    def __init__(self, args, session, images):
+        self.args, self.session, self.pending = args, session, list(images)
+
+    def command(self, line: str) -> bool:
+        """Run a /command; return False to leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/quit", "/exit", "/q"):
+            return False
+        if name == "/help":
+            _say(CHAT_HELP)
+        elif name == "/image":
+            if not arg:
+                raise UserError("/image needs a file path")
+            self.pending.append(_read_image(arg))
+            _say(f"image {arg} attached to the next question")
+        elif name == "/keep":
+            try:
+                keep = _keep(arg)
+            except argparse.ArgumentTypeError as e:
+                raise UserError(str(e)) from None
+            s.compaction = _compaction(self.args, keep=keep)
+            _say(f"images added from now on keep {keep:g} of their visual tokens")
+        elif name == "/stats":
+            if not s.last_stats:
+                raise UserError("no answer yet")
+            _print_stats(s.last_stats, self.args.stats)
+        elif name == "/reset":
+            s.reset()
+            self.pending = []
+            _say("conversation reset")
+        elif name in ("/save", "/load"):
+            if not arg:
+                raise UserError(f"{name} needs a file name")
+            path = arg if arg.endswith(".safetensors") else arg + ".safetensors"
+            try:
+                s.save(path) if name == "/save" else s.load(path)
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"cannot {name[1:]} {path}: {_one_line(e)}") from None
+            _say(f"{'saved to' if name == '/save' else 'loaded'} {path}")
+        else:
+            raise UserError(f"unknown command {name}; /help lists the commands")
+        return True
+
+    def ask(self, question: str) -> None:
+        from mlx_compact.generate import check_memory
+
+        a, s = self.args, self.session
+        images = self.pending
+        max_pixels = s.max_pixels
+        if images:
+            max_pixels = check_memory(s.model, s.processor, question, images, max_pixels=s.max_pixels,
+                                      compaction=s.compaction, max_kv_tokens=a.max_kv_tokens, kv_bits=a.kv_bits,
+                                      max_tokens=a.max_tokens, budget=a.memory_budget, fit=a.fit)
+        if a.max_kv_tokens is not None:
+            n = _prompt_tokens(s.processor, s.turn_text(question, len(images)), images, max_pixels, s.compaction)
+            _check_fits_cache(n, a.max_kv_tokens, "this question")
+        kwargs = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, progress=_prefill_progress())
+        stream, old = a.stats == "text", s.max_pixels
+        s.max_pixels = max_pixels
+        try:
+            for item in s.stream(question, images, **kwargs):
+                if isinstance(item, dict):
+                    stats = item
+                elif stream:
+                    print(item, end="", flush=True)
+        finally:
+            s.max_pixels = old
+        self.pending = []
+        text = stats.pop("text")
+        stats.pop("tokens")
+        if stream:
+            print(flush=True)
+        _print_stats(stats, a.stats, None if stream else text)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _lines(interactive: bool):
+    """Input lines: with a prompt and line editing on a terminal, plain lines from a pipe."""
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:
+                print()
+                return
+    else:
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+
+
+def run_chat(args) -> int:
+    import mlx.core as mx
+
+    from mlx_compact.chat import ChatSession
+    from mlx_compact.loader import load
+    from mlx_compact.memory import MemoryPlanError
+
+    _check_cache_args(args)
+    c = _compaction(args)
+    images = [_read_image(p) for p in args.image]
+    model, processor = load(args.model)
+    _check_compaction(model, c)
+    _check_kv_bits(model, args.kv_bits)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    session = ChatSession(model, processor, system_prompt=args.system, compaction=c,
+                          max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_pixels=args.max_pixels)
+    chat = _Chat(args, session, images)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _say(f"chatting with {args.model or DEFAULT_MODEL}; /help lists the commands, Ctrl-D leaves")
+    failed = False
+    try:
+        for line in _lines(interactive):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.startswith("/"):
+                    if not chat.command(line):
+                        break
+                else:
+                    chat.ask(line)
+            except (UserError, MemoryPlanError) as e:
+                print(f"mlx-compact chat: error: {_one_line(e)}", file=sys.stderr, flush=True)
+                failed = True
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return EXIT_USAGE if failed and not interactive else 0
+
+
+# ---------------------------------------------------------------- plan
+
+
+def add_plan_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="print the memory a run would need, without running the model",
+        description="Print the memory plan of a run (model weights, KV cache, vision and prefill activation "
+        "peaks, the memory this machine allows) and, when it does not fit, what would. Reads only the image "
+        "headers and the checkpoint's tensor sizes: nothing is decoded or run.",
+    )
+    _add_model(p)
+    _add_images(p, required=True, what="the run")
+    p.add_argument("--prompt", default="", help="the prompt (its length counts a little; default empty)")
+    g = p.add_argument_group("visual-token compaction")
+    g.add_argument("--keep", type=_keep, default=1.0, metavar="R",
+                   help="share of visual tokens kept by compaction, in (0, 1] (default 1: no compaction)")
+    _add_cache(p)
+    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
+                   help="longest answer, in tokens (default %(default)s)")
+    _add_memory(p, fit=False)
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(run=run_plan)
+
+
+def _settings(args) -> dict:
+    return dict(keep=args.keep, max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_pixels=args.max_pixels,
+                max_tokens=args.max_tokens, budget=args.memory_budget)
+
+
+def _flags(change: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in change.items())
+
+
+def run_plan(args) -> int:
+    from mlx_compact.generate import plan_run, what_fits
+    from mlx_compact.loader import load_model, resolve
+    from mlx_compact.memory import device_budget, fmt_bytes
+    from mlx_compact.processor import Processor
+
+    _check_cache_args(args)
+    sizes = [_image_size(p) for p in args.image]
+    path = resolve(args.model)
+    model = load_model(path, lazy=True)  # weights stay on disk: only their sizes are read
+    processor = Processor.from_pretrained(path)
+    p = plan_run(model, processor, args.prompt, args.image, **_settings(args))
+    advice = [] if p.fits else [_flags(c) for c in what_fits(model, processor, args.prompt, args.image, **_settings(args))]
+    merge = processor.image.merge_size**2
+    from mlx_compact.generate import image_patches
+
+    before = [n // merge for n in image_patches(processor, args.image, args.max_pixels)]
+    source = "--memory-budget" if args.memory_budget is not None else device_budget()["source"]
+    if args.json:
+        images = [{"path": f, "height": h, "width": w, "visual_tokens": b, "kept": k}
+                  for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens)]
+        print(json.dumps({"model": args.model or DEFAULT_MODEL, "images": images, "weights": p.weights, "kv": p.kv,
+                          "vision": p.vision, "prefill": p.prefill, "peak": p.peak, "budget": p.budget,
+                          "budget_source": source, "tokens": p.tokens, "visual_tokens": p.visual_tokens,
+                          "fits": p.fits, "what_would_fit": advice}))
+        return 0
+    print(f"memory plan for {args.model or DEFAULT_MODEL} ({p.tokens} KV tokens, answer up to {args.max_tokens})")
+    for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens):
+        print(f"  {f}: {w}x{h} px -> {b} visual tokens" + (f", {k} kept" if k != b else ""))
+    print(p.summary())
+    print(f"{'budget from':>14}: {source}" + (f" ({fmt_bytes(device_budget()['total'])} total)"
+                                                 if args.memory_budget is None else ""))
+    if not p.fits:
+        print(f"{'would fit with':>14}: " + ("; ".join(advice) or "nothing at these settings; use a smaller model"))
+    return 0
 
 
 # ---------------------------------------------------------------- convert
@@ -30,11 +673,12 @@ def add_convert_parser(subparsers) -> None:
         "convert",
         help="convert a Hugging Face Qwen-VL checkpoint into an MLX directory",
         description="Convert a Hugging Face Qwen-VL checkpoint (directory or repo id) into an MLX directory "
-        "that mlx-compact and mlx-vlm both load.",
+        "that mlx-compact and mlx-vlm both load. Not needed for the mlx-community checkpoints.",
     )
     p.add_argument("--hf-path", required=True, help="source checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the language model")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize the language model (4-bit: about 4x smaller than 16-bit, slightly less accurate)")
     p.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="group size (default 64)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
@@ -61,94 +705,16 @@ def run_convert(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- generate
-
-
-def add_generate_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate",
-        help="answer one prompt about one or more images",
-        description="Run a Qwen-VL model on a prompt (and images) and stream the answer.",
-    )
-    p.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: the bundled model)")
-    p.add_argument("--prompt", required=True, help="the question or instruction")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="shrink images to at most this many pixels before encoding (fewer visual tokens)")
-    p.add_argument("--stats", choices=("text", "json"), default="text",
-                   help="print run statistics as text on stderr (default) or one JSON object on stdout")
-    p.set_defaults(run=run_generate)
-
-
-def _check_images(paths):
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.convert("RGB") if im.mode != "RGB" else im.copy())
-        except FileNotFoundError:
-            raise UserError(f"image not found: {path}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
-    return images
-
-
-def run_generate(args) -> int:
-    import json
-
-    from mlx_compact.generate import stream_generate
-    from mlx_compact.loader import load
-
-    images = _check_images(args.image)
-    model, processor = load(args.model)
-    stats = None
-    stream = args.stats == "text"
-    for item in stream_generate(
-        model, processor, args.prompt, images, max_tokens=args.max_tokens, temperature=args.temperature,
-        seed=args.seed, max_pixels=args.max_pixels,
-    ):
-        if isinstance(item, dict):
-            stats = item
-        elif stream:
-            print(item, end="", flush=True)
-    if stream:
-        print()
-        stats.pop("tokens")
-        stats.pop("text")
-        print(_stats_text(stats), file=sys.stderr)
-    else:
-        stats.pop("tokens")
-        print(json.dumps(stats))
-    return 0
-
-
-def _stats_text(s: dict) -> str:
-    t = s["ttft_s"]
-    vis = ", ".join(f"{v['before']}->{v['after']}" for v in s["visual_tokens"]) or "none"
-    return (
-        f"prompt {s['prompt_tokens']} tokens (visual {vis}), generated {s['generation_tokens']}; "
-        f"TTFT {sum(t.values()):.2f} s (preprocess {t['preprocess']:.2f}, vision {t['vision']:.2f}, "
-        f"prefill {t['prefill']:.2f}); decode {s['decode_tokens_per_s']:.1f} tok/s; "
-        f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB; "
-        f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
-    )
-
-
 # Subcommands, in help order.
-SUBCOMMANDS = [add_generate_parser, add_convert_parser]
+SUBCOMMANDS = [add_generate_parser, add_chat_parser, add_plan_parser, add_convert_parser]
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-compact", description="Qwen-VL models on MLX.")
+    parser = _Parser(prog="mlx-compact", description="Qwen-VL vision-language models on MLX, with compact visual "
+                     "tokens, a fixed-size KV cache and a memory plan before every run.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {mlx_compact.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
@@ -161,15 +727,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from mlx_compact.convert import ConvertError
     from mlx_compact.loader import LoadError
+    from mlx_compact.memory import MemoryPlanError
 
     try:
         return args.run(args)
-    except (UserError, LoadError, ConvertError, FileNotFoundError, PermissionError) as e:
+    except (UserError, LoadError, ConvertError, MemoryPlanError, FileNotFoundError, PermissionError) as e:
         print(f"mlx-compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"mlx-compact {args.command}: interrupted", file=sys.stderr)
+        print(f"\nmlx-compact {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `mlx-compact generate ... | head -1`
+        sys.stderr.close()
+        return 0
 
 
 def _one_line(e: BaseException) -> str:

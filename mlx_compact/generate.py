@@ -117,8 +117,11 @@ def make_cache(model, max_kv_tokens: Optional[int] = None, kv_bits: Optional[int
     """One KV cache per LLM layer: growing (default), or fixed-size/rotating when ``max_kv_tokens`` or
     ``kv_bits`` is given (allocated once at its full size on the first write). Quantized groups default
     to 64 values (32 when head_dim is not a multiple of 64)."""
+    hd = model.config.text.head_dim
     if kv_group_size is None:
-        kv_group_size = 64 if model.config.text.head_dim % 64 == 0 else 32
+        kv_group_size = 64 if hd % 64 == 0 else 32
+    if kv_bits is not None and hd % kv_group_size:
+        raise ValueError(f"a quantized KV cache needs head_dim to be a multiple of {kv_group_size}; this model's is {hd}")
     if max_kv_tokens is None and kv_bits is None:
         return [KVCache() for _ in model.layers]
     if max_kv_tokens is None:
@@ -137,11 +140,13 @@ def pin_point(model, ids: Sequence[int], im_end_id: Optional[int] = None) -> int
     return 0
 
 
-def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[int] = None) -> mx.array:
+def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[int] = None,
+            progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
     """Run the prompt through the LLM in chunks of ``step`` tokens; return the last logits [1, V].
 
     ``pin``: with a fixed-size cache, pin the first ``pin`` rows of this prompt (after the tokens already
-    cached) once they are written, so they never rotate out.
+    cached) once they are written, so they never rotate out. ``progress(done, total)`` is called after
+    each chunk.
     """
     L = prep.embeds.shape[1]
     fixed = isinstance(cache[0], FixedKVCache)
@@ -159,6 +164,8 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
             _pin(cache, start + pin)
         elif j < L:
             mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(j, L)
     return logits[:, -1, :]
 
 
@@ -175,13 +182,13 @@ def _pin(cache: list, n: int) -> None:
 
 
 def generate_step(model, prep: Prepared, cache: list, sampler, prefill_step: int = 512,
-                  pin: Optional[int] = None) -> Iterator[int]:
+                  pin: Optional[int] = None, progress=None) -> Iterator[int]:
     """Yield generated token ids forever (the caller stops).
 
     Decode step n sits at position max(prompt positions) + 1 + n (= offset + rope delta for one turn).
     The next step is computed while the current token is handed out (double-buffered).
     """
-    logits = prefill(model, prep, cache, prefill_step, pin)
+    logits = prefill(model, prep, cache, prefill_step, pin, progress)
     embed = model.language_model.model.embed_tokens
     next_pos = int(prep.positions.max().item()) + 1
     token = sampler(logits)
@@ -202,6 +209,42 @@ def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None)
     return [processor.image_size_tokens(*_hw(im), max_pixels=max_pixels) * merge for im in images]
 
 
+def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0,
+             max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None):
+    """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens)."""
+    text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
+    return plan(model, image_patches(processor, images, max_pixels), text_tokens, keep=keep,
+                max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
+                budget=budget)
+
+
+def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> List[dict]:
+    """Changes to ``settings`` (``plan_run``'s keywords) that would make the plan fit: the largest
+    ``max_pixels`` that fits, a lower ``keep``, a quantized fixed-size cache."""
+    base = plan_run(model, processor, prompt, images, **settings)
+
+    def fits(**change) -> bool:
+        return plan_run(model, processor, prompt, images, **{**settings, **change}).fits
+
+    out = []
+    mp0 = settings.get("max_pixels")
+    if images:
+        current = max(h * w for h, w in (processor.image_resized_size(*_hw(im), max_pixels=mp0) for im in images))
+        mp = next((m for m in (int(current / 2**i) for i in range(1, 12)) if m >= 56 * 56 and fits(max_pixels=m)), None)
+        if mp is not None:
+            out.append({"max_pixels": mp})
+    keep = settings.get("keep", 1.0)
+    k = next((k for k in (0.5, 0.33, 0.25, 0.1) if k < keep and fits(keep=k)), None)
+    if k is not None:
+        out.append({"keep": k})
+    if settings.get("kv_bits") is None:
+        kv = settings.get("max_kv_tokens") or base.tokens
+        bits = next((b for b in (8, 4) if fits(max_kv_tokens=kv, kv_bits=b)), None)
+        if bits is not None:
+            out.append({"max_kv_tokens": kv, "kv_bits": bits})
+    return out
+
+
 def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=None, compaction=None,
                  max_kv_tokens=None, kv_bits=None, max_tokens=256, prefill_step=512, budget=None,
                  fit: str = "refuse"):
@@ -213,37 +256,22 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
     if fit == "off" or not images:
         return max_pixels
     c = _active(model, compaction)
-    keep = 1.0 if c is None or c.is_identity else (c.keep if c.tokens is None else 1.0)
-    text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
-
-    def make(mp, k=keep, kv=max_kv_tokens, bits=kv_bits):
-        return plan(model, image_patches(processor, images, mp), text_tokens, keep=k, max_kv_tokens=kv,
-                    kv_bits=bits, max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
-
-    p = make(max_pixels)
+    keep = 1.0 if c is None or c.is_identity or c.tokens is not None else c.keep
+    settings = dict(max_pixels=max_pixels, keep=keep, max_kv_tokens=max_kv_tokens, kv_bits=kv_bits,
+                    max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
+    p = plan_run(model, processor, prompt, images, **settings)
     if p.fits:
         return max_pixels
-    current = max(h * w for h, w in (processor.image_resized_size(*_hw(im), max_pixels=max_pixels) for im in images))
-    candidates = [int(current / 2**i) for i in range(1, 12) if current / 2**i >= 56 * 56]
-    smaller = next((mp for mp in candidates if make(mp).fits), None)
+    advice = what_fits(model, processor, prompt, images, **settings)
+    smaller = next((a["max_pixels"] for a in advice if "max_pixels" in a), None)
     if fit == "auto" and smaller is not None:
         return smaller
-    advice = []
-    if smaller is not None:
-        advice.append(f"max_pixels={smaller}")
-    for k in (0.5, 0.33, 0.25, 0.1):
-        if k < keep and make(max_pixels, k=k).fits:
-            advice.append(f"keep={k}")
-            break
-    for bits in (8, 4):
-        if kv_bits is None and make(max_pixels, bits=bits, kv=max_kv_tokens or p.tokens).fits:
-            advice.append(f"kv_bits={bits}")
-            break
     f = fmt_bytes
+    tips = ", ".join(" ".join(f"{k}={v}" for k, v in a.items()) for a in advice)
     raise MemoryPlanError(
         f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, vision peak {f(p.vision)}, "
         f"prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "
-        f"{', '.join(advice) if advice else 'nothing at these settings; use a smaller model'}"
+        f"{tips or 'nothing at these settings; use a smaller model'}"
     )
 
 
@@ -276,6 +304,7 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     memory_budget: Optional[int] = None,
     fit: str = "refuse",
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Iterator:
     """Yield text chunks as they are generated, then (last) the stats dict.
 
@@ -284,6 +313,7 @@ def stream_generate(
     ``visual_tokens`` reports before/after per image and ``ttft_s`` gains a "compaction" entry.
     ``max_kv_tokens`` / ``kv_bits``: a fixed-size rotating KV cache (8/4-bit when ``kv_bits``) whose prefix
     (system prompt and images) is pinned. ``memory_budget`` / ``fit``: see ``check_memory``.
+    ``progress(done, total)`` is called after each prefill chunk.
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -299,7 +329,7 @@ def stream_generate(
     t_prefill = time.perf_counter()
     tokens, text, t_first = [], "", None
     with wired_limit():
-        for tok in generate_step(model, prep, cache, _sampler(temperature, top_p), prefill_step, pin):
+        for tok in generate_step(model, prep, cache, _sampler(temperature, top_p), prefill_step, pin, progress):
             if t_first is None:
                 t_first = time.perf_counter()
             if tok in eos or len(tokens) >= max_tokens:
