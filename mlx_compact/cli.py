@@ -100,7 +100,7 @@ def _add_model(p) -> None:
     p.add_argument("--model", default=None, metavar="M",
                    help="a Qwen-VL model: a local directory or a Hugging Face repo id such as "
                         "mlx-community/Qwen2.5-VL-3B-Instruct-4bit (downloaded once, then cached; no conversion "
-                        f"needed). Default: {DEFAULT_MODEL}")
+                        "needed). Default: the small Qwen3-VL bundled with the package (synthetic scenes only)")
 
 
 def _add_images(p, required: bool = False, what: str = "the first question") -> None:

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 from .models import build_model
 from .models.config import MODEL_TYPES, ConfigError
 
-DEFAULT_MODEL = "mlx-community/Qwen2.5-VL-3B-Instruct-4bit"
+# The small Qwen3-VL trained on synthetic scenes that ships inside the package: works offline.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "assets" / "qwen3-vl-tiny")
 
 # What a model directory needs from the hub (weights, config, tokenizer, processor, chat template).
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]

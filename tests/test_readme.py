@@ -48,8 +48,8 @@ def test_main_command_installs_and_runs_a_generate_that_parses():
     assert steps[:3] == [["python3", "-m", "venv", ".venv"], [".", ".venv/bin/activate"], ["pip", "install", "-e", "."]]
     assert steps[3][:2] == ["mlx-compact", "generate"] and len(steps) == 4
     args = build_parser().parse_args(steps[3][1:])
-    assert args.command == "generate" and args.image == ["photo.jpg"] and args.prompt
-    assert args.model == "mlx-community/Qwen2.5-VL-3B-Instruct-4bit"
+    assert args.command == "generate" and args.prompt and args.model is None  # the bundled model
+    assert args.image and all((ROOT / image).exists() for image in args.image)
 
 
 def test_every_mlx_compact_command_in_the_readme_parses():
@@ -58,3 +58,14 @@ def test_every_mlx_compact_command_in_the_readme_parses():
     assert len(commands) >= 5
     for command in commands:
         build_parser().parse_args(shlex.split(command.split("&&")[-1])[1:])
+
+
+def test_main_command_runs_on_the_bundled_model(capsys):
+    """The README's main job, run in-process: the bundled model answers about the bundled image, offline."""
+    from mlx_compact.cli import main as cli_main
+
+    main, _ = _two_commands()
+    argv = _steps(main)[3][1:]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "TTFT" in out.err

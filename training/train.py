@@ -1,0 +1,397 @@
+"""Train a tiny Qwen3-VL (transformers, CPU torch) on the synthetic scenes of `scenes.py`.
+
+    python training/train.py --out OUT_DIR [--steps N] [--seed S] ...
+
+Writes OUT_DIR/hf (a Hugging Face checkpoint: config.json, model.safetensors, tokenizer with the Qwen
+special tokens and a chat template, preprocessor_config.json) and logs validation accuracy per question
+family against wall-clock minutes. Every step draws fresh scenes (train split, indices fixed by the seed),
+each scene carrying several question/answer turns; the loss is on the answer tokens (and the <|im_end|>
+that closes them) only, plus an optional auxiliary loss that makes each merged visual token predict the
+content of its grid cell (the auxiliary head is not part of the saved model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mlx_compact  # noqa: F401,E402  (before anything imports mlx.core)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training import scenes  # noqa: E402
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TOKEN_IDS = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+UNK = "<unk>"
+
+# Qwen's chat template without the default system turn (shorter sequences; a system message still works).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A word-level tokenizer: the Qwen special tokens at ids 0..6, <unk> at 7, then the scene vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(TOKEN_IDS)
+    vocab[UNK] = len(vocab)
+    for w in scenes.vocabulary():
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=UNK,
+        bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=4096, clean_up_tokenization_spaces=False,
+    )
+
+
+def make_config(vocab_size: int, args):
+    from transformers import Qwen3VLConfig
+
+    text = dict(
+        vocab_size=vocab_size, hidden_size=args.width, intermediate_size=args.width * 2, num_hidden_layers=args.layers,
+        num_attention_heads=args.width // 32, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, hidden_act="silu", attention_dropout=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+                         "mrope_interleaved": True},
+        bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=TOKEN_IDS["<|im_end|>"],
+        pad_token_id=TOKEN_IDS["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=args.vdepth, hidden_size=args.vwidth, intermediate_size=args.vwidth * 2, num_heads=args.vwidth // 32,
+        out_hidden_size=args.width, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        num_position_embeddings=18 * 18, deepstack_visual_indexes=list(range(args.deepstack)),
+        hidden_act="gelu_pytorch_tanh",
+    )
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        image_token_id=TOKEN_IDS["<|image_pad|>"], video_token_id=TOKEN_IDS["<|video_pad|>"],
+        vision_start_token_id=TOKEN_IDS["<|vision_start|>"], vision_end_token_id=TOKEN_IDS["<|vision_end|>"],
+    )
+
+
+def preprocessor_config() -> dict:
+    # 36..64 merged tokens: the scene sizes (36 or 54 tokens) pass through smart_resize unchanged
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "merge_size": 2, "patch_size": 16, "temporal_patch_size": 2, "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": 32 * 32 * 36, "longest_edge": 32 * 32 * 64},
+    }
+
+
+def write_sidecars(path: Path) -> None:
+    """Tokenizer, chat template, preprocessor and generation configs (everything but config + weights)."""
+    from transformers import GenerationConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer()
+    tok.save_pretrained(str(path))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
+    GenerationConfig(bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=[TOKEN_IDS["<|im_end|>"]],
+                     pad_token_id=TOKEN_IDS["<|endoftext|>"], do_sample=False).save_pretrained(str(path))
+
+
+# ---------------------------------------------------------------- batches
+
+
+class Batcher:
+    """Scenes -> padded torch batches, tokenized and patchified by mlx_compact's Processor."""
+
+    def __init__(self, processor):
+        self.p = processor
+        tok = processor.tokenizer
+        self.im_start = TOKEN_IDS["<|im_start|>"]
+        self.im_end = TOKEN_IDS["<|im_end|>"]
+        self.assistant = tok.convert_tokens_to_ids("assistant")
+        self.image_id = processor.image_token_id
+
+    def encode(self, image, qa):
+        """One conversation about one image: the user's first turn holds the image; qa = [(q, a)]."""
+        msgs = []
+        for i, (q, a) in enumerate(qa):
+            content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": q}]
+            msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+        text = self.p.apply_chat_template(msgs, add_generation_prompt=False)
+        x = self.p(text, [image])
+        ids = x["input_ids"][0].astype(np.int64)
+        labels = np.full_like(ids, -100)
+        in_answer = False
+        for i in range(1, len(ids)):
+            if ids[i - 1] == self.assistant and ids[i - 2] == self.im_start:
+                in_answer = True
+            if in_answer:
+                labels[i] = ids[i]
+                if ids[i] == self.im_end:
+                    in_answer = False
+        return ids, labels, x["pixel_values"], x["grid_thw"][0]
+
+    def collate(self, items):
+        L = max(len(ids) for ids, *_ in items)
+        B = len(items)
+        input_ids = torch.zeros(B, L, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for b, (ids, lab, _, _) in enumerate(items):
+            input_ids[b, : len(ids)] = torch.from_numpy(ids)
+            labels[b, : len(ids)] = torch.from_numpy(lab)
+            mask[b, : len(ids)] = 1
+        return dict(
+            input_ids=input_ids, attention_mask=mask, labels=labels,
+            mm_token_type_ids=(input_ids == self.image_id).int(),
+            pixel_values=torch.from_numpy(np.concatenate([it[2] for it in items])),
+            image_grid_thw=torch.from_numpy(np.stack([it[3] for it in items]).astype(np.int64)),
+        )
+
+
+def train_batch(batcher, args, step):
+    items, cells, regions = [], [], []
+    for i in range(args.batch):
+        idx = args.seed * 1_000_000_000 + step * args.batch + i
+        s = scenes.make_scene("train", idx, n_questions=args.turns)
+        items.append(batcher.encode(s.image, [(q, a) for _, q, a in s.qa]))
+        cells += s.cell_labels()
+        regions += s.cell_regions()
+    batch = batcher.collate(items)
+    batch["cell_labels"] = torch.tensor(cells, dtype=torch.long)
+    batch["cell_regions"] = torch.tensor(regions, dtype=torch.long)
+    return batch
+
+
+def val_batches(batcher, questions, size=50):
+    out = []
+    for i in range(0, len(questions), size):
+        chunk = questions[i: i + size]
+        out.append(([f for f, *_ in chunk], [a for *_, a in chunk],
+                    batcher.collate([batcher.encode(img, [(q, a)]) for _, img, q, a in chunk])))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> dict:
+    """Teacher-forced exact match of every answer token and the closing <|im_end|> (= greedy decoding's answer)."""
+    model.eval()
+    right, total = {f: 0 for f in scenes.FAMILIES}, {f: 0 for f in scenes.FAMILIES}
+    for fams, _, batch in batches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        pred = logits[:, :-1].argmax(-1)
+        lab = batch["labels"][:, 1:]
+        ok = ((pred == lab) | (lab == -100)).all(-1)
+        for f, o in zip(fams, ok.tolist()):
+            right[f] += int(o)
+            total[f] += 1
+    model.train()
+    return {f: right[f] / max(total[f], 1) for f in scenes.FAMILIES}
+
+
+def lr_at(step, args, time_frac=None):
+    """Warm-up by steps, then constant, then cosine decay to 5% over the last `decay_frac` of the run.
+
+    With `time_frac` (the fraction of the wall-clock budget spent, --minutes), the decay is placed by time,
+    so it happens at the end of the run whatever the machine's speed."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    done = time_frac if time_frac is not None else step / max(1, args.steps)
+    start = 1 - args.decay_frac
+    if done < start:
+        return args.lr
+    frac = min(1.0, (done - start) / max(1e-9, args.decay_frac))
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def vision_phase(model, aux_head, captured, batcher, args, log):
+    """Phase 1: train the vision tower (and the auxiliary head) alone on the per-cell content/position loss.
+
+    The LLM is not run, so a step is cheap and takes a bigger batch of images."""
+    visual = model.model.visual
+    params = list(visual.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
+    t0, step, ema, acc_ema, next_log = time.time(), 0, None, None, 60.0
+    while time.time() - t0 < args.vision_minutes * 60:
+        images, cells, regions = [], [], []
+        for i in range(args.vision_batch):
+            idx = args.seed * 1_000_000_000 + 500_000_000 + step * args.vision_batch + i
+            s = scenes.make_scene("train", idx, n_questions=0)
+            images.append(s.image)
+            cells += s.cell_labels()
+            regions += s.cell_regions()
+        pix, grids = batcher.p.preprocess_images(images)
+        frac = (time.time() - t0) / (args.vision_minutes * 60)
+        lr = args.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if frac > 0.7 else 1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        visual(torch.from_numpy(pix), grid_thw=torch.from_numpy(np.asarray(grids).astype(np.int64)))
+        z = aux_head(captured["merged"])
+        cells_t, regions_t = torch.tensor(cells), torch.tensor(regions)
+        loss = (torch.nn.functional.cross_entropy(z[:, : scenes.N_CLASSES], cells_t)
+                + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES:], regions_t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        occ = cells_t > 0
+        acc = (z[:, : scenes.N_CLASSES].argmax(-1)[occ] == cells_t[occ]).float().mean().item()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
+        step += 1
+        t = time.time() - t0
+        if t >= next_log or t >= args.vision_minutes * 60:
+            rec = {"phase": "vision", "step": step, "minutes": round(t / 60, 2), "images": step * args.vision_batch,
+                   "aux_loss": round(ema, 4), "content_acc_occupied": round(acc_ema, 3)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(f"[vision {t / 60:5.2f} min] step {step:5d} aux loss {ema:.3f} content acc (occupied) {acc_ema:.2f}",
+                  flush=True)
+            next_log = t + 60.0
+    return time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (the checkpoint goes to OUT/hf)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=8, help="images per step")
+    ap.add_argument("--turns", type=int, default=6, help="question/answer turns per image")
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--decay-frac", type=float, default=0.2, help="cosine decay over the last part of the steps")
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-cell content loss (0: off)")
+    ap.add_argument("--width", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--vwidth", type=int, default=96)
+    ap.add_argument("--vdepth", type=int, default=3)
+    ap.add_argument("--deepstack", type=int, default=1, help="DeepStack on the first N vision blocks")
+    ap.add_argument("--eval-every", type=float, default=4.0, help="minutes between validation runs")
+    ap.add_argument("--val-per-family", type=int, default=30)
+    ap.add_argument("--max-minutes", type=float, default=43.0, help="safety stop (wall clock)")
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="wall-clock budget (vision phase included): run until it is spent, lr decay placed by time "
+                         "(0: run --steps, decay placed by steps)")
+    ap.add_argument("--vision-minutes", type=float, default=0.0,
+                    help="first train the vision tower alone on the auxiliary loss for this long (0: off)")
+    ap.add_argument("--vision-batch", type=int, default=32, help="images per step in the vision phase")
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    args = ap.parse_args(argv)
+
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from mlx_compact.processor import Processor
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    hf = out / "hf"
+    write_sidecars(hf)
+    tok = make_tokenizer()
+    config = make_config(len(tok), args)
+    config.save_pretrained(str(hf))  # the processor reads token ids from config.json
+    processor = Processor.from_pretrained(hf)
+    batcher = Batcher(processor)
+
+    model = Qwen3VLForConditionalGeneration(config).float().train()
+    n_params = sum(p.numel() for p in model.parameters())
+    aux_head = torch.nn.Linear(args.width, scenes.N_CLASSES + 9)  # cell content, then cell position
+    captured = {}
+    model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("merged", o))
+    params = list(model.parameters()) + (list(aux_head.parameters()) if args.aux > 0 else [])
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    val = val_batches(batcher, scenes.eval_questions("val", args.val_per_family))
+    log = open(out / "train_log.jsonl", "w")
+    print(f"params {n_params / 1e6:.2f}M  vocab {len(tok)}  args {vars(args)}", flush=True)
+
+    def report(step, t, loss):
+        acc = evaluate(model, val)
+        rec = {"step": step, "minutes": round(t / 60, 2), "images": step * args.batch,
+               "answers": step * args.batch * args.turns, "loss": round(loss, 4), **{f: round(a, 3) for f, a in acc.items()},
+               "content_acc_occupied": None if aux_acc is None else round(aux_acc, 3)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"[{rec['minutes']:6.2f} min] step {step:5d} loss {loss:.3f}  "
+              + "  ".join(f"{f} {a:.2f}" for f, a in acc.items()), flush=True)
+        return acc
+
+    t_vision = vision_phase(model, aux_head, captured, batcher, args, log) if args.vision_minutes > 0 else 0.0
+    budget = args.minutes * 60 - t_vision if args.minutes > 0 else None
+    t0 = time.time() - t_vision  # minutes in the log count from the start of the vision phase
+    next_eval, ema, stopped = t_vision + args.eval_every * 60, None, False
+    t_data = 0.0
+    aux_acc = None
+    done = 0
+    for step in range(10**9 if budget else args.steps):
+        td = time.time()
+        batch = train_batch(batcher, args, step)
+        t_data += time.time() - td
+        frac = (time.time() - t0 - t_vision) / budget if budget else None
+        if frac is not None and frac >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args, frac)
+        labels = batch.pop("labels")
+        cells, regions = batch.pop("cell_labels"), batch.pop("cell_regions")
+        logits = model(**batch).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        total = loss
+        if args.aux > 0:
+            z = aux_head(captured["merged"])
+            aux = (torch.nn.functional.cross_entropy(z[:, : scenes.N_CLASSES], cells)
+                   + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES:], regions))
+            total = total + args.aux * aux
+            occ = cells > 0
+            a = (z[:, : scenes.N_CLASSES].argmax(-1)[occ] == cells[occ]).float().mean().item()
+            aux_acc = a if aux_acc is None else 0.95 * aux_acc + 0.05 * a
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        done = step + 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        t = time.time() - t0
+        if step == 9:
+            print(f"speed after 10 steps: {t / 10:.2f} s/step ({args.batch * 10 / t:.1f} images/s, "
+                  f"data {t_data / t:.0%})", flush=True)
+        if t >= next_eval:
+            report(step + 1, t, ema)
+            next_eval = (time.time() - t0) + args.eval_every * 60
+        if t > args.max_minutes * 60:
+            print(f"safety stop at step {step + 1} ({t / 60:.1f} min)", flush=True)
+            stopped = True
+            break
+    t = time.time() - t0
+    final = report(done, t, ema)
+    model.save_pretrained(str(hf))
+    write_sidecars(hf)  # save_pretrained may rewrite generation_config.json
+    summary = {"steps": done, "vision_minutes": round(t_vision / 60, 2), "minutes": round(t / 60, 2), "params": n_params, "stopped_early": stopped,
+               "val": final, "args": vars(args)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
