@@ -55,25 +55,82 @@ def kv_bytes(text_cfg, tokens: int, dtype_bytes: int = 2, bits: Optional[int] = 
     return 2 * tokens * (per * bits // 8 + per // group_size * 2 * dtype_bytes)
 
 
-def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: int = 2048, fused: bool = False) -> int:
-    """Peak activation bytes of the vision tower for ``patches`` patches (one image, one slice)."""
-    D, H = vision_cfg.hidden_size, vision_cfg.num_heads
-    rows = vision_cfg.in_channels * vision_cfg.temporal_patch_size * vision_cfg.patch_size**2
-    live = patches * (rows + 2 * D) * dtype_bytes  # input rows, residual, normed
-    block = patches * max(3 * D, 2 * vision_cfg.intermediate_size) * dtype_bytes  # qkv or MLP hidden
-    scores = 0 if fused else H * min(chunk, patches) * patches * 4 * 2  # f32 scores + softmax
-    rope = patches * (D // H) * 4 * 2  # cos, sin
-    return live + block + scores + rope
+def _attention_chunk() -> int:
+    """Queries per attention call on the CPU backend (``models.vision.ATTENTION_CHUNK``, read at plan time)."""
+    from .models import vision
+
+    return int(vision.ATTENTION_CHUNK)
 
 
-def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fused: bool = False) -> int:
-    """Peak activation bytes of one prefill chunk of ``tokens`` queries over ``context`` keys."""
-    D, H = text_cfg.hidden_size, text_cfg.num_attention_heads
-    live = tokens * 2 * D * dtype_bytes
-    mlp = tokens * 3 * text_cfg.intermediate_size * dtype_bytes
-    scores = 0 if fused else H * tokens * context * 4 * 2
-    logits = text_cfg.vocab_size * 4
-    return live + max(mlp, scores) + logits
+def _score_rows(n_queries: int, chunk: int) -> int:
+    """Query rows whose [heads, rows, keys] score buffers can be live at once in a query-chunked attention.
+
+    MLX's CPU backend allocates an op's output when the op is *queued*, and the eval loop queues ahead of
+    the worker thread. Within a chunk the scores ``s`` and ``softmax(s)`` are both live (softmax cannot
+    donate ``s``'s buffer while the matmul task that wrote it still holds it); while that chunk's
+    ``p @ v`` runs, the next chunk's score matmul has already been queued and allocated. So: two buffers
+    of the largest chunk plus the chunk after it (one chunk: just the two).
+    """
+    sizes = [min(chunk, n_queries - i) for i in range(0, n_queries, chunk)]
+    if not sizes:
+        return 0
+    return max(2 * a + (sizes[k + 1] if k + 1 < len(sizes) else 0) for k, a in enumerate(sizes))
+
+
+def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: Optional[int] = None,
+                fused: bool = False) -> int:
+    """Peak activation bytes of the vision tower for ``patches`` patches (one image, one slice).
+
+    The peak is inside the largest attention block (a full-attention block when the tower has one,
+    else a window of ``window_size`` pixels), or in a block's MLP when that is larger.
+    """
+    D, H, N = vision_cfg.hidden_size, vision_cfg.num_heads, patches
+    hd = D // H
+    b = dtype_bytes
+    full = vision_cfg.window_size == 0 or len(vision_cfg.fullatt_block_indexes) > 0
+    # keys per query: the whole image, or one window of (window_size / patch_size)^2 patches
+    keys = N if full else min(N, (vision_cfg.window_size // vision_cfg.patch_size) ** 2)
+    chunk = chunk or _attention_chunk()
+    # held through every block: 2D-RoPE cos and sin [N, 1, hd] (float32), and DeepStack features
+    # taken so far ([N/4, out] per tap, Qwen3-VL)
+    held = 2 * N * hd * 4 + len(vision_cfg.deepstack_visual_indexes) * N // 4 * vision_cfg.out_hidden_size * b
+    # attention: block input x (kept for the residual), the qkv output [N, 3D] (v is a view of it),
+    # RoPE'd q and k, q * scale, the contiguous copies of k^T and v that the matmuls need, and the
+    # per-chunk outputs [H, N, hd] = 10 x [N, D]
+    attn_rows = 10 * N * D * b
+    if fused:
+        scores = 0  # fused SDPA (Metal) never materializes the score matrix
+    elif full:
+        scores = H * _score_rows(N, chunk) * keys * b  # s, softmax(s), next chunk's s
+    else:  # windows are batched into one call: scores [windows, H, w, w] and their softmax
+        scores = 2 * H * N * keys * b
+    # MLP: block input x, normed input, and [N, I] hidden activations: gate, up, act(gate), product
+    # (Qwen2.5-VL SwiGLU; a GELU MLP has fc1, act and its temporaries: the same count is an upper bound)
+    mlp = 2 * N * D * b + 4 * N * vision_cfg.intermediate_size * b
+    # merger: [N/4, 4D] normed rows, hidden and GELU of the same width, output [N/4, out]
+    merger = N * D * b + 2 * N * D * b + N // 4 * vision_cfg.out_hidden_size * b
+    return held + max(attn_rows + scores, mlp, merger)
+
+
+def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fused: bool = False,
+                 prompt_tokens: int = 0, deepstack: int = 0) -> int:
+    """Peak activation bytes of one prefill chunk of ``tokens`` queries over ``context`` keys.
+
+    ``prompt_tokens`` / ``deepstack``: the whole prompt's embeddings [L, D] and DeepStack features
+    (``deepstack`` of [L, D]) are held through the prefill.
+    """
+    D, H, Hkv, hd = text_cfg.hidden_size, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.head_dim
+    T, S, b = tokens, context, dtype_bytes
+    held = (1 + deepstack) * prompt_tokens * D * b  # prompt embeddings (+ DeepStack rows)
+    rope = 2 * T * hd * 4  # cos, sin [1, 1, T, hd] float32 for the chunk
+    # attention: h (residual), normed h, q [T, H*hd] and its RoPE'd and scaled copies, k/v and RoPE'd k,
+    # the attention output before o_proj
+    attn_rows = 2 * T * D * b + 4 * T * H * hd * b + 3 * T * Hkv * hd * b
+    scores = 0 if fused else H * _score_rows(T, _attention_chunk()) * S * b
+    # MLP: h, normed h, then [T, I]: gate, up, silu(gate), product
+    mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
+    logits = text_cfg.vocab_size * 4  # the last row only (generate computes lm_head on it alone)
+    return held + rope + max(attn_rows + scores, mlp) + logits
 
 
 @dataclass
@@ -90,7 +147,9 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return self.weights + self.kv + max(self.vision, self.prefill)
+        # the vision tower runs before the KV cache is allocated (generate makes the cache after
+        # prepare), so the KV counts only with the prefill
+        return self.weights + max(self.vision, self.kv + self.prefill)
 
     @property
     def fits(self) -> bool:
@@ -118,26 +177,54 @@ def plan(
     prefill_step: int = 512,
     budget: Optional[int] = None,
 ) -> Plan:
-    """Plan a run before anything is allocated: weights + KV + the larger activation peak."""
+    """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
+
+    Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
+    cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
+    (``max_kv_tokens``) allocates all its slots on the first write.
+    """
     c = model.config
     merge = c.vision.spatial_merge_size**2
-    dtype_bytes = 4 if not mx.metal.is_available() else 2
+    dtype_bytes = _dtype_bytes(model)
     fused = mx.metal.is_available()
     visual = [max(1, round(p // merge * keep)) for p in patches_per_image]
-    tokens = prompt_text_tokens + sum(visual) + max_tokens
+    prompt = prompt_text_tokens + sum(visual)
+    tokens = prompt + max_tokens
+    group = 64 if c.text.head_dim % 64 == 0 else 32  # make_cache's quantization group
     if max_kv_tokens is not None:
         tokens = min(tokens, max_kv_tokens)
+        kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits, group)
+        step = min(prefill_step, max_kv_tokens // 4 or 1, 512)  # FixedKVCache's max_chunk caps the chunk
+        growth = 0
+    else:
+        kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits, group)  # KVCache grows in 256 steps
+        step = prefill_step
+        # growing one layer's cache concatenates the old buffers with the new step: the old ones are
+        # live until the concatenation is done
+        growth = kv // max(c.text.num_hidden_layers, 1)
     vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches_per_image), default=0)
-    prefill = prefill_peak(c.text, min(prefill_step, tokens), tokens, dtype_bytes, fused)
+    ds = len(c.vision.deepstack_visual_indexes)
+    # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
+    prefill = growth + prefill_peak(c.text, min(step, prompt), min(prompt, tokens), dtype_bytes,
+                                    fused and kv_bits is None,
+                                    prompt_tokens=prompt, deepstack=ds)
     return Plan(
         weights=weights_bytes(model),
-        kv=kv_bytes(c.text, tokens, dtype_bytes, kv_bits),
+        kv=kv,
         vision=vision,
         prefill=prefill,
         budget=budget if budget is not None else device_budget()["available"],
         tokens=tokens,
         visual_tokens=visual,
     )
+
+
+def _dtype_bytes(model) -> int:
+    """Bytes per element of the activations: the dtype of the LLM's final norm (float32 on CPU)."""
+    try:
+        return model.language_model.model.norm.weight.dtype.size
+    except AttributeError:
+        return 2 if mx.metal.is_available() else 4
 
 
 @contextlib.contextmanager

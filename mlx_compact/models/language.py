@@ -151,7 +151,11 @@ class LanguageModel(nn.Module):
         cache = cache or [None] * len(layers)
         if mask is None:
             c0 = cache[0]
-            mask = c0.make_mask(L) if c0 is not None and hasattr(c0, "make_mask") else ("causal" if L > 1 else None)
+            mask = (
+                c0.make_mask(L, return_array=False, window_size=None)
+                if c0 is not None and hasattr(c0, "make_mask")
+                else ("causal" if L > 1 else None)
+            )
         for i, (layer, c) in enumerate(zip(layers, cache)):
             h = layer(h, cos, sin, mask, c)
             if deepstack is not None and i < len(deepstack):
