@@ -189,7 +189,6 @@ def generate_step(model, prep: Prepared, cache: list, sampler, prefill_step: int
     The next step is computed while the current token is handed out (double-buffered).
     """
     logits = prefill(model, prep, cache, prefill_step, pin, progress)
-    prep.embeds = prep.deepstack = None  # the prompt lives on in the cache only
     embed = model.language_model.model.embed_tokens
     next_pos = int(prep.positions.max().item()) + 1
     token = sampler(logits)

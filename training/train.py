@@ -374,8 +374,9 @@ def main(argv=None):
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         t = time.time() - t0
         if step == 9:
-            print(f"speed after 10 steps: {t / 10:.2f} s/step ({args.batch * 10 / t:.1f} images/s, "
-                  f"data {t_data / t:.0%})", flush=True)
+            tt = t - t_vision
+            print(f"speed after 10 steps: {tt / 10:.2f} s/step ({args.batch * 10 / tt:.1f} images/s, "
+                  f"data {t_data / tt:.0%})", flush=True)
         if t >= next_eval:
             report(step + 1, t, ema)
             next_eval = (time.time() - t0) + args.eval_every * 60
