@@ -152,7 +152,7 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
     fixed = isinstance(cache[0], FixedKVCache)
     if fixed:
         step = min(step, cache[0].max_chunk)
-    cuts = sorted(set(list(range(0, L, step)) + ([pin] if pin else []) + [L]))
+    cuts = sorted(set(list(range(0, L, step)) + ([pin] if fixed and pin else []) + [L]))
     start = cache[0].offset
     for i, j in zip(cuts[:-1], cuts[1:]):
         ds = [d[:, i:j] for d in prep.deepstack] if prep.deepstack else None

@@ -34,34 +34,23 @@ def fused_attention_available() -> bool:
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
-    """Attention over [B, H, L, d] queries and [B, Hkv, S, d] keys/values.
+    """Attention over [B, H, L, d] queries and [B, Hkv, S, d] keys/values (fused SDPA).
 
-    Fused SDPA on Metal; on the CPU backend, query-chunked matmuls (they run on BLAS,
-    and the score block stays bounded).
+    On the CPU backend the score matrix is materialized, so long query runs go in chunks of
+    ``ATTENTION_CHUNK``, each evaluated before the next: one score block is alive at a time.
     """
-    if fused_attention_available():
+    L, S = q.shape[2], k.shape[2]
+    if fused_attention_available() or L <= ATTENTION_CHUNK:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    B, H, L, d = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    rep = H // Hkv
-    q = (q * scale).reshape(B, Hkv, rep, L, d)  # [B, Hkv, rep, L, d]
-    kt = k.swapaxes(-1, -2)  # [B, Hkv, d, S]
     if isinstance(mask, str):
-        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S]
+        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S] causal, bottom-right aligned
     outs = []
     for i in range(0, L, ATTENTION_CHUNK):
-        qc = q[:, :, :, i : i + ATTENTION_CHUNK]
-        c = qc.shape[3]
-        s = (qc.reshape(B, Hkv, rep * c, d) @ kt).reshape(B, Hkv, rep, c, S)  # query heads folded into rows
-        if mask is not None:
-            m = mask[..., i : i + c, :] if mask.ndim >= 2 and mask.shape[-2] == L else mask
-            s = mx.where(m, s, -mx.inf) if m.dtype == mx.bool_ else s + m
-        p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * c, S)
-        outs.append((p @ v).reshape(B, Hkv, rep, c, d))
-        if L > ATTENTION_CHUNK:
-            mx.eval(outs[-1])  # bound memory: one score block alive at a time
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
-    return out.reshape(B, H, L, d)
+        m = None if mask is None else mask[..., i : i + ATTENTION_CHUNK, :]
+        out = mx.fast.scaled_dot_product_attention(q[:, :, i : i + ATTENTION_CHUNK], k, v, scale=scale, mask=m)
+        mx.eval(out)
+        outs.append(out)
+    return mx.concatenate(outs, axis=2)  # [B, H, L, d]
 
 
 def segment_attention(q, k, v, bounds: Sequence[int], scale: float) -> mx.array:
