@@ -387,8 +387,8 @@ def add_generate_parser(subparsers) -> None:
     p.set_defaults(run=run_generate)
 
 
-def run_generate(args) -> int:
-    from mlx_compact.generate import stream_generate
+def _load_checked(args):
+    """Check the options and images, then load the model: (model, processor, compaction, images)."""
     from mlx_compact.loader import load
 
     _check_cache_args(args)
@@ -397,6 +397,13 @@ def run_generate(args) -> int:
     model, processor = load(args.model)
     _check_compaction(model, c)
     _check_kv_bits(model, args.kv_bits)
+    return model, processor, c, images
+
+
+def run_generate(args) -> int:
+    from mlx_compact.generate import stream_generate
+
+    model, processor, c, images = _load_checked(args)
     if args.max_kv_tokens is not None:
         text = processor.build_prompt(args.prompt, n_images=len(images))
         _check_fits_cache(_prompt_tokens(processor, text, images, args.max_pixels, c), args.max_kv_tokens)
@@ -557,15 +564,9 @@ def run_chat(args) -> int:
     import mlx.core as mx
 
     from mlx_compact.chat import ChatSession
-    from mlx_compact.loader import load
     from mlx_compact.memory import MemoryPlanError
 
-    _check_cache_args(args)
-    c = _compaction(args)
-    images = [_read_image(p) for p in args.image]
-    model, processor = load(args.model)
-    _check_compaction(model, c)
-    _check_kv_bits(model, args.kv_bits)
+    model, processor, c, images = _load_checked(args)
     if args.seed is not None:
         mx.random.seed(args.seed)
     session = ChatSession(model, processor, system_prompt=args.system, compaction=c,

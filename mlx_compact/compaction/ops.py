@@ -227,7 +227,7 @@ def merge(tokens: VisualTokens, k: int, start=None, window: int = 2, weights=Non
     level that can merge no more doubles the window (then one window per temporal slice, then everything).
     A merged unit keeps its B representative's original (t, h, w) position. Returns exactly k units.
     """
-    n, (t, h, w) = tokens.n, tokens.grid
+    n, (_, h, w) = tokens.n, tokens.grid
     f = np.array(tokens.features.astype(mx.float32))  # [N, D]
     mass = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32).reshape(n)
     fixed = np.zeros(n, bool)
