@@ -36,7 +36,7 @@ class LoadError(ValueError):
 # ---------------------------------------------------------------- public
 
 
-def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = None):
+def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = None, compaction=None):
     """Load a Qwen-VL checkpoint and return ``(model, processor)``.
 
     path_or_repo: a local directory (ours, mlx-vlm's, or a raw Hugging Face checkpoint) or a hub repo
@@ -44,10 +44,16 @@ def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = 
     dtype: ``mx.float32`` / ``"bfloat16"`` / ...: the dtype of the float parameters. Default: float32 on
     the CPU backend, the checkpoint's own dtype on Metal. Quantized weights stay packed.
     revision: a branch, tag or commit of the hub repo.
+    compaction: the model's default visual-token compaction (a ``Compaction``, or a spec such as
+    ``"diversity:0.33"``), used by ``generate`` and ``ChatSession`` when they are not given one.
     Raises `LoadError` with a message naming the problem.
     """
     path = resolve(path_or_repo, revision=revision)
     model = load_model(path, dtype=dtype)
+    if compaction is not None:
+        from .generate import set_default_compaction
+
+        set_default_compaction(model, compaction)
     from .processor import Processor  # imported here: the processor pulls in the tokenizer stack
 
     return model, Processor.from_pretrained(path)

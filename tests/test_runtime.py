@@ -169,3 +169,13 @@ def test_long_chat_keeps_the_image_pinned_and_memory_fixed(loaded, image_wide):
     assert chat.cache[0].offset > chat.cache[0].max_tokens  # the text rotated
     assert chat.cache[0].pinned == pinned
     assert chat.last_stats["kv_bytes_allocated"] == allocated
+
+
+def test_load_sets_a_default_compaction_used_by_generate_and_chat(tiny_checkpoint, images):
+    model, proc = load(str(tiny_checkpoint("qwen2_vl")), compaction="diversity:0.5")
+    r = generate(model, proc, "describe", images, max_tokens=3)
+    assert all(v["after"] < v["before"] for v in r.stats["visual_tokens"])
+    turn = ChatSession(model, proc).ask("describe", images, max_tokens=3)
+    assert turn.stats["visual_tokens"] == r.stats["visual_tokens"]
+    full = generate(model, proc, "describe", images, max_tokens=3, compaction="none")
+    assert all(v["after"] == v["before"] for v in full.stats["visual_tokens"])
