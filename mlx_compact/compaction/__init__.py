@@ -1,6 +1,6 @@
 """Visual-token compaction: fewer visual tokens, each keeping its true M-RoPE position."""
 
-from .assembler import Assembled, assemble, visual_runs
+from .assembler import Assembled, assemble
 from .attention import attention_received, reduce_to_units
 from .compose import compact, compact_many, plan
 from .ops import (
@@ -46,5 +46,4 @@ __all__ = [
     "tower_hooks",
     "uniform",
     "unit_selector",
-    "visual_runs",
 ]

@@ -29,19 +29,6 @@ class Assembled:
     visual_tokens: List[dict]  # one {"before": N, "after": K} per visual block
 
 
-def visual_runs(input_ids: Sequence[int], token_ids) -> List[tuple]:
-    """(start, length) of every maximal run of any of `token_ids` (image/video pad) in prompt order."""
-    ids = np.asarray(list(input_ids))
-    is_vis = np.isin(ids, list(token_ids))
-    edges = np.diff(np.r_[0, is_vis.astype(np.int8), 0])
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    runs = []
-    for s, e in zip(starts, ends):  # a change of token id inside a run starts a new block
-        cut = [s] + [i for i in range(s + 1, e) if ids[i] != ids[i - 1]] + [e]
-        runs += [(int(a), int(b - a)) for a, b in zip(cut[:-1], cut[1:])]
-    return runs
-
-
 def assemble(
     model,
     input_ids: Sequence[int],
@@ -73,7 +60,7 @@ def assemble(
     P = np.asarray(positions, dtype=np.int64).reshape(3, -1)  # [3, L]
     if P.shape[1] != len(ids):
         raise ValueError(f"positions must be [3, {len(ids)}] for the uncompacted prompt, got {P.shape}")
-    runs = visual_runs(ids, (cfg.image_token_id, cfg.video_token_id))
+    runs = [(start, n) for start, n, _ in model.visual_runs(ids)]
     if not len(runs) == len(blocks) == len(grids):
         raise ValueError(f"the prompt has {len(runs)} visual blocks but {len(blocks)} blocks / {len(grids)} grids were given")
     prompt_embeds = None

@@ -74,9 +74,8 @@ class VLModel(nn.Module):
         block, a list of [n_i, D] features; returns them as dense [1, L, D] per DeepStack layer.
         Built by concatenation, so any block lengths (compacted or not) work.
         """
-        c = self.config
         ids = list(input_ids)
-        runs = sorted(_runs(ids, c.image_token_id) + _runs(ids, c.video_token_id))
+        runs = [(start, n) for start, n, _ in self.visual_runs(ids)]
         if len(runs) != len(visual):
             raise ValueError(f"the prompt has {len(runs)} visual blocks but {len(visual)} were encoded")
         embed = self.language_model.model.embed_tokens
@@ -165,12 +164,16 @@ class VLModel(nn.Module):
         positions = mx.stack(positions, axis=1)  # [3, B, L]
         return self.language_model(mx.concatenate(embeds), positions, cache=cache, deepstack=deepstack)
 
+    def visual_runs(self, ids: Sequence[int]) -> List[tuple]:
+        """(start, length, "image" | "video") of every visual block of ``ids``, in prompt order."""
+        c = self.config
+        runs = [(s, n, "image") for s, n in _runs(ids, c.image_token_id)]
+        runs += [(s, n, "video") for s, n in _runs(ids, c.video_token_id)]
+        return sorted(runs)
+
     def visual_kinds(self, ids: Sequence[int]) -> List[str]:
         """"image" or "video" for each run of visual tokens, in prompt order."""
-        c = self.config
-        runs = [(s, "image") for s, _ in _runs(ids, c.image_token_id)]
-        runs += [(s, "video") for s, _ in _runs(ids, c.video_token_id)]
-        return [kind for _, kind in sorted(runs)]
+        return [kind for _, _, kind in self.visual_runs(ids)]
 
     def sanitize(self, weights: dict) -> dict:
         """Map any known checkpoint layout onto this model's parameter names."""
