@@ -291,22 +291,14 @@ def _image_size(path: str) -> tuple:
         raise UserError(f"cannot read image {path}: corrupt or truncated ({e})") from None
 
 
-def _visual_after(c, h: int, w: int) -> int:
-    """Visual tokens an image with a merged (h, w) grid keeps under compaction c."""
-    if c is None or c.is_identity:
-        return h * w
-    if c.method == "pool":
-        return ((h + 1) // 2) * ((w + 1) // 2)
-    return c.budget(h * w)
-
-
 def _prompt_tokens(processor, text: str, images, max_pixels, c) -> int:
     """Tokens a templated prompt becomes, visual tokens (after compaction) included."""
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])  # one <|image_pad|> per image
     f = processor.image.factor
     for im in images:
         h, w = processor.image_resized_size(im.height, im.width, max_pixels=max_pixels)
-        n += _visual_after(c, h // f, w // f) - 1
+        grid = (1, h // f, w // f)
+        n += (c.kept(grid) if c is not None else grid[1] * grid[2]) - 1
     return n
 
 

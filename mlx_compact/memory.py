@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .compaction.types import kept_count
+
 
 def fmt_bytes(n: int) -> str:
     """Bytes in GiB or MiB, whichever reads better."""
@@ -187,7 +189,7 @@ def plan(
     merge = c.vision.spatial_merge_size**2
     dtype_bytes = _dtype_bytes(model)
     fused = mx.metal.is_available()
-    visual = [max(1, round(p // merge * keep)) for p in patches_per_image]
+    visual = [kept_count(p // merge, keep) for p in patches_per_image]
     prompt = prompt_text_tokens + sum(visual)
     tokens = prompt + max_tokens
     group = 64 if c.text.head_dim % 64 == 0 else 32  # make_cache's quantization group

@@ -67,7 +67,7 @@ def check_invariants(tokens, c, out):
     n = tokens.n
     src = np.array(out.source)
     assert out.source.dtype == mx.int32
-    assert out.k == len(src) == expected_count(tokens, c)
+    assert out.k == len(src) == expected_count(tokens, c) == c.kept(tokens.grid)  # what planners count
     assert out.features.shape == (out.k, D)
     assert np.all(np.diff(src) > 0) and src[0] >= 0 and src[-1] < n  # sorted unique sources
     pos = np.array(tokens.positions)

@@ -187,10 +187,26 @@ class Compaction:
 
     def budget(self, n: int) -> int:
         """Tokens kept out of n: `tokens` if given, else round(keep * n); at least 1, at most n."""
-        if n <= 0:
-            return 0
-        k = self.tokens if self.tokens is not None else int(np.floor(self.keep * n + 0.5))
-        return max(1, min(int(k), n))
+        return kept_count(n, self.keep if self.tokens is None else None, self.tokens)
+
+    def kept(self, grid) -> int:
+        """Visual tokens an image (or video) with merged grid (t, h, w) becomes (for planning)."""
+        t, h, w = grid
+        if self.is_identity:
+            return t * h * w
+        if self.method == "pool":
+            return t * ((h + 1) // 2) * ((w + 1) // 2)
+        if self.where == "encoder":
+            return t * self.budget(h * w)  # each temporal slice gets its own budget
+        return self.budget(t * h * w)
+
+
+def kept_count(n: int, keep: Optional[float] = 1.0, tokens: Optional[int] = None) -> int:
+    """Tokens kept out of n: `tokens` if given, else round(keep * n) (halves up); at least 1, at most n."""
+    if n <= 0:
+        return 0
+    k = tokens if tokens is not None else int(np.floor(keep * n + 0.5))
+    return max(1, min(int(k), n))
 
 
 def as_compaction(spec) -> Optional[Compaction]:
