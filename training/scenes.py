@@ -34,7 +34,7 @@ COLOURS = {
     "orange": (245, 125, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-CHARS = tuple("0123456789AEHKRX")
+CHARS = tuple("1234579AEHKX")
 REGIONS = (
     ("top left", "top", "top right"),
     ("left", "center", "right"),
@@ -128,18 +128,18 @@ def render(rng: random.Random, objects, cell) -> Image.Image:
     for o in objects:
         cy0, cx0 = o.row * ch, o.col * cw
         if o.kind == "shape":
-            s = rng.randint(int(0.4 * min(ch, cw)), int(0.85 * min(ch, cw)))
-            x = cx0 + rng.randint(2, cw - s - 2)
-            y = cy0 + rng.randint(2, ch - s - 2)
+            s = rng.randint(int(0.55 * min(ch, cw)), int(0.85 * min(ch, cw)))
+            x = cx0 + (cw - s) // 2 + rng.randint(-3, 3)
+            y = cy0 + (ch - s) // 2 + rng.randint(-3, 3)
             _draw_shape(d, o.name, (x, y, x + s, y + s), COLOURS[o.colour])
         else:
-            font = _font(rng.randint(16, 26))
+            font = _font(rng.randint(30, 38))
             ink = tuple(rng.randint(0, 70) for _ in range(3))
-            l, t, r, b = d.textbbox((0, 0), o.name, font=font)
+            l, t, r, b = d.textbbox((0, 0), o.name, font=font, stroke_width=1)
             w, h = r - l, b - t
-            x = cx0 + rng.randint(3, max(3, cw - w - 3)) - l
-            y = cy0 + rng.randint(3, max(3, ch - h - 3)) - t
-            d.text((x, y), o.name, fill=ink, font=font)
+            x = cx0 + (cw - w) // 2 + rng.randint(-3, 3) - l
+            y = cy0 + (ch - h) // 2 + rng.randint(-3, 3) - t
+            d.text((x, y), o.name, fill=ink, font=font, stroke_width=1, stroke_fill=ink)
     return img
 
 
@@ -195,15 +195,17 @@ def scene_rng(split: str, index: int) -> random.Random:
     return random.Random(SPLIT_BASE[split] + index)
 
 
-def make_scene(split: str, index: int, n_questions: int = 1, families=FAMILIES, max_objects: int = 6) -> Scene:
-    """The scene `index` of `split` with up to `n_questions` distinct questions from `families`."""
+def make_scene(split: str, index: int, n_questions: int = 1, families=FAMILIES, max_objects: int = 6,
+               family_weights=None) -> Scene:
+    """The scene `index` of `split` with up to `n_questions` distinct questions from `families`
+    (drawn uniformly, or by `family_weights`, a {family: weight} dict, for training mixes)."""
     rng = scene_rng(split, index)
     cell = rng.choice(CELL_SIZES)
     n = rng.randint(2, max_objects)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], n)
     objects = []
     for r, c in cells:
-        if rng.random() < 0.6:
+        if rng.random() < 0.55:
             objects.append(Obj("shape", rng.choice(SHAPES), rng.choice(list(COLOURS)), r, c))
         else:
             objects.append(Obj("char", rng.choice(CHARS), "", r, c))
@@ -214,7 +216,7 @@ def make_scene(split: str, index: int, n_questions: int = 1, families=FAMILIES, 
     for _ in range(4 * n_questions):
         if len(qa) == n_questions or not fams:
             break
-        f = rng.choice(fams)
+        f = rng.choice(fams) if family_weights is None else rng.choices(fams, [family_weights[f] for f in fams])[0]
         q, a = _pick(rng, f, qs[f])
         if q not in seen:
             seen.add(q)

@@ -32,6 +32,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 TOKEN_IDS = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 UNK = "<unk>"
+CHAR0 = 1 + len(scenes.SHAPES) * len(scenes.COLOURS)  # first character class of the cell content
 
 # Qwen's chat template without the default system turn (shorter sequences; a system message still works).
 CHAT_TEMPLATE = (
@@ -69,9 +70,9 @@ def make_config(vocab_size: int, args):
 
     text = dict(
         vocab_size=vocab_size, hidden_size=args.width, intermediate_size=args.width * 2, num_hidden_layers=args.layers,
-        num_attention_heads=args.width // 32, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+        num_attention_heads=args.width // 32, num_key_value_heads=args.kv_heads, head_dim=32, rms_norm_eps=1e-6,
         max_position_embeddings=4096, hidden_act="silu", attention_dropout=0.0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": [6, 5, 5],
                          "mrope_interleaved": True},
         bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=TOKEN_IDS["<|im_end|>"],
         pad_token_id=TOKEN_IDS["<|endoftext|>"],
@@ -169,7 +170,7 @@ def train_batch(batcher, args, step):
     items, cells, regions = [], [], []
     for i in range(args.batch):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
-        s = scenes.make_scene("train", idx, n_questions=args.turns)
+        s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights)
         items.append(batcher.encode(s.image, [(q, a) for _, q, a in s.qa]))
         cells += s.cell_labels()
         regions += s.cell_regions()
@@ -226,7 +227,8 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
     The LLM is not run, so a step is cheap and takes a bigger batch of images."""
     visual = model.model.visual
     params = list(visual.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
+    peak = args.vision_lr or args.lr
+    opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
     t0, step, ema, acc_ema, next_log = time.time(), 0, None, None, 60.0
     while time.time() - t0 < args.vision_minutes * 60:
         images, cells, regions = [], [], []
@@ -238,7 +240,9 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
             regions += s.cell_regions()
         pix, grids = batcher.p.preprocess_images(images)
         frac = (time.time() - t0) / (args.vision_minutes * 60)
-        lr = args.lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if frac > 0.7 else 1)
+        # after 70% of the phase: cos(pi * frac), i.e. a drop to ~25% then down to 5% (the shipped run's schedule)
+        decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if frac > 0.7 else 1.0
+        lr = peak * min(1.0, (step + 1) / 50) * decay
         for g in opt.param_groups:
             g["lr"] = lr
         visual(torch.from_numpy(pix), grid_thw=torch.from_numpy(np.asarray(grids).astype(np.int64)))
@@ -250,19 +254,20 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        occ = cells_t > 0
-        acc = (z[:, : scenes.N_CLASSES].argmax(-1)[occ] == cells_t[occ]).float().mean().item()
+        pred = z[:, : scenes.N_CLASSES].argmax(-1)
+        acc = [(pred[m] == cells_t[m]).float().mean().item() for m in (cells_t > 0, (cells_t > 0) & (cells_t < CHAR0), cells_t >= CHAR0)]
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
+        acc_ema = acc if acc_ema is None else [0.95 * e + 0.05 * a for e, a in zip(acc_ema, acc)]
         step += 1
         t = time.time() - t0
         if t >= next_log or t >= args.vision_minutes * 60:
             rec = {"phase": "vision", "step": step, "minutes": round(t / 60, 2), "images": step * args.vision_batch,
-                   "aux_loss": round(ema, 4), "content_acc_occupied": round(acc_ema, 3)}
+                   "aux_loss": round(ema, 4), "content_acc_occupied": round(acc_ema[0], 3),
+                   "shape_acc": round(acc_ema[1], 3), "char_acc": round(acc_ema[2], 3)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            print(f"[vision {t / 60:5.2f} min] step {step:5d} aux loss {ema:.3f} content acc (occupied) {acc_ema:.2f}",
-                  flush=True)
+            print(f"[vision {t / 60:5.2f} min] step {step:5d} aux loss {ema:.3f} content acc (occupied) {acc_ema[0]:.2f}"
+                  f" shapes {acc_ema[1]:.2f} chars {acc_ema[2]:.2f}", flush=True)
             next_log = t + 60.0
     return time.time() - t0
 
@@ -281,6 +286,8 @@ def main(argv=None):
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-cell content loss (0: off)")
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=1e4)
     ap.add_argument("--vwidth", type=int, default=96)
     ap.add_argument("--vdepth", type=int, default=3)
     ap.add_argument("--deepstack", type=int, default=1, help="DeepStack on the first N vision blocks")
@@ -292,9 +299,18 @@ def main(argv=None):
                          "(0: run --steps, decay placed by steps)")
     ap.add_argument("--vision-minutes", type=float, default=0.0,
                     help="first train the vision tower alone on the auxiliary loss for this long (0: off)")
+    ap.add_argument("--family-weights", default=None,
+                    help="phase 2 question mix, e.g. count=2,where=2,exists=2 (others 1; default: uniform)")
+    ap.add_argument("--vision-lr", type=float, default=None, help="phase 1 learning rate (default: --lr)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="after the vision phase, freeze the tower (DeepStack mergers excepted) and drop the auxiliary loss")
+    ap.add_argument("--vision-only", action="store_true", help="stop after the vision phase (to try recipes)")
     ap.add_argument("--vision-batch", type=int, default=32, help="images per step in the vision phase")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     args = ap.parse_args(argv)
+    if args.family_weights:
+        w = dict(kv.split("=") for kv in args.family_weights.split(","))
+        args.family_weights = {f: float(w.get(f, 1.0)) for f in scenes.FAMILIES}
 
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -338,6 +354,14 @@ def main(argv=None):
         return acc
 
     t_vision = vision_phase(model, aux_head, captured, batcher, args, log) if args.vision_minutes > 0 else 0.0
+    if args.vision_only:
+        return
+    if args.freeze_vision:
+        # the tower keeps what phase 1 taught it; only the DeepStack mergers (unused by phase 1) learn on
+        visual = model.model.visual
+        for name, p in visual.named_parameters():
+            p.requires_grad_(name.startswith("deepstack_merger_list"))
+        args.aux = 0.0
     budget = args.minutes * 60 - t_vision if args.minutes > 0 else None
     t0 = time.time() - t_vision  # minutes in the log count from the start of the vision phase
     next_eval, ema, stopped = t_vision + args.eval_every * 60, None, False
