@@ -154,6 +154,44 @@ def print_labelled(res: dict) -> None:
     print(_table(flat, ["setting", "keep", *fams, "mean", "KL", "agree"]))
 
 
+BASELINES = ("pool", "random")
+TARGETS = {"mean": 0.97, "where": 0.95, "read": 0.95}  # share of the full model's accuracy kept at keep 1/3
+
+
+def retention(res: dict, keep: float = 0.33) -> dict:
+    """Share of the full model's accuracy each setting keeps at `keep` (mean over families, and per
+    family), the best prompt-free operator (baselines excluded) and whether it meets TARGETS."""
+    full = res["rows"][0]
+    fams = res["families"]
+
+    def share(got, base):
+        return None if got is None or not base else got / base
+
+    rows = []
+    for r in res["rows"][1:]:
+        if abs(r["keep"] - keep) > 1e-9:
+            continue
+        per = {f: share(r["accuracy"].get(f), full["accuracy"].get(f)) for f in fams}
+        rows.append(dict(setting=r["setting"], method=r["method"], mean=share(r["mean_accuracy"], full["mean_accuracy"]),
+                         **per))
+    candidates = [r for r in rows if r["method"] not in BASELINES and r["mean"] is not None]
+    best = max(candidates, key=lambda r: r["mean"], default=None)
+    met = None if best is None else {k: best.get(k) is not None and best[k] >= t for k, t in TARGETS.items()}
+    return dict(keep=keep, rows=rows, best=best, targets=TARGETS, met=met)
+
+
+def print_retention(ret: dict) -> None:
+    if not ret["rows"]:
+        return
+    print(f"\nshare of the full model's accuracy kept at keep {ret['keep']}:")
+    print(_table(ret["rows"], ["setting", "mean", *[k for k in ret["rows"][0] if k not in ("setting", "method", "mean")]]))
+    if ret["best"] is not None:
+        b = ret["best"]
+        print(f"best prompt-free operator: {b['setting']}: "
+              + ", ".join(f"{k} {_fmt(b.get(k))} (target {t}: {'met' if ret['met'][k] else 'MISSED'})"
+                          for k, t in ret["targets"].items()))
+
+
 def plot(res: dict, path: Path) -> bool:
     """Accuracy vs keep, one line per operator/where, one panel per family (plus the mean)."""
     try:
@@ -277,6 +315,8 @@ def main(argv=None):
                        args.max_tokens or 4)
         res["per_family"] = n
         print_labelled(res)
+        res["retention"] = retention(res)
+        print_retention(res["retention"])
         out = Path(args.out) if args.out else RESULTS / "fidelity.json"
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         if plot(res, png):

@@ -62,3 +62,26 @@ def test_kl_helper():
     q = np.log(np.array([0.25, 0.5, 0.25]))
     assert fidelity.kl(p, p) == 0.0
     assert fidelity.kl(p, q) == pytest.approx(0.25 * np.log(2))
+
+
+def test_retention_picks_the_best_prompt_free_operator_and_checks_targets():
+    fams = ["colour", "where", "read"]
+
+    def row(setting, method, keep, acc):
+        return dict(setting=setting, method=method, keep=keep, accuracy=dict(zip(fams, acc)),
+                    mean_accuracy=sum(acc) / len(acc))
+
+    res = dict(families=fams, rows=[
+        row("full", "none", 1.0, [1.0, 0.8, 0.5]),
+        row("random@post", "random", 0.33, [1.0, 0.8, 0.5]),  # a baseline: never "best"
+        row("diversity@post", "diversity", 0.33, [1.0, 0.8, 0.45]),
+        row("floor@post", "floor", 0.33, [0.5, 0.4, 0.25]),
+        row("diversity@post", "diversity", 0.5, [1.0, 0.8, 0.5]),  # another keep: ignored
+    ])
+    ret = fidelity.retention(res, keep=0.33)
+    assert [r["setting"] for r in ret["rows"]] == ["random@post", "diversity@post", "floor@post"]
+    best = ret["best"]
+    assert best["setting"] == "diversity@post"
+    assert best["where"] == 1.0 and abs(best["read"] - 0.9) < 1e-12
+    assert abs(best["mean"] - (2.25 / 3) / (2.3 / 3)) < 1e-12
+    assert ret["met"] == {"mean": True, "where": True, "read": False}
