@@ -166,11 +166,12 @@ class Batcher:
         )
 
 
-def train_batch(batcher, args, step):
+def train_batch(batcher, args, step, max_objects=6):
     items, cells, regions = [], [], []
     for i in range(args.batch):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
-        s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights)
+        s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights,
+                              max_objects=max_objects)
         items.append(batcher.encode(s.image, [(q, a) for _, q, a in s.qa]))
         cells += s.cell_labels()
         regions += s.cell_regions()
@@ -299,6 +300,8 @@ def main(argv=None):
                          "(0: run --steps, decay placed by steps)")
     ap.add_argument("--vision-minutes", type=float, default=0.0,
                     help="first train the vision tower alone on the auxiliary loss for this long (0: off)")
+    ap.add_argument("--easy-minutes", type=float, default=0.0,
+                    help="curriculum: the first minutes of phase 2 use scenes of 2-3 objects (default 0: off)")
     ap.add_argument("--family-weights", default=None,
                     help="phase 2 question mix, e.g. count=2,where=2,exists=2 (others 1; default: uniform)")
     ap.add_argument("--vision-lr", type=float, default=None, help="phase 1 learning rate (default: --lr)")
@@ -370,7 +373,8 @@ def main(argv=None):
     done = 0
     for step in range(10**9 if budget else args.steps):
         td = time.time()
-        batch = train_batch(batcher, args, step)
+        easy = time.time() - t0 - t_vision < args.easy_minutes * 60
+        batch = train_batch(batcher, args, step, max_objects=3 if easy else 6)
         t_data += time.time() - td
         frac = (time.time() - t0 - t_vision) / budget if budget else None
         if frac is not None and frac >= 1.0:
