@@ -1,8 +1,9 @@
 """The shipped tiny Qwen3-VL answers held-out synthetic visual questions through our loader and generate.
 
 The questions are regenerated from the seed (`training.scenes.eval_questions("test", PER_FAMILY)`), never
-stored. The issue's goal is >= 0.90 on every family; the shipped model does NOT reach it on where, read,
-count and exists (see training/README.md), so the accuracy test asserts per-family floors instead:
+stored. The issue's goal is >= 0.90 on every family; the shipped model reaches it on colour and read but
+NOT on count, where and exists (see training/README.md), so the accuracy test asserts per-family floors:
+0.90 where the model reaches it, else floors between guessing and the measured accuracy.
 
 Measured on this exact question set (100 a family, 500 questions; float16 shipped weights, our loader +
 greedy generate; transformers fp32 on the unconverted checkpoint gives the same numbers), against guessing
@@ -12,12 +13,12 @@ and background:
 
 | family | measured | floor | majority | question-only | blank image |
 |---|---|---|---|---|---|
-| colour | 1.00 | 0.85 | 0.14 | 0.17 | 0.11 |
-| count  | 0.79 | 0.70 | 0.60 | 0.60 | 0.21 |
-| where  | 0.33 | 0.25 | 0.15 | 0.10 | 0.09 |
-| read   | 0.58 | 0.45 | 0.07 | 0.04 | 0.04 |
-| exists | 0.59 | none (guessing reaches 0.52) | 0.42 | 0.45 | 0.52 |
-| all    | 0.658 | 0.58 | 0.276 | 0.272 | 0.194 |
+| colour | 1.00 | 0.90 | 0.14 | 0.17 | 0.00 |
+| count  | 0.86 | 0.78 | 0.60 | 0.60 | 0.21 |
+| where  | 0.83 | 0.73 | 0.15 | 0.10 | 0.05 |
+| read   | 1.00 | 0.90 | 0.07 | 0.04 | 0.04 |
+| exists | 0.66 | 0.58 | 0.42 | 0.45 | 0.44 |
+| all    | 0.870 | 0.80 | 0.276 | 0.272 | 0.148 |
 
 Every floor is above what guessing reaches, so a broken loader, processor or generate (which leaves the
 model guessing from the question) fails. The model is deterministic: the margin below the measured numbers
@@ -35,8 +36,8 @@ import mlx_compact
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(mlx_compact.__file__).parent / "assets" / "qwen3-vl-tiny"
 PER_FAMILY = 100  # 5 families -> 500 questions, ~30 s
-FLOORS = {"colour": 0.85, "count": 0.70, "where": 0.25, "read": 0.45}  # exists: too close to guessing
-OVERALL_FLOOR = 0.58
+FLOORS = {"colour": 0.90, "count": 0.78, "where": 0.73, "read": 0.90, "exists": 0.58}
+OVERALL_FLOOR = 0.80
 EXAMPLE = ("test", 6)  # the scene behind example.png (README's main command)
 
 sys.path.insert(0, str(ROOT))
