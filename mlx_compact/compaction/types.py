@@ -187,7 +187,7 @@ class Compaction:
 
     def budget(self, n: int) -> int:
         """Tokens kept out of n: `tokens` if given, else round(keep * n); at least 1, at most n."""
-        return kept_count(n, self.keep if self.tokens is None else None, self.tokens)
+        return kept_count(n, self.keep, self.tokens)
 
     def kept(self, grid) -> int:
         """Visual tokens an image (or video) with merged grid (t, h, w) becomes (for planning)."""
