@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -167,8 +168,10 @@ class Batcher:
 
 
 def train_batch(batcher, args, step, max_objects=6):
+    """This rank's share of the step's images (the step's scenes are the same whatever the number of ranks)."""
     items, cells, regions = [], [], []
-    for i in range(args.batch):
+    per_rank = args.batch // args.ranks
+    for i in range(args.rank * per_rank, (args.rank + 1) * per_rank):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
         s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights,
                               max_objects=max_objects)
@@ -222,6 +225,29 @@ def lr_at(step, args, time_frac=None):
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def sync_clock(frac, evaluate_now, stop, args):
+    """Rank 0's clock decides for every rank (lr schedule, validation, stopping), so ranks stay in step."""
+    if args.ranks == 1:
+        return frac, evaluate_now, stop
+    x = torch.tensor([frac, float(evaluate_now), float(stop)], dtype=torch.float64)
+    torch.distributed.broadcast(x, 0)
+    return float(x[0]), bool(x[1]), bool(x[2])
+
+
+def all_reduce_grads(params, args):
+    """Average the gradients over the ranks (one flat all-reduce)."""
+    if args.ranks == 1:
+        return
+    with_grad = [p for p in params if p.grad is not None]  # the same parameters on every rank
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    torch.distributed.all_reduce(flat)
+    flat /= args.ranks
+    i = 0
+    for p in with_grad:
+        p.grad.copy_(flat[i: i + p.numel()].view_as(p))
+        i += p.numel()
+
+
 def vision_phase(model, aux_head, captured, batcher, args, log):
     """Phase 1: train the vision tower (and the auxiliary head) alone on the per-cell content/position loss.
 
@@ -231,16 +257,19 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
     peak = args.vision_lr or args.lr
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
     t0, step, ema, acc_ema, next_log = time.time(), 0, None, None, 60.0
-    while time.time() - t0 < args.vision_minutes * 60:
+    per_rank = args.vision_batch // args.ranks
+    while True:
+        frac, _, stop = sync_clock((time.time() - t0) / (args.vision_minutes * 60), False, False, args)
+        if frac >= 1.0 or stop:
+            break
         images, cells, regions = [], [], []
-        for i in range(args.vision_batch):
+        for i in range(args.rank * per_rank, (args.rank + 1) * per_rank):
             idx = args.seed * 1_000_000_000 + 500_000_000 + step * args.vision_batch + i
             s = scenes.make_scene("train", idx, n_questions=0)
             images.append(s.image)
             cells += s.cell_labels()
             regions += s.cell_regions()
         pix, grids = batcher.p.preprocess_images(images)
-        frac = (time.time() - t0) / (args.vision_minutes * 60)
         # after 70% of the phase: cos(pi * frac), i.e. a drop to ~25% then down to 5% (the shipped run's schedule)
         decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if frac > 0.7 else 1.0
         lr = peak * min(1.0, (step + 1) / 50) * decay
@@ -253,6 +282,7 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
                 + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES:], regions_t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        all_reduce_grads(params, args)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         pred = z[:, : scenes.N_CLASSES].argmax(-1)
@@ -261,7 +291,7 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
         acc_ema = acc if acc_ema is None else [0.95 * e + 0.05 * a for e, a in zip(acc_ema, acc)]
         step += 1
         t = time.time() - t0
-        if t >= next_log or t >= args.vision_minutes * 60:
+        if args.rank == 0 and (t >= next_log or t >= args.vision_minutes * 60):
             rec = {"phase": "vision", "step": step, "minutes": round(t / 60, 2), "images": step * args.vision_batch,
                    "aux_loss": round(ema, 4), "content_acc_occupied": round(acc_ema[0], 3),
                    "shape_acc": round(acc_ema[1], 3), "char_acc": round(acc_ema[2], 3)}
@@ -309,24 +339,69 @@ def main(argv=None):
                     help="after the vision phase, freeze the tower (DeepStack mergers excepted) and drop the auxiliary loss")
     ap.add_argument("--vision-only", action="store_true", help="stop after the vision phase (to try recipes)")
     ap.add_argument("--vision-batch", type=int, default=32, help="images per step in the vision phase")
-    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (1 is fastest here)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="data-parallel processes, one per core, each pinned to its core (gradients averaged "
+                         "every step; --batch and --vision-batch are split between them)")
+    ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launch_ranks
     args = ap.parse_args(argv)
     if args.family_weights:
         w = dict(kv.split("=") for kv in args.family_weights.split(","))
         args.family_weights = {f: float(w.get(f, 1.0)) for f in scenes.FAMILIES}
+    if args.batch % args.ranks or args.vision_batch % args.ranks:
+        ap.error(f"--batch ({args.batch}) and --vision-batch ({args.vision_batch}) must divide by --ranks ({args.ranks})")
+    if args.ranks == 1 or args.rank is not None:
+        return run(args)
+    launch_ranks(args, sys.argv[1:] if argv is None else argv)
 
+
+def launch_ranks(args, argv):
+    """Start --ranks copies of this script, each pinned to its own core before Python starts (pinning
+    inside an already-started process left it ~40% slower), and wait for all of them."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cores = sorted(os.sched_getaffinity(0))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(args.threads)}
+    procs = []
+    for r in range(args.ranks):
+        core = {cores[r % len(cores)]}
+        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--rank", str(r)], env=env,
+                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, c)))
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(codes):
+        raise SystemExit(f"a training rank failed (exit codes {codes})")
+
+
+def run(args):
+    """One rank of training (rank 0 validates, logs and saves)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     from mlx_compact.processor import Processor
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.rank is None:
+        args.rank = 0
+    elif args.ranks > 1:
+        torch.distributed.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
     out = Path(args.out)
     hf = out / "hf"
-    write_sidecars(hf)
     tok = make_tokenizer()
     config = make_config(len(tok), args)
-    config.save_pretrained(str(hf))  # the processor reads token ids from config.json
+    if args.rank == 0:
+        write_sidecars(hf)
+        config.save_pretrained(str(hf))  # the processor reads token ids from config.json
+    if args.ranks > 1:
+        torch.distributed.barrier()
     processor = Processor.from_pretrained(hf)
     batcher = Batcher(processor)
 
@@ -341,9 +416,13 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
-    val = val_batches(batcher, scenes.eval_questions("val", args.val_per_family))
-    log = open(out / "train_log.jsonl", "w")
-    print(f"params {n_params / 1e6:.2f}M  vocab {len(tok)}  args {vars(args)}", flush=True)
+    if args.rank > 0:
+        val, log = None, open(os.devnull, "w")
+    else:
+        val = val_batches(batcher, scenes.eval_questions("val", args.val_per_family))
+        log = open(out / "train_log.jsonl", "w")
+    if args.rank == 0:
+        print(f"params {n_params / 1e6:.2f}M  vocab {len(tok)}  args {vars(args)}", flush=True)
 
     def report(step, t, loss):
         acc = evaluate(model, val)
@@ -372,15 +451,26 @@ def main(argv=None):
     aux_acc = None
     done = 0
     for step in range(10**9 if budget else args.steps):
+        t = time.time() - t0
+        frac, eval_now, stop = sync_clock((t - t_vision) / budget if budget else -1.0, t >= next_eval,
+                                          t > args.max_minutes * 60, args)
+        if eval_now and step > 0:
+            if args.rank == 0:
+                report(step, t, ema)
+            next_eval = (time.time() - t0) + args.eval_every * 60
+        if stop:
+            if args.rank == 0:
+                    print(f"safety stop at step {step} ({t / 60:.1f} min)", flush=True)
+            stopped = True
+            break
+        if budget and frac >= 1.0:
+            break
         td = time.time()
-        easy = time.time() - t0 - t_vision < args.easy_minutes * 60
+        easy = (frac * budget if budget else t - t_vision) < args.easy_minutes * 60
         batch = train_batch(batcher, args, step, max_objects=3 if easy else 6)
         t_data += time.time() - td
-        frac = (time.time() - t0 - t_vision) / budget if budget else None
-        if frac is not None and frac >= 1.0:
-            break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args, frac)
+            g["lr"] = lr_at(step, args, frac if budget else None)
         labels = batch.pop("labels")
         cells, regions = batch.pop("cell_labels"), batch.pop("cell_regions")
         logits = model(**batch).logits
@@ -396,22 +486,23 @@ def main(argv=None):
             aux_acc = a if aux_acc is None else 0.95 * aux_acc + 0.05 * a
         opt.zero_grad(set_to_none=True)
         total.backward()
+        all_reduce_grads(params, args)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         done = step + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        t = time.time() - t0
-        if step == 9:
-            tt = t - t_vision
+        if step == 9 and args.rank == 0:
+            tt = time.time() - t0 - t_vision
             print(f"speed after 10 steps: {tt / 10:.2f} s/step ({args.batch * 10 / tt:.1f} images/s, "
-                  f"data {t_data / tt:.0%})", flush=True)
-        if t >= next_eval:
-            report(step + 1, t, ema)
-            next_eval = (time.time() - t0) + args.eval_every * 60
-        if t > args.max_minutes * 60:
-            print(f"safety stop at step {step + 1} ({t / 60:.1f} min)", flush=True)
-            stopped = True
-            break
+                  f"data {t_data / tt:.0%}, {args.ranks} rank(s))", flush=True)
+    if args.ranks > 1:  # every rank applied the same averaged gradients: the weights must be identical
+        mine = torch.stack([p.detach().double().sum() for p in params])
+        first = mine.clone()
+        torch.distributed.broadcast(first, 0)
+        if not torch.equal(mine, first):
+            raise RuntimeError(f"rank {args.rank}: weights diverged from rank 0's")
+    if args.rank > 0:
+        return
     t = time.time() - t0
     final = report(done, t, ema)
     model.save_pretrained(str(hf))
