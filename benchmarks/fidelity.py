@@ -7,6 +7,12 @@ position, averaged over the questions:
 
     python benchmarks/fidelity.py [--ops pool,floor,...] [--keeps 1.0,0.5,...] [--per-family 20] [--encoder]
     python benchmarks/fidelity.py --quick
+    python benchmarks/fidelity.py --mass-repeat --ops diversity,random --keeps 1.0,0.33 --per-family 40
+
+--mass-repeat is a diagnostic, not a compaction mode: every kept token is repeated once per original token
+it stands for (its nearest-kept group), so it carries its group's attention mass (what ToMe's proportional
+attention does with a log(size) logit bias), at the full KV cost. It tells whether a loss comes from what
+the operator drops or from the model reading attention mass (e.g. counting tokens rather than objects).
 
 Label-free mode (any checkpoint, any images): KL at the first generated position and greedy-answer
 agreement (compact vs full) per operator and keep:
@@ -20,6 +26,7 @@ when matplotlib is importable, a plot (accuracy vs keep, one panel per family) t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -82,6 +89,29 @@ def run_one(model, processor, prompt: str, images, compaction, max_tokens: int):
         token = mx.argmax(out[:, -1, :], axis=-1)
         next_pos += 1
     return first, tokens
+
+
+@contextlib.contextmanager
+def mass_repeat():
+    """Diagnostic (post-merger only): each kept token repeated once per original token of its nearest-kept
+    group, so it keeps its group's attention mass; the sequence is as long as the uncompacted one."""
+    from mlx_compact.compaction import compose, ops
+
+    plan = compose.plan
+
+    def repeated(tokens, c):
+        sel = plan(tokens, c)
+        if c.is_identity:
+            return sel
+        groups = ops.nearest_kept(tokens, ops.Selection(sel.keep))
+        sizes = np.bincount(groups.assign[groups.assign >= 0], minlength=len(groups.keep))  # [K]
+        return ops.Selection(np.repeat(groups.keep, np.maximum(sizes, 1)))
+
+    compose.plan = repeated
+    try:
+        yield
+    finally:
+        compose.plan = plan
 
 
 def kl(p_logp: np.ndarray, q_logp: np.ndarray) -> float:
@@ -291,9 +321,13 @@ def main(argv=None):
     ap.add_argument("--encoder", action="store_true", help="also in-encoder (floor, diversity, saliency, random)")
     ap.add_argument("--max-tokens", type=int, default=None, help="greedy answer length (4 labelled, 8 label-free)")
     ap.add_argument("--quick", action="store_true", help="2 operators, keeps 1.0 and 0.33, 4 per family")
+    ap.add_argument("--mass-repeat", action="store_true",
+                    help="diagnostic (default mode, post-merger): repeat each kept token by the size of its group")
     ap.add_argument("--out", help="JSON output path")
     ap.add_argument("--plot", help="PNG output path (default mode)")
     args = ap.parse_args(argv)
+    if args.mass_repeat and (args.encoder or args.images):
+        ap.error("--mass-repeat is a post-merger diagnostic of the default mode: drop --encoder / --images")
 
     ops = tuple(args.ops.split(",")) if args.ops else (QUICK_OPS if args.quick else DEFAULT_OPS)
     keeps = _floats(args.keeps) if args.keeps else (QUICK_KEEPS if args.quick else DEFAULT_KEEPS)
@@ -311,13 +345,19 @@ def main(argv=None):
     else:
         from training.scenes import eval_questions
 
-        res = labelled(model, processor, eval_questions("test", n), ops, keeps, args.encoder,
-                       args.max_tokens or 4)
+        with mass_repeat() if args.mass_repeat else contextlib.nullcontext():
+            res = labelled(model, processor, eval_questions("test", n), ops, keeps, args.encoder,
+                           args.max_tokens or 4)
         res["per_family"] = n
+        res["mass_repeat"] = args.mass_repeat
+        if args.mass_repeat:
+            print("DIAGNOSTIC: kept tokens repeated by group size (full KV cost; not a compaction mode)")
         print_labelled(res)
         res["retention"] = retention(res)
         print_retention(res["retention"])
-        out = Path(args.out) if args.out else RESULTS / "fidelity.json"
+        if args.mass_repeat:
+            print("(a diagnostic: the targets are for real compaction, whose KV is short; this one's is full length)")
+        out = Path(args.out) if args.out else RESULTS / ("fidelity_mass.json" if args.mass_repeat else "fidelity.json")
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         if plot(res, png):
             print(f"wrote {png}")

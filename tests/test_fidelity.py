@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import mlx_compact
@@ -85,3 +86,22 @@ def test_retention_picks_the_best_prompt_free_operator_and_checks_targets():
     assert best["where"] == 1.0 and abs(best["read"] - 0.9) < 1e-12
     assert abs(best["mean"] - (2.25 / 3) / (2.3 / 3)) < 1e-12
     assert ret["met"] == {"mean": True, "where": True, "read": False}
+
+
+def test_mass_repeat_gives_kept_tokens_their_groups_length_and_restores_the_plan(tiny_checkpoint, images):
+    from mlx_compact.compaction import Compaction, compose
+    from mlx_compact.generate import prepare
+
+    model, processor = mlx_compact.load(str(tiny_checkpoint("qwen2_vl")))
+    c = Compaction("diversity", keep=0.33)
+    full = prepare(model, processor, "What is here?", images[:1])
+    short = prepare(model, processor, "What is here?", images[:1], compaction=c)
+    plan = compose.plan
+    with fidelity.mass_repeat():
+        repeated = prepare(model, processor, "What is here?", images[:1], compaction=c)
+    assert compose.plan is plan
+    n_full, n_short, n_rep = (int(p.embeds.shape[1]) for p in (full, short, repeated))
+    assert n_short < n_full and n_rep == n_full
+    # every kept token appears at least once, at its own position, and nothing else appears
+    kept = {tuple(col) for col in np.array(short.positions).reshape(3, -1).T}
+    assert {tuple(col) for col in np.array(repeated.positions).reshape(3, -1).T} == kept
