@@ -167,11 +167,16 @@ class Batcher:
         )
 
 
+def rank_share(n: int, args) -> range:
+    """This rank's slice of a step's n images (the step's scenes are the same whatever the number of ranks)."""
+    per_rank = n // args.ranks
+    return range(args.rank * per_rank, (args.rank + 1) * per_rank)
+
+
 def train_batch(batcher, args, step, max_objects=6):
-    """This rank's share of the step's images (the step's scenes are the same whatever the number of ranks)."""
+    """This rank's share of the step's images, tokenized and batched."""
     items, cells, regions = [], [], []
-    per_rank = args.batch // args.ranks
-    for i in range(args.rank * per_rank, (args.rank + 1) * per_rank):
+    for i in rank_share(args.batch, args):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
         s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights,
                               max_objects=max_objects)
@@ -257,13 +262,12 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
     peak = args.vision_lr or args.lr
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
     t0, step, ema, acc_ema, next_log = time.time(), 0, None, None, 60.0
-    per_rank = args.vision_batch // args.ranks
     while True:
         frac, _, stop = sync_clock((time.time() - t0) / (args.vision_minutes * 60), False, False, args)
         if frac >= 1.0 or stop:
             break
         images, cells, regions = [], [], []
-        for i in range(args.rank * per_rank, (args.rank + 1) * per_rank):
+        for i in rank_share(args.vision_batch, args):
             idx = args.seed * 1_000_000_000 + 500_000_000 + step * args.vision_batch + i
             s = scenes.make_scene("train", idx, n_questions=0)
             images.append(s.image)
@@ -460,7 +464,7 @@ def run(args):
             next_eval = (time.time() - t0) + args.eval_every * 60
         if stop:
             if args.rank == 0:
-                    print(f"safety stop at step {step} ({t / 60:.1f} min)", flush=True)
+                print(f"safety stop at step {step} ({t / 60:.1f} min)", flush=True)
             stopped = True
             break
         if budget and frac >= 1.0:
