@@ -5,29 +5,48 @@ weights named ``language_model.model.*`` / ``language_model.lm_head.*`` / ``visi
 stored ``(O, T, H, W, C)``) in ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` with
 ``model.safetensors.index.json``; config.json with ``quantization`` and ``quantization_config`` when
 quantized; tokenizer, processor, chat-template and generation-config files copied alongside.
+
+Careful with what is there: ``force`` replaces only an empty folder or a previous conversion's output,
+never the source or a folder holding it; sidecar files are copied only when they are regular files
+inside the checkpoint; SIGTERM and SIGHUP clean up like Ctrl-C; and the temp folders of a killed
+conversion (``.{name}.*.tmp`` beside the output, marked with their writer's pid) are removed by the
+next conversion to the same output once their writer is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
+import glob
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_compact.files import InputError, checked_file, checkpoint_root, inside, read_bytes, read_json
 from mlx_compact.loader import DTYPES, LoadError, load_model, read_config, resolve
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-vlm
 SIDECAR_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
+OUTPUT_PATTERNS = (*SIDECAR_PATTERNS, "tokenizer*", "model.safetensors")  # what a conversion writes
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+MARKER = ".mlx-compact-convert"  # in a conversion's temp folder only: {"pid": ..., "host": ...}
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError):
     """The conversion cannot be done; the message says why and what to do."""
 
 
@@ -49,8 +68,13 @@ def convert(
     groups of ``q_group_size``; layers whose input width is not a multiple of the group size stay float.
     dtype: the dtype of the float parameters (and of the quantization scales).
     quantize_vision: quantize the vision tower too (kept float by default).
-    force: replace an existing ``mlx_path``.
-    The output appears only when complete; on any error (or Ctrl-C) nothing is left behind.
+    force: replace an existing ``mlx_path``, which must be empty or a previous conversion's output
+    (config.json, weights and sidecar files, nothing else); the source, a folder holding it, a file,
+    or a folder with anything else in it is refused even then.
+    The output appears only when complete; on any error (or Ctrl-C, SIGTERM, SIGHUP) nothing is left
+    behind, and an existing output is replaced only once the new one is complete.
+    A sidecar file (tokenizer, template, ...) that is a link leading outside the checkpoint, or a
+    FIFO, socket or device, is refused rather than skipped: the output would silently lack it.
     Raises `ConvertError` or `mlx_compact.loader.LoadError` with a message naming the problem.
     """
     if dtype not in DTYPES:
@@ -61,29 +85,37 @@ def convert(
         raise ConvertError(f"q_group_size must be 32, 64 or 128 (got {q_group_size})")
     src = resolve(hf_path)
     dst = Path(mlx_path).expanduser()
-    if dst.resolve() == src.resolve():
-        raise ConvertError(f"the output {dst} is the source checkpoint; choose another --mlx-path")
-    if dst.exists() and not force:
-        raise ConvertError(f"{dst} already exists; choose another --mlx-path or pass --force to replace it")
+    _check_output(src, dst, force)
+    sidecars = _sidecars(src)
 
-    config = read_config(src)
-    model = load_model(src, dtype=DTYPES[dtype], lazy=True)
-    if quantize:
-        if model.config.quantization:
-            raise ConvertError(f"{src} is already quantized; convert from the float checkpoint")
-        config = _quantize(model, config, q_bits, q_group_size, quantize_vision)
+    with _stop_signals_interrupt():
+        config = read_config(src)
+        model = load_model(src, dtype=DTYPES[dtype], lazy=True)
+        if quantize:
+            if model.config.quantization:
+                raise ConvertError(f"{src} is already quantized; convert from the float checkpoint")
+            config = _quantize(model, config, q_bits, q_group_size, quantize_vision)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
-        save_weights(tmp, model, progress=progress)
-        _copy_sidecars(src, tmp)
-        save_config(_mlx_config(config, model), tmp / "config.json")
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = None
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(dst, ".tmp")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+            _write_marker(tmp)
+            save_weights(tmp, model, progress=progress)
+            _copy_sidecars(src, sidecars, tmp)
+            save_config(_mlx_config(config, model), tmp / "config.json")
+            (tmp / MARKER).unlink()
+            _check_output(src, dst, force)  # again: the output may have changed meanwhile
+            _move_into_place(tmp, dst)
+        except BaseException as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ConvertError(f"cannot write the output {dst}: {e.strerror or e}") from None
+            raise
+        _remove_stale(dst, ".old")
     return dst
 
 
@@ -108,7 +140,12 @@ def save_weights(path: Path, model: nn.Module, *, progress: bool = True) -> None
     weight_map = {}
     for i, shard in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(path / name), shard, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(path / name), shard, metadata={"format": "mlx"})
+        except RuntimeError as e:  # MLX gives no errno; a full disk is the usual cause
+            if shutil.disk_usage(path).free < sum(v.nbytes for v in shard.values()):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise OSError(f"{name}: {e}") from None
         weight_map.update({k: name for k in shard})
     index = {
         "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
@@ -187,17 +224,184 @@ def _umask() -> int:
     return mask
 
 
-def _copy_sidecars(src: Path, dst: Path) -> None:
-    """Tokenizer, processor, chat-template and generation-config files (not weights, not config.json)."""
+def _check_output(src: Path, dst: Path, force: bool) -> None:
+    """Refuse an output that is, holds or replaces something it must not (see `convert`)."""
+    if dst.name in ("", ".", ".."):
+        raise ConvertError(f"--mlx-path {dst} does not name a folder; give the output folder by its name")
+    real = os.path.realpath(dst)
+    if real == os.path.realpath(src):
+        raise ConvertError(f"the output {dst} is the source checkpoint; choose another --mlx-path")
+    if inside(src, real) or inside(checkpoint_root(src), real):
+        raise ConvertError(f"the output {dst} contains the source checkpoint {src}; choose another --mlx-path")
+    above = dst.parent
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConvertError(f"the output {dst} cannot be created: {above} is not a folder; choose another --mlx-path")
+    if not os.path.lexists(dst):
+        return
+    if dst.is_symlink():
+        raise ConvertError(f"the output {dst} is a link to {real}; give --mlx-path {real} itself")
+    if not dst.is_dir():
+        raise ConvertError(f"the output {dst} is a file, not a folder; choose another --mlx-path")
+    if not force:
+        raise ConvertError(f"{dst} already exists; choose another --mlx-path or pass --force to replace it")
+    problem = _not_an_output(dst)
+    if problem:
+        raise ConvertError(f"{dst} is not a previous mlx-compact conversion ({problem}); --force replaces only "
+                           "those: choose a new or empty --mlx-path")
+    linked = next((f for f in sorted(src.iterdir()) if inside(f, real)), None)
+    if linked is not None:
+        raise ConvertError(f"the source's {linked.name} is a link into the output {dst}; choose another --mlx-path")
+
+
+def _written_by_conversion(name: str) -> bool:
+    return bool(SHARD.fullmatch(name)) or any(fnmatch.fnmatchcase(name, p) for p in OUTPUT_PATTERNS)
+
+
+def _foreign(folder: Path, marker: bool = False) -> str | None:
+    """What in ``folder`` a conversion does not write ("it holds ..."), or None; ``marker``: allow `MARKER`."""
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if e.is_symlink():
+            return f"it holds the link {e.name}"
+        if e.is_dir():
+            return f"it holds the folder {e.name}"
+        if not e.is_file():
+            return f"it holds the special file {e.name}"
+        if not (_written_by_conversion(e.name) or (marker and e.name == MARKER)):
+            return f"it holds {e.name}"
+    return None
+
+
+def _not_an_output(folder: Path) -> str | None:
+    """Why ``folder`` is neither empty nor a previous conversion's output, or None."""
+    names = set(os.listdir(folder))
+    if not names:
+        return None
+    problem = _foreign(folder)
+    if problem:
+        return problem
+    if "config.json" not in names:
+        return "it has no config.json"
+    sharded = "model.safetensors.index.json" in names and any(SHARD.fullmatch(n) for n in names)
+    if "model.safetensors" not in names and not sharded:
+        return "it has no model weights"
+    return None
+
+
+def _sidecars(src: Path) -> list[Path]:
+    """The source's sidecar files to copy, each checked to be a regular file inside the checkpoint.
+
+    Folders and dangling links are skipped (nothing is read from them); a link leading outside the
+    checkpoint's root (for a hub snapshot, the repo's cache folder) or a FIFO, socket or device is a
+    `ConvertError` naming it.
+    """
+    root = checkpoint_root(src)
+    files = []
     for pattern in SIDECAR_PATTERNS:
-        for f in src.glob(pattern):
-            if f.is_file() and f.name not in NOT_COPIED:
-                shutil.copy2(f, dst / f.name)
+        for f in sorted(src.glob(pattern)):
+            if f.name in NOT_COPIED or os.path.isdir(f):
+                continue
+            try:
+                files.append(checked_file(f, root, "sidecar file"))
+            except FileNotFoundError:
+                continue
+            except InputError as e:
+                raise ConvertError(str(e)) from None
+    return files
+
+
+def _copy_sidecars(src: Path, files: list[Path], dst: Path) -> None:
+    """Copy the checked sidecar ``files`` into ``dst``, read through `open_regular` (never blocking on a FIFO)."""
+    root = checkpoint_root(src)
+    for f in files:
+        try:
+            data = read_bytes(f, root, "sidecar file")
+        except InputError as e:
+            raise ConvertError(str(e)) from None
+        except OSError as e:
+            raise ConvertError(f"cannot read the sidecar file {f}: {e.strerror or e}") from None
+        with open(dst / f.name, "xb") as out:
+            out.write(data)
+
+
+def _write_marker(folder: Path) -> None:
+    (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. another user's process
+    return True
+
+
+def _why_kept(folder: Path) -> str | None:
+    """Why ``folder`` is not provably a dead conversion's leftover, or None."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "it is not a folder"
+    problem = _foreign(folder, marker=True)
+    if problem:
+        return f"{problem}, which a conversion does not write"
+    try:
+        marker = read_json(folder / MARKER, folder, MARKER, limit=4096)
+    except FileNotFoundError:
+        return f"it has no {MARKER} file naming its writer"
+    except (InputError, OSError):
+        return f"its {MARKER} file is unreadable"
+    pid, host = marker.get("pid"), marker.get("host")
+    if host != socket.gethostname():
+        return f"it was written on the host {host!r}; remove it once no conversion runs there"
+    if type(pid) is not int or pid <= 0:
+        return f"its {MARKER} file names no process"
+    if _alive(pid):
+        return f"its writer, process {pid}, is still running"
+    return None
+
+
+def _remove_stale(dst: Path, suffix: str) -> None:
+    """Remove the ``.{dst.name}.*{suffix}`` folders beside ``dst`` left by killed conversions; name the others."""
+    for folder in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*{suffix}")):
+        try:
+            why = _why_kept(folder)
+            if why is None:
+                for name in os.listdir(folder):
+                    os.unlink(folder / name)
+                folder.rmdir()
+                continue
+        except OSError as e:
+            why = f"checking or removing it failed ({e.strerror or e})"
+        print(f"mlx-compact convert: leaving {folder} alone: {why}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """Within, SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does (main thread only), so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)  # let the cleanup finish
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
     """Rename the finished temp dir to ``dst``, replacing an old ``dst`` only now (``force``)."""
-    if not dst.exists():
+    if not os.path.lexists(dst):
         tmp.rename(dst)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
@@ -208,10 +412,9 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
     except BaseException:
         old.rename(dst)
         raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
+    with contextlib.suppress(OSError):
+        _write_marker(old)  # if killed now, the next conversion removes it
+    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["convert", "ConvertError", "LoadError", "save_weights", "save_config"]
