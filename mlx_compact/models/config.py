@@ -8,10 +8,41 @@ Dialects met in the wild (see the project's design notes):
 mlx-vlm writes the Hugging Face config back with a ``quantization`` key added, so it is one of the above.
 """
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "silu")  # vision.ACTIVATIONS' names
+QUANT_MODES = {  # mode: (group sizes, bits) that mlx's quantize takes
+    "affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)),
+    "mxfp4": ((32,), (4,)),
+    "mxfp8": ((32,), (8,)),
+    "nvfp4": ((16,), (4,)),
+}
+QUANT_OVERRIDE_KEYS = ("group_size", "bits", "mode", "quantize_input")  # what to_quantized takes
+# Whole-number fields (text and vision share names): generous for every real Qwen-VL (Qwen2.5-VL-72B: width
+# 8192, 80 layers, MLP 29568, vocab 152064) and its successors, far below what would exhaust memory.
+BOUNDS = {
+    "hidden_size": (1, 65536),
+    "embed_dim": (1, 65536),
+    "out_hidden_size": (1, 65536),
+    "intermediate_size": (1, 262144),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "num_heads": (1, 1024),
+    "head_dim": (1, 1024),
+    "vocab_size": (1, 2**22),
+    "depth": (1, 256),
+    "patch_size": (1, 64),
+    "temporal_patch_size": (1, 16),
+    "spatial_merge_size": (1, 8),
+    "in_channels": (1, 16),
+    "window_size": (0, 65536),
+    "num_position_embeddings": (0, 65536),
+}
 
 
 class ConfigError(ValueError):
@@ -70,7 +101,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
-        """Normalize a raw config.json dict (any dialect) into a ModelConfig."""
+        """Normalize a raw config.json dict (any dialect) into a ModelConfig, validating it completely.
+
+        Every field the modules are sized by is checked for type (whole numbers are ints, not bools or
+        floats), bounds (`BOUNDS`) and consistency (head counts, M-RoPE sections, block indexes, widths),
+        as are the mlx quantization settings, so that building the model cannot crash or exhaust memory.
+        Raises `ConfigError` with a one-line message naming the key and its value. A null ``head_dim``,
+        ``num_key_value_heads``, ``mrope_section`` or ``eos_token_id`` counts as absent, as before.
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json holds {_kind(raw)}, not an object")
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
@@ -79,97 +119,244 @@ class ModelConfig:
             )
         if "vision_config" not in raw:
             raise ConfigError("config.json has no vision_config: this is not a Qwen-VL checkpoint")
-        text = _text_config(model_type, raw)
-        vision = _vision_config(model_type, raw["vision_config"], raw, text.hidden_size)
-        tc = raw.get("text_config") or {}
-
-        def tok(name, default):
-            return raw.get(name, tc.get(name, default))
-
-        eos = tok("eos_token_id", 151645)
+        tc = _object(raw, "text_config", "")
+        text = _text_config(model_type, raw, tc)
+        vc = _object(raw, "vision_config", "", required=True)
+        vision = _vision_config(model_type, vc, raw, text.hidden_size)
+        top = _Fields("", ("", raw), ("text_config.", tc))
+        ids = (0, text.vocab_size - 1)
+        eos_name, value = top.find(("eos_token_id",), 151645, nullable=True)
+        eos = list(value) if isinstance(value, (list, tuple)) else [value]
+        if eos_name and (not eos or any(type(e) is not int or not 0 <= e <= ids[1] for e in eos)):
+            _bad(eos_name, value, f"a token id or a list of token ids from 0 to {ids[1]}")
         return cls(
             model_type=model_type,
             text=text,
             vision=vision,
-            image_token_id=tok("image_token_id", tok("image_token_index", 151655)),
-            video_token_id=tok("video_token_id", tok("video_token_index", 151656)),
-            vision_start_token_id=tok("vision_start_token_id", 151652),
-            vision_end_token_id=tok("vision_end_token_id", 151653),
-            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
-            quantization=raw.get("quantization") or raw.get("quantization_config"),
+            image_token_id=top.whole("image_token_id", "image_token_index", default=151655, bounds=ids),
+            video_token_id=top.whole("video_token_id", "video_token_index", default=151656, bounds=ids),
+            vision_start_token_id=top.whole("vision_start_token_id", default=151652, bounds=ids),
+            vision_end_token_id=top.whole("vision_end_token_id", default=151653, bounds=ids),
+            eos_token_id=eos,
+            quantization=_quantization(raw),
         )
 
 
-def _rope(raw: dict, tc: dict) -> dict:
-    rope = {}
-    for src in (raw, tc):
-        for key in ("rope_scaling", "rope_parameters"):
-            if isinstance(src.get(key), dict):
-                rope.update(src[key])
-    return rope
+_REQUIRED = object()
 
 
-def _text_config(model_type: str, raw: dict) -> TextConfig:
-    tc = raw.get("text_config") or {}
-    merged = {**raw, **tc}
-    rope = _rope(raw, tc)
-    qwen3 = model_type == "qwen3_vl"
+def _show(value) -> str:
+    """A value as config.json spells it, cut short."""
     try:
-        hidden, heads = merged["hidden_size"], merged["num_attention_heads"]
-        section = rope.get("mrope_section") or ((24, 20, 20) if qwen3 else (16, 24, 24))
-        return TextConfig(
-            hidden_size=hidden,
-            num_hidden_layers=merged["num_hidden_layers"],
-            intermediate_size=merged["intermediate_size"],
-            num_attention_heads=heads,
-            num_key_value_heads=merged.get("num_key_value_heads") or heads,
-            head_dim=merged.get("head_dim") or hidden // heads,
-            vocab_size=merged["vocab_size"],
-            rms_norm_eps=merged.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", merged.get("rope_theta", 5e6 if qwen3 else 1e6)),
-            mrope_section=tuple(section),
-            mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
-            attention_bias=merged.get("attention_bias", not qwen3),
-            qk_norm=qwen3,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))),
-        )
-    except KeyError as e:
-        raise ConfigError(f"config.json lacks the language-model key {e.args[0]!r}") from None
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value) -> str:
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _bad(name: str, value, expected: str):
+    raise ConfigError(f"config.json: {name} is {_show(value)}; expected {expected}")
+
+
+def _whole(name: str, value, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        _bad(name, value, f"a whole number from {lo} to {hi}")
+    return value
+
+
+def _object(src: dict, key: str, prefix: str, required: bool = False) -> dict:
+    """``src[key]`` if it is a dict, {} if it is absent or null (and not required)."""
+    value = src.get(key)
+    if isinstance(value, dict):
+        return value
+    if value is None and not required:
+        return {}
+    _bad(prefix + key, value, "an object")
+
+
+class _Fields:
+    """Typed reads of keys from dicts searched in order (first hit wins); errors name the key's path."""
+
+    def __init__(self, what: str, *scopes):
+        self.what, self.scopes = what, scopes  # scopes: (path prefix, dict) pairs
+
+    def find(self, keys, default=_REQUIRED, nullable=False):
+        """(path, value) of the first of ``keys`` present, or (None, default)."""
+        for key in keys:
+            for prefix, src in self.scopes:
+                if key in src and not (nullable and src[key] is None):
+                    return prefix + key, src[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"config.json lacks the {self.what} key {keys[0]!r}")
+        return None, default
+
+    def whole(self, *keys, default=_REQUIRED, bounds=None, nullable=False) -> int:
+        name, value = self.find(keys, default, nullable)
+        return _whole(name, value, *(bounds or BOUNDS[keys[0]])) if name else value
+
+    def positive(self, key, default) -> float:
+        name, value = self.find((key,), default)
+        if name and (type(value) not in (int, float) or not 0 < value < math.inf):
+            _bad(name, value, "a positive number")
+        return value
+
+    def flag(self, key, default) -> bool:
+        name, value = self.find((key,), default)
+        if name and type(value) is not bool:
+            _bad(name, value, "true or false")
+        return value
+
+    def choice(self, key, default, choices, note=""):
+        name, value = self.find((key,), default)
+        if name and (type(value) is not type(choices[0]) or value not in choices):
+            _bad(name, value, f"one of {', '.join(map(str, choices))}{note}")
+        return value
+
+    def indexes(self, key, n: int) -> tuple:
+        """Distinct block indexes in [0, n)."""
+        name, value = self.find((key,), ())
+        if name and (
+            not isinstance(value, list)
+            or any(type(i) is not int or not 0 <= i < n for i in value)
+            or len(set(value)) != len(value)
+        ):
+            _bad(name, value, f"a list of distinct block indexes from 0 to {n - 1}")
+        return tuple(value)
+
+
+def _rope_scopes(raw: dict, tc: dict) -> list:
+    """The RoPE dicts, the one that wins first (later dialects override earlier ones)."""
+    scopes = []
+    for prefix, src in (("text_config.", tc), ("", raw)):
+        for key in ("rope_parameters", "rope_scaling"):
+            scopes.append((f"{prefix}{key}.", _object(src, key, prefix)))
+    return scopes
+
+
+def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
+    qwen3 = model_type == "qwen3_vl"
+    f = _Fields("language-model", ("text_config.", tc), ("", raw))
+    rope = _Fields("RoPE", *_rope_scopes(raw, tc))
+    hidden, heads = f.whole("hidden_size"), f.whole("num_attention_heads")
+    kv_heads = f.whole("num_key_value_heads", default=heads, nullable=True)
+    head_dim = f.whole("head_dim", default=None, nullable=True)
+    if head_dim is None:
+        if hidden % heads:
+            _bad("num_attention_heads", heads, f"a divisor of hidden_size {hidden} (there is no head_dim)")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        _bad("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads {heads}")
+    name, section = rope.find(("mrope_section",), (24, 20, 20) if qwen3 else (16, 24, 24), nullable=True)
+    if (
+        not isinstance(section, (list, tuple))
+        or len(section) != 3
+        or any(type(s) is not int or s < 0 for s in section)
+        or 2 * sum(section) != head_dim
+    ):
+        _bad(name or "mrope_section (absent: the default)", section,
+             f"3 whole numbers that sum to head_dim / 2 = {head_dim / 2:g}")
+    return TextConfig(
+        hidden_size=hidden,
+        num_hidden_layers=f.whole("num_hidden_layers"),
+        intermediate_size=f.whole("intermediate_size"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=f.whole("vocab_size"),
+        rms_norm_eps=f.positive("rms_norm_eps", 1e-6),
+        rope_theta=_Fields("RoPE", *rope.scopes, *f.scopes).positive("rope_theta", 5e6 if qwen3 else 1e6),
+        mrope_section=tuple(section),
+        mrope_interleaved=rope.flag("mrope_interleaved", qwen3),
+        attention_bias=f.flag("attention_bias", not qwen3),
+        qk_norm=qwen3,
+        tie_word_embeddings=_Fields("", ("", raw), ("text_config.", tc)).flag("tie_word_embeddings", False),
+    )
 
 
 def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> VisionConfig:
-    try:
-        if model_type == "qwen2_vl":
-            # Trap: embed_dim is the ViT width, hidden_size the LLM width.
-            width = vc["embed_dim"]
-            common = dict(
-                hidden_size=width,
-                intermediate_size=int(width * vc.get("mlp_ratio", 4)),
-                out_hidden_size=vc.get("hidden_size", llm_width),
-                hidden_act=vc.get("hidden_act", "quick_gelu"),
-            )
-        else:
-            common = dict(
-                hidden_size=vc["hidden_size"],
-                intermediate_size=vc["intermediate_size"],
-                out_hidden_size=vc.get("out_hidden_size", llm_width),
-                hidden_act=vc.get("hidden_act", "silu" if model_type == "qwen2_5_vl" else "gelu_pytorch_tanh"),
-            )
-        rope = vc.get("rope_parameters") or {}
-        return VisionConfig(
-            depth=vc["depth"],
-            num_heads=vc["num_heads"],
-            patch_size=vc.get("patch_size", vc.get("spatial_patch_size", 16 if model_type == "qwen3_vl" else 14)),
-            temporal_patch_size=vc.get("temporal_patch_size", 2),
-            spatial_merge_size=vc.get("spatial_merge_size", 2),
-            in_channels=vc.get("in_channels", vc.get("in_chans", 3)),
-            rope_theta=rope.get("rope_theta", vc.get("rope_theta", 10000.0)),
-            window_size=vc.get("window_size", 0),
-            fullatt_block_indexes=tuple(vc.get("fullatt_block_indexes", ())),
-            num_position_embeddings=vc.get("num_position_embeddings", 0),
-            deepstack_visual_indexes=tuple(vc.get("deepstack_visual_indexes", ())),
-            tokens_per_second=vc.get("tokens_per_second", raw.get("tokens_per_second", 2.0)),
-            **common,
-        )
-    except KeyError as e:
-        raise ConfigError(f"vision_config lacks the key {e.args[0]!r}") from None
+    v = _Fields("vision_config", ("vision_config.", vc))
+    if model_type == "qwen2_vl":
+        # Trap: embed_dim is the ViT width, hidden_size the LLM width.
+        width, out_key = v.whole("embed_dim"), "hidden_size"
+        ratio = v.positive("mlp_ratio", 4)
+        intermediate, (lo, hi) = int(width * ratio), BOUNDS["intermediate_size"]
+        if not lo <= intermediate <= hi:
+            _bad("vision_config.mlp_ratio", ratio, f"a ratio that makes embed_dim * mlp_ratio from {lo} to {hi}")
+        act = v.choice("hidden_act", "quick_gelu", ACTIVATIONS)
+    else:
+        width, out_key = v.whole("hidden_size"), "out_hidden_size"
+        intermediate = v.whole("intermediate_size")
+        act = v.choice("hidden_act", "silu" if model_type == "qwen2_5_vl" else "gelu_pytorch_tanh", ACTIVATIONS)
+    out_width = v.whole(out_key, default=llm_width, bounds=BOUNDS["out_hidden_size"])
+    if out_width != llm_width:
+        _bad(f"vision_config.{out_key}", out_width, f"the language model's hidden_size {llm_width}")
+    depth, heads = v.whole("depth"), v.whole("num_heads")
+    if width % heads or (width // heads) % 4:
+        _bad("vision_config.num_heads", heads,
+             f"a divisor of the vision width {width} into heads whose size is a multiple of 4")
+    patch = v.whole("patch_size", "spatial_patch_size", default=16 if model_type == "qwen3_vl" else 14)
+    merge = v.whole("spatial_merge_size", default=2)
+    window = v.whole("window_size", default=0)
+    if model_type == "qwen2_5_vl" and window < patch * merge:
+        _bad("vision_config.window_size", window, f"at least patch_size * spatial_merge_size = {patch * merge}")
+    positions = v.whole("num_position_embeddings", default=0)
+    if model_type == "qwen3_vl" and positions < 1:
+        _bad("vision_config.num_position_embeddings", positions, "at least 1 for Qwen3-VL (its position table)")
+    vision_rope = _object(vc, "rope_parameters", "vision_config.")
+    rope = _Fields("vision RoPE", ("vision_config.rope_parameters.", vision_rope), ("vision_config.", vc))
+    return VisionConfig(
+        depth=depth,
+        hidden_size=width,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        out_hidden_size=out_width,
+        patch_size=patch,
+        temporal_patch_size=v.whole("temporal_patch_size", default=2),
+        spatial_merge_size=merge,
+        in_channels=v.whole("in_channels", "in_chans", default=3),
+        hidden_act=act,
+        rope_theta=rope.positive("rope_theta", 10000.0),
+        window_size=window,
+        fullatt_block_indexes=v.indexes("fullatt_block_indexes", depth),
+        num_position_embeddings=positions,
+        deepstack_visual_indexes=v.indexes("deepstack_visual_indexes", depth),
+        tokens_per_second=_Fields("", ("vision_config.", vc), ("", raw)).positive("tokens_per_second", 2.0),
+    )
+
+
+def _quantization(raw: dict) -> Optional[dict]:
+    """The quantization settings as given, the mlx kind (not ``quant_method`` ones: the loader's) validated."""
+    q, qc = raw.get("quantization"), raw.get("quantization_config")
+    if q is not None:
+        _check_quantization("quantization", q)
+    if qc is not None:
+        _object(raw, "quantization_config", "")
+        if "quant_method" not in qc and ("bits" in qc or "group_size" in qc):
+            _check_quantization("quantization_config", qc)
+    return q or qc
+
+
+def _check_quantization(name: str, q, override: bool = False) -> None:
+    """bits / group_size / mode as mlx's quantize takes them; per-module override dicts likewise."""
+    if not isinstance(q, dict):
+        _bad(name, q, "an object")
+    if override and set(q) - set(QUANT_OVERRIDE_KEYS):
+        _bad(name, q, f"an object of {', '.join(QUANT_OVERRIDE_KEYS)}")
+    f = _Fields(name, (name + ".", q))
+    mode = f.choice("mode", "affine", tuple(QUANT_MODES))
+    sizes, bits = QUANT_MODES[mode]
+    default = None if override else _REQUIRED  # overrides default to the mode's own values, as to_quantized does
+    f.choice("group_size", default, sizes, f" for mode {mode}")
+    f.choice("bits", default, bits, f" for mode {mode}")
+    if override:
+        f.flag("quantize_input", False)
+        return
+    for key, value in q.items():
+        if isinstance(value, dict):
+            _check_quantization(f"{name}.{key}", value, override=True)
