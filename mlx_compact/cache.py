@@ -31,9 +31,14 @@ and ``state`` before the next update (a model's forward pass does this naturally
 """
 
 import json
+import os
+import stat
+import tempfile
 
 import mlx.core as mx
 
+from . import memory
+from .files import SAFETENSORS_DTYPES, InputError, checked_file, open_regular, safetensors_header
 from .kernels import quantize_rows
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "scaled_dot_product_attention",
     "save_cache",
     "load_cache",
+    "read_cache_file",
+    "SessionError",
     "cache_nbytes",
 ]
 
@@ -384,14 +391,27 @@ def scaled_dot_product_attention(queries, keys, values, scale, mask, cache=None)
 # ----- save / load -------------------------------------------------------------------
 
 _CLASSES = {"KVCache": KVCache, "FixedKVCache": FixedKVCache}
+MARKER = "mlx_compact.caches"  # the header entry that makes a safetensors file a session of this library
+_FLOATS = ("F16", "BF16", "F32")
+_LIMIT = 2**31  # token counts and positions are int32 in the model
+_DTYPE_NAMES = {mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", mx.uint32: "U32"}
+
+
+class SessionError(InputError):
+    """A session file that is not one of this library, is corrupt, or does not fit this model or chat."""
 
 
 def save_cache(path, caches, metadata=None):
     """Save a chat session's caches (one per layer) and a JSON-able `metadata` dict.
 
     `path` should end in ``.safetensors``. Only the held tokens are written; the caches
-    keep working (their buffers are read, not moved).
+    keep working (their buffers are read, not moved). The file is written next to `path`
+    and renamed onto it once complete. `SessionError` when `path` is a folder, a pipe, in
+    a folder that does not exist, or an existing file that is not a session file (such a
+    file is never overwritten; a previous session is).
     """
+    path = os.fspath(path)
+    folder = _save_folder(path)
     arrays, info = {}, []
     for i, c in enumerate(caches):
         parts = 0
@@ -400,23 +420,186 @@ def save_cache(path, caches, metadata=None):
             arrays.update({f"{i}.{name}.{j}": a for j, a in enumerate(x)})
             parts = len(x)
         info.append({"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts})
-    header = {"mlx_compact.caches": json.dumps(info), "metadata": json.dumps(metadata or {})}
-    mx.save_safetensors(path, arrays, header)
+    header = {MARKER: json.dumps(info), "metadata": json.dumps(metadata or {})}
+    fd, tmp = tempfile.mkstemp(prefix=".session-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            mx.save_safetensors(f, arrays, header)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def load_cache(path):
-    """Load what `save_cache` wrote; return ``(caches, metadata)``."""
-    arrays, header = mx.load(path, return_metadata=True)
+def _save_folder(path):
+    """The folder `path` is saved in, once sure that saving there overwrites no other kind of file."""
+    if not path or path.endswith(os.sep):
+        raise SessionError(f"cannot save to {path!r}: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        kind = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise SessionError(f"cannot save to {path}: {folder} {kind}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return folder
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
+        raise SessionError(f"cannot save to {path}: it is {kind}; give a file name")
+    try:
+        ours = MARKER in safetensors_header(path)["__metadata__"]
+    except InputError:
+        ours = False
+    if not ours:
+        raise SessionError(f"cannot save to {path}: it exists and is not a session file of mlx-compact; "
+                           "refusing to overwrite it: give another name")
+    return folder
+
+
+def read_cache_file(path) -> dict:
+    """Check a file written by `save_cache` from its header alone (nothing is allocated); describe it.
+
+    Returns a dict: ``class`` (the caches' class name, the same for every layer), ``meta`` (FixedKVCache's
+    max_tokens, pinned, max_chunk, bits (0 = float), group_size, offset as ints; ``()`` for KVCache),
+    ``parts`` (tensors per keys and per values), ``layers``, ``batch``, ``kv_heads``, ``head_dim`` and
+    ``dtype`` (None when the caches are empty), ``metadata`` (what `save_cache` was given), ``tensors``
+    ({name: (dtype, shape)}) and ``nbytes`` (what loading it allocates). Raises `SessionError`.
+    """
+    path = os.fspath(path)
+    what = f"session file {path}"
+    try:
+        checked_file(path, what="session file")
+    except FileNotFoundError:
+        raise SessionError(f"no session file {path}") from None
+    except InputError as e:
+        raise SessionError(str(e)) from None
+    try:
+        header = safetensors_header(path)
+    except InputError:
+        raise SessionError(f"{what} is not a safetensors file, or it is truncated or corrupt") from None
+    raw = header.pop("__metadata__")
+    if MARKER not in raw:
+        raise SessionError(f"{what} is not a session file of mlx-compact (no {MARKER!r} in its header)")
+
+    def corrupt(why):
+        return SessionError(f"{what} is corrupt: {why}")
+
+    try:
+        entries, metadata = json.loads(raw[MARKER]), json.loads(raw.get("metadata", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        raise corrupt("its description is not JSON") from None
+    if not isinstance(metadata, dict):
+        raise corrupt("its metadata is not a JSON object")
+    if not (isinstance(entries, list) and entries and all(e == entries[0] for e in entries)):
+        raise corrupt("it does not describe one cache per layer, all of the same kind")
+    entry = entries[0]
+    if not (isinstance(entry, dict) and set(entry) == {"class", "meta", "parts"}):
+        raise corrupt("a layer's description is not {class, meta, parts}")
+    cls, meta, parts = entry["class"], _cache_settings(entry, corrupt), entry["parts"]
+
+    layers = len(entries)
+    if len(header) != 2 * layers * parts:
+        raise corrupt(f"it holds {len(header)} tensors where its description says {2 * layers * parts}")
+    names = {f"{i}.{n}.{j}" for i in range(layers) for n in ("keys", "values") for j in range(parts)}
+    if set(header) != names:
+        missing, extra = sorted(names - set(header)), sorted(set(header) - names)
+        raise corrupt(f"tensor {missing[0]!r} is missing" if missing else f"it holds an unknown tensor {extra[0]!r}")
+    first = [header[f"0.keys.{j}"][:2] for j in range(parts)]  # (dtype, shape) of each part
+    if any(header[n][:2] != first[int(n.rsplit(".", 1)[1])] for n in names):
+        raise corrupt("its layers' keys and values differ in dtype or shape")
+    info = {"class": cls, "meta": meta, "parts": parts, "layers": layers, "metadata": metadata,
+            "tensors": {n: header[n][:2] for n in names}, "nbytes": sum(header[n][2] for n in names),
+            **_layout(first, cls, meta, corrupt)}
+    if cls == "FixedKVCache" and parts:  # the full buffers, allocated on load
+        per_token = sum(SAFETENSORS_DTYPES[d] * s[0] * s[1] * s[3] for d, s in first)
+        info["nbytes"] += 2 * layers * meta[0] * per_token
+    return info
+
+
+def _cache_settings(entry, corrupt):
+    """A layer description's settings as ints (FixedKVCache) or () (KVCache), checked for range."""
+    cls, meta, parts = entry["class"], entry["meta"], entry["parts"]
+    if type(parts) is not int:
+        raise corrupt(f"parts {parts!r} is not an integer")
+    if cls == "KVCache":
+        if meta != [] or parts not in (0, 1):
+            raise corrupt("a KVCache layer has settings or more than one part")
+        return ()
+    if cls != "FixedKVCache":
+        raise corrupt(f"unknown cache class {str(cls)[:40]!r}")
+    if not (isinstance(meta, list) and len(meta) == 6
+            and all(isinstance(s, str) and s.isascii() and s.isdigit() and len(s) <= 10 for s in meta)):
+        raise corrupt("FixedKVCache settings are not six integers")
+    max_tokens, pinned, max_chunk, bits, group_size, offset = values = tuple(map(int, meta))
+    if not (bits in (0, 4, 8) and group_size in (32, 64, 128) and 1 <= max_chunk <= max_tokens < _LIMIT
+            and pinned <= max_tokens - max_chunk and offset < _LIMIT):
+        raise corrupt(f"FixedKVCache settings {meta} are out of range")
+    if parts not in (0, 3 if bits else 1) or (parts == 0 and offset):
+        raise corrupt(f"a FixedKVCache of {bits or 'float'} bits holding {offset} tokens cannot have {parts} parts")
+    return values
+
+
+def _layout(keys, cls, meta, corrupt):
+    """batch, kv_heads, head_dim and dtype from layer 0's keys [(dtype, shape)], checked against `meta`."""
+    if not keys:
+        return dict(batch=None, kv_heads=None, head_dim=None, dtype=None)
+    dtype, shape = keys[0]
+    if len(shape) != 4 or 0 in (shape[0], shape[1], shape[3]):
+        raise corrupt(f"its keys have shape {list(shape)}, not [batch, kv_heads, tokens, head_dim]")
+    batch, kv_heads, tokens, width = shape
+    if cls == "FixedKVCache" and tokens != min(meta[5], meta[0]):
+        raise corrupt(f"it holds {tokens} tokens per layer where its settings say {min(meta[5], meta[0])}")
+    bits = meta[3] if meta else 0
+    if not bits:
+        if dtype not in _FLOATS:
+            raise corrupt(f"its keys have dtype {dtype}, not one of {', '.join(_FLOATS)}")
+        return dict(batch=batch, kv_heads=kv_heads, head_dim=width, dtype=dtype)
+    head_dim, group_size = width * 32 // bits, meta[4]
+    scales = (batch, kv_heads, tokens, head_dim // group_size)
+    float_dtype = keys[1][0]
+    if dtype != "U32" or head_dim % group_size or float_dtype not in _FLOATS \
+            or any(k != (float_dtype, scales) for k in keys[1:]):
+        raise corrupt(f"its {bits}-bit keys are not packed U32 words with float scales and biases "
+                      f"of shape {list(scales)}")
+    return dict(batch=batch, kv_heads=kv_heads, head_dim=head_dim, dtype=float_dtype)
+
+
+def load_cache(path, layers=None, kv_heads=None, head_dim=None):
+    """Load what `save_cache` wrote; return ``(caches, metadata)``.
+
+    The file is checked from its header first (`read_cache_file`): against the model when `layers`,
+    `kv_heads` and `head_dim` are given (batch 1), and what loading allocates against the memory this
+    device has available. Only then is it read. Raises `SessionError`.
+    """
+    path = os.fspath(path)
+    info = read_cache_file(path)
+    if layers is not None and info["layers"] != layers:
+        raise SessionError(f"session file {path} holds {info['layers']} cache layers; this model has {layers}: "
+                           "it was saved with another model")
+    theirs, ours = (info["batch"], info["kv_heads"], info["head_dim"]), (1, kv_heads, head_dim)
+    if info["parts"] and kv_heads is not None and theirs != ours:
+        raise SessionError(f"session file {path} holds keys of batch {theirs[0]}, {theirs[1]} kv heads and head_dim "
+                           f"{theirs[2]}; this model's are {ours[0]}, {ours[1]} and {ours[2]}: it was saved with "
+                           "another model")
+    available = memory.device_budget()["available"]
+    if available and info["nbytes"] > available:
+        raise SessionError(f"loading session file {path} needs {memory.fmt_bytes(info['nbytes'])}, more than the "
+                           f"{memory.fmt_bytes(available)} this device has available")
+    with open_regular(path, what="session file") as f:
+        arrays = mx.load(f, format="safetensors")
+    if {n: (_DTYPE_NAMES.get(a.dtype), tuple(a.shape)) for n, a in arrays.items()} != info["tensors"]:
+        raise SessionError(f"session file {path} changed while it was read; load it again")
+    cls, parts = _CLASSES[info["class"]], info["parts"]
     caches = []
-    for i, entry in enumerate(json.loads(header["mlx_compact.caches"])):
-        cls, parts = _CLASSES[entry["class"]], entry["parts"]
+    for i in range(info["layers"]):
         c = cls.__new__(cls)
-        if entry["meta"]:
-            c.meta_state = entry["meta"]
+        if info["meta"]:
+            c.meta_state = info["meta"]
         k, v = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(parts)) for name in ("keys", "values"))
         c.state = () if parts == 0 else (k[0], v[0]) if parts == 1 else (k, v)
         caches.append(c)
-    return caches, json.loads(header["metadata"])
+    mx.eval([c.state for c in caches])
+    return caches, info["metadata"]
 
 
 def cache_nbytes(layers, kv_heads, head_dim, tokens, dtype_bytes=2, bits=None, group_size=64):

@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import FixedKVCache, load_cache, save_cache
+from .cache import FixedKVCache, SessionError, load_cache, read_cache_file, save_cache
 from .generate import GenerationResult, _sampler, generate_step, make_cache, prepare_ids, run_stats
 from .memory import MemoryPlanError, wired_limit
 
@@ -145,16 +145,74 @@ class ChatSession:
         return False
 
     def save(self, path: str) -> None:
-        """Save the conversation (KV cache and position state) to a .safetensors file."""
+        """Save the conversation (KV cache and position state) to a .safetensors file.
+
+        Written atomically. `SessionError` (nothing written) when `path` is a folder, a pipe or a file
+        that is not a session file: only a previous session file is overwritten.
+        """
         meta = {"next_pos": self.next_pos, "turns": self.turns, "closed": self.closed,
-                "model_type": self.model.model_type}
+                "model_type": self.model.model_type, "model": _fingerprint(self.model)}
         save_cache(path, self.cache, {"chat": json.dumps(meta)})
 
     def load(self, path: str) -> None:
-        """Restore a conversation saved by ``save`` with the same model."""
-        cache, meta = load_cache(path)
-        state = json.loads(meta["chat"])
-        if state["model_type"] != self.model.model_type or len(cache) != len(self.cache):
-            raise ValueError(f"{path} was saved with a different model ({state['model_type']})")
+        """Restore a conversation saved by ``save`` with the same model and cache settings.
+
+        The file is checked completely before anything is loaded; on any error (`SessionError` naming
+        the problem) the conversation is left as it was.
+        """
+        info = read_cache_file(path)
+        state = _chat_state(path, info["metadata"], self.model)
+        self._check_settings(path, info)
+        t = self.model.config.text
+        cache, _ = load_cache(path, len(self.model.layers), t.num_key_value_heads, t.head_dim)
         self.cache, self.next_pos = cache, state["next_pos"]
         self.turns, self.closed = state["turns"], state["closed"]
+
+    def _check_settings(self, path: str, info: dict) -> None:
+        """Refuse a session whose cache is not the kind this chat makes (growing, or its fixed size and bits)."""
+        mine = make_cache(self.model, self.max_kv_tokens, self.kv_bits)[0]
+        ours = (type(mine).__name__, tuple(map(int, mine.meta_state)))
+        theirs = (info["class"], info["meta"])
+        if ours[0] == theirs[0] and ours[1][:1] + ours[1][2:5] == theirs[1][:1] + theirs[1][2:5]:
+            return  # pinned and offset are the conversation's, not settings
+        a, b = _cache_flags(*theirs), _cache_flags(*ours)
+        if a == b:  # same flags, other internals: a session written by a program, not by `mlx-compact chat`
+            raise SessionError(f"{path} was saved with a cache of max_chunk {theirs[1][2]} and group size "
+                               f"{theirs[1][4]}; this chat's has {ours[1][2]} and {ours[1][4]}: it cannot be loaded here")
+        fix = "restart chat without them" if theirs[0] == "KVCache" else f"restart chat with {a}"
+        raise SessionError(f"{path} was saved with {a}; this chat has {b}: {fix} to load it")
+
+
+def _fingerprint(model) -> dict:
+    """What a session's cache depends on: the model's type and the sizes of its language model."""
+    t = model.config.text
+    return {"model_type": model.model_type, "layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim, "hidden_size": t.hidden_size, "vocab_size": t.vocab_size}
+
+
+def _cache_flags(cls: str, meta: tuple) -> str:
+    """A cache's kind as the chat options that make it."""
+    if cls == "KVCache":
+        return "a growing cache"
+    return f"--max-kv-tokens {meta[0]}" + (f" --kv-bits {meta[3]}" if meta[3] else "")
+
+
+def _chat_state(path: str, metadata: dict, model) -> dict:
+    """The chat state (next_pos, turns, closed) a session file holds, checked to be for `model`."""
+    try:
+        state = json.loads(metadata["chat"])
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError):
+        state = None
+    if not (isinstance(state, dict) and isinstance(state.get("model_type"), str)
+            and all(type(state.get(k)) is int and 0 <= state[k] < 2**31 for k in ("next_pos", "turns"))
+            and type(state.get("closed")) is bool):
+        raise SessionError(f"session file {path} has no valid chat state: it was not saved by a chat, or it is corrupt")
+    fingerprint = state.get("model", {})  # files saved before it have only model_type: their shapes are checked
+    if not isinstance(fingerprint, dict):
+        raise SessionError(f"session file {path} has a corrupt model fingerprint")
+    theirs = {"model_type": state["model_type"], **fingerprint}
+    diff = [f"{k} {str(theirs[k])[:40]}, this model's {v}" for k, v in _fingerprint(model).items()
+            if k in theirs and theirs[k] != v]
+    if diff:
+        raise SessionError(f"session file {path} was saved with another model ({'; '.join(diff)})")
+    return state
