@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 
 from .cache import FixedKVCache, SessionError, load_cache, read_cache_file, save_cache
-from .generate import GenerationResult, _sampler, generate_step, make_cache, prepare_ids, run_stats
+from .generate import GenerationResult, _sampler, generate_step, make_cache, prepare_ids, run_stats, set_seed
 from .memory import MemoryPlanError, wired_limit
 
 
@@ -65,7 +65,7 @@ class ChatSession:
         Stopping early (closing the generator, Ctrl-C) keeps the part of the reply produced so far.
         """
         if seed is not None:
-            mx.random.seed(seed)
+            set_seed(seed)
         images = list(images or [])
         t0 = time.perf_counter()
         text = self.turn_text(prompt, len(images))

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 
 import mlx_compact  # noqa: F401  (loads OpenBLAS before mlx.core)
+from mlx_compact.files import InputError
 from mlx_compact.loader import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -35,7 +37,7 @@ METHOD_HELP = {
 }
 
 
-class UserError(Exception):
+class UserError(InputError):
     """An error the user can fix; printed as one line."""
 
 
@@ -79,6 +81,26 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0 (0: greedy), got {text!r}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"top-p must be a number in (0, 1] (1: no cut), got {text!r}")
     return value
 
 
@@ -152,14 +174,14 @@ def _add_sampling(p, top_p_seed: bool = True) -> None:
     g = p.add_argument_group("answer")
     g.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
                    help="longest answer, in tokens (about 3/4 of a word each; default %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    g.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
                    help="randomness of the answer: 0 (default) always picks the likeliest word; 0.7 is livelier")
     if top_p_seed:
-        g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+        g.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
                        help="with --temperature > 0, sample only from the likeliest words whose probabilities "
                             "add up to P (e.g. 0.9); default 1.0 (all words)")
         g.add_argument("--seed", type=int, default=None, metavar="S",
-                       help="random seed, so that a sampled answer can be repeated")
+                       help="random seed (any whole number), so that a sampled answer can be repeated")
 
 
 def _add_memory(p, fit: bool = True) -> None:
@@ -225,70 +247,11 @@ def _check_compaction(model, c) -> None:
 # ---------------------------------------------------------------- images
 
 
-def _open_image(path: str):
-    """Image.open, with HEIC/HEIF (the iPhone's format) when pillow-heif is installed."""
-    from PIL import Image
-
-    try:
-        from pillow_heif import register_heif_opener
-
-        register_heif_opener()
-    except ImportError:
-        pass
-    return Image.open(path)
-
-
-def _unreadable(path: str) -> UserError:
-    hint = ""
-    if str(path).lower().endswith((".heic", ".heif")):
-        hint = " (HEIC needs `pip install pillow-heif`, or export the photo as JPEG)"
-    return UserError(f"cannot read image {path}: Pillow does not recognise it (a corrupt file, or an unsupported "
-                     f"format or pixel mode){hint}")
-
-
 def _read_image(path: str):
-    """Decode an image file into an RGB PIL image: EXIF rotation applied, transparency on white, 16-bit
-    greyscale scaled to 8 bits; any mode Pillow can convert is converted, anything else is refused."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """An image file, read from its header only (`mlx_compact.images.open_image`): decoded after the plan."""
+    from mlx_compact.images import open_image
 
-    from mlx_compact.processor import to_rgb
-
-    try:
-        with _open_image(path) as im:
-            im.load()
-            mode = im.mode
-            im = ImageOps.exif_transpose(im)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise UserError(f"image not found: {path}") from None
-    except UnidentifiedImageError:
-        raise _unreadable(path) from None
-    except Image.DecompressionBombError as e:
-        raise UserError(f"image {path} is too large to decode safely ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: corrupt or truncated ({e})") from None
-    try:
-        if mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255
-            a = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray(np.clip(a / 257.0 if a.max() > 255 else a, 0, 255).astype(np.uint8), "L")
-        return to_rgb(im)
-    except (ValueError, OSError) as e:
-        raise UserError(f"image {path} has pixel mode {mode}, which cannot be converted to RGB ({e})") from None
-
-
-def _image_size(path: str) -> tuple:
-    """(height, width) from the image header, without decoding pixels."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        with _open_image(path) as im:
-            return im.size[1], im.size[0]
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise UserError(f"image not found: {path}") from None
-    except UnidentifiedImageError:
-        raise _unreadable(path) from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: corrupt or truncated ({e})") from None
+    return open_image(path)
 
 
 def _prompt_tokens(processor, text: str, images, max_pixels, c) -> int:
@@ -386,22 +349,37 @@ def _load_checked(args):
     _check_cache_args(args)
     c = _compaction(args)
     images = [_read_image(p) for p in args.image]
-    model, processor = load(args.model)
+    model, processor = load(args.model, memory_budget=args.memory_budget)
     _check_compaction(model, c)
     _check_kv_bits(model, args.kv_bits)
     return model, processor, c, images
 
 
+def _fit_note(processor, images, before, after) -> None:
+    """Say on stderr what --fit auto changed."""
+    if after == before:
+        return
+    old = sum(processor.image_size_tokens(im.height, im.width, max_pixels=before) for im in images)
+    new = sum(processor.image_size_tokens(im.height, im.width, max_pixels=after) for im in images)
+    _say(f"--fit auto: images shrunk to at most {after} pixels each to fit in memory ({old} -> {new} visual "
+         "tokens); pass --max-pixels to choose yourself")
+
+
 def run_generate(args) -> int:
-    from mlx_compact.generate import stream_generate
+    from mlx_compact.generate import check_memory, check_prompt, stream_generate
 
     model, processor, c, images = _load_checked(args)
+    check_prompt(processor, args.prompt)
+    max_pixels = check_memory(model, processor, args.prompt, images, max_pixels=args.max_pixels, compaction=c,
+                              max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_tokens=args.max_tokens,
+                              budget=args.memory_budget, fit=args.fit)
+    _fit_note(processor, images, args.max_pixels, max_pixels)
     if args.max_kv_tokens is not None:
         text = processor.build_prompt(args.prompt, n_images=len(images))
-        _check_fits_cache(_prompt_tokens(processor, text, images, args.max_pixels, c), args.max_kv_tokens)
+        _check_fits_cache(_prompt_tokens(processor, text, images, max_pixels, c), args.max_kv_tokens)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                  max_pixels=args.max_pixels, compaction=c, max_kv_tokens=args.max_kv_tokens,
-                  kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit)
+                  max_pixels=max_pixels, compaction=c, max_kv_tokens=args.max_kv_tokens,
+                  kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit="refuse")
     stream = args.stats == "text"
     stats = None
     for item in stream_generate(model, processor, args.prompt, images, **kwargs, progress=_prefill_progress()):
@@ -491,6 +469,8 @@ class _Chat:
             path = arg if arg.endswith(".safetensors") else arg + ".safetensors"
             try:
                 s.save(path) if name == "/save" else s.load(path)
+            except InputError:
+                raise  # names the file and what to do
             except (OSError, ValueError, KeyError) as e:
                 raise UserError(f"cannot {name[1:]} {path}: {_one_line(e)}") from None
             _say(f"{'saved to' if name == '/save' else 'loaded'} {path}")
@@ -499,15 +479,15 @@ class _Chat:
         return True
 
     def ask(self, question: str) -> None:
-        from mlx_compact.generate import check_memory
+        from mlx_compact.generate import check_memory, check_prompt
 
         a, s = self.args, self.session
         images = self.pending
-        max_pixels = s.max_pixels
-        if images:
-            max_pixels = check_memory(s.model, s.processor, question, images, max_pixels=s.max_pixels,
-                                      compaction=s.compaction, max_kv_tokens=a.max_kv_tokens, kv_bits=a.kv_bits,
-                                      max_tokens=a.max_tokens, budget=a.memory_budget, fit=a.fit)
+        check_prompt(s.processor, question)
+        max_pixels = check_memory(s.model, s.processor, question, images, max_pixels=s.max_pixels,
+                                  compaction=s.compaction, max_kv_tokens=a.max_kv_tokens, kv_bits=a.kv_bits,
+                                  max_tokens=a.max_tokens, budget=a.memory_budget, fit=a.fit)
+        _fit_note(s.processor, images, s.max_pixels, max_pixels)
         if a.max_kv_tokens is not None:
             n = _prompt_tokens(s.processor, s.turn_text(question, len(images)), images, max_pixels, s.compaction)
             _check_fits_cache(n, a.max_kv_tokens, "this question")
@@ -553,14 +533,13 @@ def _lines(interactive: bool):
 
 
 def run_chat(args) -> int:
-    import mlx.core as mx
-
     from mlx_compact.chat import ChatSession
+    from mlx_compact.generate import set_seed
     from mlx_compact.memory import MemoryPlanError
 
     model, processor, c, images = _load_checked(args)
     if args.seed is not None:
-        mx.random.seed(args.seed)
+        set_seed(args.seed)
     session = ChatSession(model, processor, system_prompt=args.system, compaction=c,
                           max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_pixels=args.max_pixels)
     chat = _Chat(args, session, images)
@@ -579,8 +558,13 @@ def run_chat(args) -> int:
                         break
                 else:
                     chat.ask(line)
-            except (UserError, MemoryPlanError) as e:
+            except (UserError, InputError, MemoryPlanError) as e:
                 print(f"mlx-compact chat: error: {_one_line(e)}", file=sys.stderr, flush=True)
+                failed = True
+            except BrokenPipeError:
+                raise
+            except Exception as e:  # a failed turn or command keeps the conversation: report it and go on
+                print(f"mlx-compact chat: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr, flush=True)
                 failed = True
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -628,7 +612,7 @@ def run_plan(args) -> int:
     from mlx_compact.processor import Processor
 
     _check_cache_args(args)
-    sizes = [_image_size(p) for p in args.image]
+    sizes = [(im.height, im.width) for im in map(_read_image, args.image)]
     path = resolve(args.model)
     model = load_model(path, lazy=True)  # weights stay on disk: only their sizes are read
     processor = Processor.from_pretrained(path)
@@ -643,7 +627,7 @@ def run_plan(args) -> int:
         images = [{"path": f, "height": h, "width": w, "visual_tokens": b, "kept": k}
                   for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens)]
         print(json.dumps({"model": args.model or DEFAULT_MODEL, "images": images, "weights": p.weights, "kv": p.kv,
-                          "vision": p.vision, "prefill": p.prefill, "peak": p.peak, "budget": p.budget,
+                          "decode": p.decode, "vision": p.vision, "prefill": p.prefill, "peak": p.peak, "budget": p.budget,
                           "budget_source": source, "tokens": p.tokens, "visual_tokens": p.visual_tokens,
                           "fits": p.fits, "what_would_fit": advice}))
         return 0
@@ -724,7 +708,7 @@ def main(argv=None) -> int:
 
     try:
         return args.run(args)
-    except (UserError, LoadError, ConvertError, MemoryPlanError, FileNotFoundError, PermissionError) as e:
+    except (InputError, LoadError, ConvertError, MemoryPlanError, FileNotFoundError, PermissionError) as e:
         print(f"mlx-compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

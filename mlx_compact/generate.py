@@ -4,6 +4,7 @@ A stack of generators, as in mlx-lm: ``generate_step`` yields token ids, ``strea
 text chunks and finally the stats, ``generate`` collects everything into a ``GenerationResult``.
 """
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -12,8 +13,10 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import FixedKVCache, KVCache
-from .memory import MemoryPlanError, fmt_bytes, plan, wired_limit
+from .memory import MemoryPlanError, fmt_bytes, plan, weights_bytes, wired_limit
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
+from .files import InputError
+from .images import ImageFile, open_image
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Prepared:
     compaction_s: float = 0.0
     kept: Optional[np.ndarray] = None  # [L] row of the uncompacted prompt behind each row
     compaction: Optional[Compaction] = None  # the compaction applied (None: uncompacted)
+    decode_bytes: int = 0  # the largest image file's decoded pixels
 
 
 def _sampler(temperature: float, top_p: float = 1.0) -> Callable[[mx.array], mx.array]:
@@ -50,6 +54,32 @@ def _sampler(temperature: float, top_p: float = 1.0) -> Callable[[mx.array], mx.
     from mlx_lm.sample_utils import make_sampler
 
     return make_sampler(temp=temperature, top_p=top_p)
+
+
+def set_seed(value: int) -> None:
+    """Seed MLX's generator with any integer (taken modulo 2**64, as MLX takes 64-bit seeds)."""
+    mx.random.seed(int(value) % 2**64)
+
+
+def check_prompt(processor, prompt: str) -> None:
+    """Refuse a prompt that is not valid text or that holds one of the model's special tokens (such as
+    ``<|image_pad|>`` or ``<|im_start|>``): the tokenizer would read them as structure, not as text."""
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the prompt is not valid UTF-8 text; re-encode it as UTF-8") from None
+    special = getattr(processor, "special_texts", None)
+    if special is None:
+        decoder = getattr(processor.tokenizer, "added_tokens_decoder", {}) or {}
+        special = sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
+                         | set(getattr(processor.tokenizer, "all_special_tokens", [])), key=len, reverse=True)
+        processor.special_texts = special
+    hit = next((t for t in special if t and t in prompt), None)
+    if hit is not None:
+        raise InputError(f"the prompt contains the model's special token {hit}, which would be read as prompt "
+                         "structure rather than text; remove it (images are given separately)")
 
 
 def set_default_compaction(model, compaction) -> None:
@@ -108,8 +138,10 @@ def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=
     prompt_ids = None
     if _active(model, compaction) is not None and _active(model, compaction).single_turn:
         prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=compaction, prompt_ids=prompt_ids,
+    prep = prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=compaction, prompt_ids=prompt_ids,
                        preprocess_s=time.perf_counter() - t0)
+    prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)], default=0)
+    return prep
 
 
 def make_cache(model, max_kv_tokens: Optional[int] = None, kv_bits: Optional[int] = None,
@@ -209,13 +241,31 @@ def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None)
     return [processor.image_size_tokens(*_hw(im), max_pixels=max_pixels) * merge for im in images]
 
 
+def image_files(images: Sequence) -> list:
+    """Paths become `ImageFile`s (headers read, nothing decoded); other images are kept as they are."""
+    return [open_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
+
+
+def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[Sequence[int]] = None) -> int:
+    """The largest decode peak among the image files (in-memory images are already decoded: 0)."""
+    peaks = [0]
+    for i, im in enumerate(images):
+        if isinstance(im, ImageFile):
+            peaks.append(im.decode_bytes(scales[i] if scales else None))
+    return max(peaks)
+
+
 def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0,
-             max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None):
-    """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens)."""
+             max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
+             scales: Optional[Sequence[int]] = None):
+    """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
+
+    ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``)."""
+    images = image_files(images)
     text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
     return plan(model, image_patches(processor, images, max_pixels), text_tokens, keep=keep,
                 max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
-                budget=budget)
+                budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales))
 
 
 def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> List[dict]:
@@ -250,38 +300,62 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
                  fit: str = "refuse"):
     """Plan the run before anything is allocated. Returns the (possibly lowered) max_pixels.
 
+    Every run is planned, text-only ones too (weights, the KV cache asked for, the prompt). Image files
+    (paths or `ImageFile`s) are planned from their headers, with the pixels their decoding holds; a JPEG
+    whose full decode would not fit is decoded at 1/2 to 1/8 of its size (never below what the model
+    sees): its ``ImageFile.scale`` is set here.
+
     ``fit="refuse"`` raises ``MemoryPlanError`` naming what would fit; ``"auto"`` lowers max_pixels until
     the plan fits (and refuses if nothing does); ``"off"`` skips the check.
     """
-    if fit == "off" or not images:
+    if fit == "off":
         return max_pixels
     c = _active(model, compaction)
     keep = 1.0 if c is None or c.is_identity or c.tokens is not None else c.keep
     settings = dict(max_pixels=max_pixels, keep=keep, max_kv_tokens=max_kv_tokens, kv_bits=kv_bits,
                     max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
+    images = image_files(images)
     p = plan_run(model, processor, prompt, images, **settings)
     if p.fits:
+        return max_pixels
+    if _reduce_decodes(model, processor, prompt, images, settings):
         return max_pixels
     advice = what_fits(model, processor, prompt, images, **settings)
     smaller = next((a["max_pixels"] for a in advice if "max_pixels" in a), None)
     if fit == "auto" and smaller is not None:
+        _reduce_decodes(model, processor, prompt, images, {**settings, "max_pixels": smaller})
         return smaller
     f = fmt_bytes
     tips = ", ".join(" ".join(f"{k}={v}" for k, v in a.items()) for a in advice)
+    if not tips and p.decode > max(p.vision, p.kv + p.prefill):
+        tips = "nothing at these settings: decoding the largest image alone takes most of it; use a smaller image"
     raise MemoryPlanError(
-        f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, vision peak {f(p.vision)}, "
-        f"prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "
+        f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, image decode {f(p.decode)}, "
+        f"vision peak {f(p.vision)}, prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "
         f"{tips or 'nothing at these settings; use a smaller model'}"
     )
 
 
-def _hw(im) -> tuple:
-    """(height, width) of a path, PIL image or HWC array, without decoding pixels."""
-    if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__"):
-        from PIL import Image
+def _reduce_decodes(model, processor, prompt: str, images: list, settings: dict) -> bool:
+    """Decode JPEGs at the smallest reduction that keeps the size the model sees, largest first, until the
+    plan fits; set their ``scale`` and return True if it does (else leave every scale at 1)."""
+    files = sorted((im for im in images if isinstance(im, ImageFile)), key=lambda im: -im.decode_bytes(1))
+    for im in files:
+        h, w = processor.image_resized_size(im.height, im.width, max_pixels=settings.get("max_pixels"))
+        im.scale = im.max_scale(h, w)
+        if plan_run(model, processor, prompt, images, **settings).fits:
+            return True
+    for im in files:
+        im.scale = 1
+    return False
 
-        with Image.open(im) as f:
-            return f.size[1], f.size[0]
+
+def _hw(im) -> tuple:
+    """(height, width) of a path, ImageFile, PIL image or HWC array, without decoding pixels."""
+    if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__"):
+        im = open_image(im)
+    if isinstance(im, ImageFile):
+        return im.height, im.width
     if hasattr(im, "size") and not hasattr(im, "shape"):
         return im.size[1], im.size[0]
     return im.shape[0], im.shape[1]
@@ -315,9 +389,10 @@ def stream_generate(
     (system prompt and images) is pinned. ``memory_budget`` / ``fit``: see ``check_memory``.
     ``progress(done, total)`` is called after each prefill chunk.
     """
+    check_prompt(processor, prompt)
     if seed is not None:
-        mx.random.seed(seed)
-    images = list(images or [])
+        set_seed(seed)
+    images = image_files(images or [])
     max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction,
                               max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens,
                               prefill_step=prefill_step, budget=memory_budget, fit=fit)
@@ -340,11 +415,12 @@ def stream_generate(
                 yield new_text[len(text) :]
                 text = new_text
     t_end = time.perf_counter()
-    stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end)
+    stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
     yield {"text": processor.decode(tokens), "tokens": tokens, **stats}
 
 
-def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float) -> dict:
+def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float,
+              model=None) -> dict:
     """The stats every run reports (see ``generate``)."""
     decoded = max(n_generated - 1, 0)
     ttft = {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill}
@@ -360,7 +436,9 @@ def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t
         "kv_evicted_tokens": max(0, held - getattr(cache[0], "max_tokens", held)),
         "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else 0.0,
-        "peak_memory_bytes": mx.get_peak_memory(),
+        "image_decode_bytes": prep.decode_bytes,
+        # decoded pixels live in numpy/PIL, beside the weights, before MLX sees them
+        "peak_memory_bytes": max(mx.get_peak_memory(), weights_bytes(model) + prep.decode_bytes if model else 0),
     }
 
 

@@ -10,13 +10,13 @@ Accepted checkpoints:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .files import InputError, checked_file, checkpoint_root, plain_name, read_json, safetensors_header
 from .models import build_model
 from .models.config import MODEL_TYPES, ConfigError
 
@@ -29,14 +29,15 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.t
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class LoadError(ValueError):
+class LoadError(InputError):
     """A checkpoint cannot be loaded; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- public
 
 
-def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = None, compaction=None):
+def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = None, compaction=None,
+         memory_budget: int | None = None):
     """Load a Qwen-VL checkpoint and return ``(model, processor)``.
 
     path_or_repo: a local directory (ours, mlx-vlm's, or a raw Hugging Face checkpoint) or a hub repo
@@ -46,10 +47,12 @@ def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = 
     revision: a branch, tag or commit of the hub repo.
     compaction: the model's default visual-token compaction (a ``Compaction``, or a spec such as
     ``"diversity:0.33"``), used by ``generate`` and ``ChatSession`` when they are not given one.
+    memory_budget: bytes the weights may take (default: what this device allows); checked from the
+    safetensors headers before anything is allocated.
     Raises `LoadError` with a message naming the problem.
     """
     path = resolve(path_or_repo, revision=revision)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, memory_budget=memory_budget)
     if compaction is not None:
         from .generate import set_default_compaction
 
@@ -59,16 +62,24 @@ def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = 
     return model, Processor.from_pretrained(path)
 
 
-def load_model(path_or_repo: str | Path, *, dtype=None, revision: str | None = None, lazy: bool = False):
-    """Load only the model (see `load`). ``lazy=True`` leaves the weights unevaluated (for conversion)."""
+def load_model(path_or_repo: str | Path, *, dtype=None, revision: str | None = None, lazy: bool = False,
+               memory_budget: int | None = None):
+    """Load only the model (see `load`). ``lazy=True`` leaves the weights unevaluated (for conversion and
+    planning) and skips the memory check."""
     path = resolve(path_or_repo, revision=revision)
     config = read_config(path)
     try:
         model = build_model(config)
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:  # a config the validation missed
+        raise LoadError(f"{path}: config.json does not describe a buildable model ({e})") from None
 
-    weights = model.sanitize(read_weights(path))
+    files = weight_files(path)
+    headers = {f: safetensors_header(f, checkpoint_root(path)) for f in files}
+    if not lazy:
+        _check_weights_fit(path, headers, _resolve_dtype(dtype), memory_budget)
+    weights = model.sanitize(read_weights(path, files))
     quantization = _quantization(config)
     if quantization is not None:
         _quantize_like(model, quantization, weights)
@@ -92,6 +103,7 @@ def resolve(path_or_repo: str | Path | None, *, revision: str | None = None) -> 
     if path.exists():
         if not path.is_dir():
             raise LoadError(f"{path} is a file; give the checkpoint's directory instead")
+        check_files(path)
         return path
     name = str(path_or_repo)
     if not _looks_like_repo_id(name):
@@ -99,12 +111,30 @@ def resolve(path_or_repo: str | Path | None, *, revision: str | None = None) -> 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        path = Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # hub errors come in many classes; all mean "could not get it"
         raise LoadError(
             f"{name} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
         ) from None
+    check_files(path)
+    return path
+
+
+def check_files(path: Path) -> None:
+    """Every file of the checkpoint that a load may read (weights, JSON, tokenizer, template) is a regular
+    file inside the checkpoint (a hub snapshot: inside the repo's cache folder); else `LoadError`."""
+    root = checkpoint_root(path)
+    for f in sorted(path.iterdir()):
+        if f.is_dir() and not f.is_symlink():
+            continue  # subfolders are never read
+        if any(f.match(p) for p in ALLOW_PATTERNS):
+            try:
+                checked_file(f, root, "checkpoint file")
+            except FileNotFoundError:
+                raise LoadError(f"{f} is a broken link; download the checkpoint again") from None
+            except InputError as e:
+                raise LoadError(str(e)) from None
 
 
 def read_config(path: Path) -> dict:
@@ -114,9 +144,9 @@ def read_config(path: Path) -> dict:
     if not file.exists():
         raise LoadError(f"{path} has no config.json: not a Qwen-VL checkpoint (supported: {supported})")
     try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{file} is not valid JSON ({e})") from None
+        config = read_json(file, checkpoint_root(path), "config.json")
+    except InputError as e:
+        raise LoadError(str(e)) from None
     if config.get("model_type") not in MODEL_TYPES:
         raise LoadError(
             f"{path}: model_type {config.get('model_type')!r} is not a supported Qwen-VL model "
@@ -128,9 +158,16 @@ def read_config(path: Path) -> dict:
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those named in the index, else every *.safetensors."""
     path = Path(path)
+    root = checkpoint_root(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        try:
+            weight_map = read_json(index, root, index.name).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{index}: weight_map is not an object; download the checkpoint again")
+            names = sorted({plain_name(n, f"{index.name}") for n in weight_map.values()})
+        except InputError as e:
+            raise LoadError(str(e)) from None
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise LoadError(
@@ -152,12 +189,44 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def read_weights(path: Path) -> dict:
-    """Every tensor of the checkpoint, loaded lazily (nothing is read until evaluated)."""
+def read_weights(path: Path, files: list[Path] | None = None) -> dict:
+    """Every tensor of the checkpoint, loaded lazily (nothing is read until evaluated).
+
+    Each file's header is validated first (`mlx_compact.files.safetensors_header`)."""
     weights = {}
-    for f in weight_files(path):
-        weights.update(mx.load(str(f)))
+    root = checkpoint_root(path)
+    for f in files if files is not None else weight_files(path):
+        try:
+            safetensors_header(f, root)
+            weights.update(mx.load(str(f)))
+        except InputError as e:
+            raise LoadError(str(e)) from None
+        except (RuntimeError, ValueError, OSError) as e:
+            raise LoadError(f"weights file {f} cannot be read ({_first_line(e)}); download it again") from None
     return weights
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_weights_fit(path: Path, headers: dict, dtype, budget) -> None:
+    """Refuse, before anything is allocated, weights larger than the memory budget (from the headers)."""
+    from .memory import device_budget, fmt_bytes
+
+    total = 0
+    for header in headers.values():
+        for name, entry in header.items():
+            if name != "__metadata__":
+                kind, shape, nbytes = entry
+                if dtype is not None and kind in ("F16", "BF16", "F32", "F64"):
+                    nbytes = nbytes // {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[kind] * dtype.size
+                total += nbytes
+    if budget is None:
+        budget = device_budget()["available"]
+    if total > budget:
+        raise LoadError(f"{path}: the weights take {fmt_bytes(total)} but {fmt_bytes(budget)} is available; use a "
+                        "smaller or more quantized checkpoint (e.g. a 4-bit one)")
 
 
 # ---------------------------------------------------------------- helpers
@@ -249,3 +318,6 @@ def _check_weights(model: nn.Module, weights: dict, path: Path) -> None:
                 f"{path}: tensor {name} has shape {tuple(weights[name].shape)} in the checkpoint but "
                 f"config.json implies {tuple(param.shape)}: the config does not match the weights"
             )
+        if _is_float(param) != _is_float(weights[name]) or (not _is_float(param) and param.dtype != weights[name].dtype):
+            raise LoadError(f"{path}: tensor {name} has dtype {weights[name].dtype} in the checkpoint where "
+                            f"{param.dtype} is expected: the checkpoint is corrupt")

@@ -146,12 +146,13 @@ class Plan:
     budget: int
     tokens: int = 0
     visual_tokens: List[int] = field(default_factory=list)
+    decode: int = 0  # the largest image decode (pixels and conversion copies), before the vision tower
 
     @property
     def peak(self) -> int:
-        # the vision tower runs before the KV cache is allocated (generate makes the cache after
-        # prepare), so the KV counts only with the prefill
-        return self.weights + max(self.vision, self.kv + self.prefill)
+        # images are decoded one at a time, then the vision tower runs, then the KV cache is allocated
+        # (generate makes the cache after prepare), so the KV counts only with the prefill
+        return self.weights + max(self.decode, self.vision, self.kv + self.prefill)
 
     @property
     def fits(self) -> bool:
@@ -159,7 +160,7 @@ class Plan:
 
     def summary(self) -> str:
         rows = [
-            ("weights", self.weights), ("KV cache", self.kv), ("vision peak", self.vision),
+            ("weights", self.weights), ("KV cache", self.kv), ("image decode", self.decode), ("vision peak", self.vision),
             ("prefill peak", self.prefill), ("total peak", self.peak), ("device budget", self.budget),
         ]
         lines = [f"{name:>14}: {fmt_bytes(v):>12}" for name, v in rows]
@@ -178,12 +179,14 @@ def plan(
     max_tokens: int = 256,
     prefill_step: int = 512,
     budget: Optional[int] = None,
+    decode_bytes: int = 0,
 ) -> Plan:
     """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
 
     Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
-    (``max_kv_tokens``) allocates all its slots on the first write.
+    (``max_kv_tokens``) allocates all its slots on the first write. ``decode_bytes``: the peak of decoding
+    the largest image file (`mlx_compact.images.ImageFile.decode_bytes`).
     """
     c = model.config
     merge = c.vision.spatial_merge_size**2
@@ -218,6 +221,7 @@ def plan(
         budget=budget if budget is not None else device_budget()["available"],
         tokens=tokens,
         visual_tokens=visual,
+        decode=decode_bytes,
     )
 
 

@@ -68,14 +68,19 @@ def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor
 
 
 def to_rgb(image) -> Image.Image:
-    """PIL RGB image from a PIL image (any mode), a uint8 numpy array (HW, HWC with 1/3/4 channels) or a path.
+    """PIL RGB image from a PIL image (any mode), a uint8 numpy array (HW, HWC with 1/3/4 channels), a path or
+    an `mlx_compact.images.ImageFile`.
 
-    Transparency is composited onto white, as transformers does.
+    Transparency is composited onto white, as transformers does; files are decoded by
+    `mlx_compact.images` (EXIF rotation applied, 16-bit greyscale scaled to 8 bits).
     """
+    from .images import ImageFile, read_image
+
     if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-        image.load()
-    elif isinstance(image, np.ndarray):
+        return read_image(image)
+    if isinstance(image, ImageFile):
+        return image.decode()
+    if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"numpy images must be uint8 HWC, got dtype {image.dtype}")
         if image.ndim == 3 and image.shape[-1] == 1:

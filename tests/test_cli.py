@@ -32,7 +32,7 @@ SCRIPT = Path(sys.executable).parent / "mlx-compact"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mlx_compact.cli"]
 STATS_KEYS = {
     "prompt_tokens", "generation_tokens", "visual_tokens", "kv_bytes_allocated", "kv_bytes_used",
-    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens",
+    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes",
 }
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
 CHAT_SCRIPT = """what is in the picture
@@ -218,17 +218,26 @@ def test_generate_text_mode_streams_the_answer_and_stats_go_to_stderr(tiny_check
     assert "->5)" in stats and "compaction" in stats  # --tokens 5
 
 
-def test_plan_json_equals_memory_plan_in_process(runs, loaded, files):
+def test_plan_json_equals_memory_plan_in_process(runs, loaded, files, tiny_checkpoint):
     r = _ok(runs, "plan_json")
     got = json.loads(r.stdout)
     model, proc = loaded["qwen2_vl"]
     paths = [str(files / "big.png"), str(files / "img.png")]
     kw = dict(keep=0.5, max_kv_tokens=4096, max_tokens=64, budget=4 * 2**20)
     text = len(proc.tokenizer("")["input_ids"]) + 32
-    p = plan(model, image_patches(proc, paths, 200000), text, **kw)
-    for key in ("weights", "kv", "vision", "prefill", "peak", "budget", "tokens", "visual_tokens", "fits"):
+    decode = 8000 * 6000 * 4  # the largest decode: big.png's RGB pixels, 4 bytes each in Pillow
+    p = plan(model, image_patches(proc, paths, 200000), text, **kw, decode_bytes=decode)
+    for key in ("weights", "kv", "vision", "prefill", "decode", "peak", "budget", "tokens", "visual_tokens", "fits"):
         assert got[key] == getattr(p, key), key
     assert [(i["width"], i["height"]) for i in got["images"]] == [(8000, 6000), Image.open(paths[1]).size]
+    assert not got["fits"] and got["what_would_fit"] == []  # no setting shrinks a PNG's decode
+
+    # without the big PNG, the same budget is missed by the vision and KV peaks, which settings can shrink
+    paths = paths[1:]
+    kw["budget"] = plan(model, image_patches(proc, paths, 200000), text, **kw).peak - 1
+    got = json.loads(_run(["plan", "--model", tiny_checkpoint("qwen2_vl"), "--image", paths[0], "--keep", "0.5",
+                           "--max-kv-tokens", "4096", "--max-pixels", "200000", "--max-tokens", "64",
+                           "--memory-budget", str(kw["budget"]), "--json"]).stdout)
     assert not got["fits"] and got["what_would_fit"]
     for advice in got["what_would_fit"]:  # every suggestion really fits
         opts = advice.split()

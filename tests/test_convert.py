@@ -127,7 +127,8 @@ def test_every_source_layout_converts(ckpt, tmp_path):
 def test_existing_output_is_refused_without_force(ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    for name, text in (("keep.txt", "mine"), ("config.json", "{}"), ("model.safetensors", "")):
+        (out / name).write_text(text)  # a previous output, as far as --force checks
     with pytest.raises(ConvertError, match="already exists.*--force"):
         convert(ckpt("qwen2_vl"), out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
@@ -141,7 +142,8 @@ def test_interrupted_conversion_leaves_nothing(ckpt, tmp_path, monkeypatch, exis
     out = tmp_path / "out"
     if existing:
         out.mkdir()
-        (out / "keep.txt").write_text("mine")
+        for name, text in (("keep.txt", "mine"), ("config.json", "{}"), ("model.safetensors", "")):
+            (out / name).write_text(text)  # a previous output, as far as --force checks
     real_save = mx.save_safetensors
 
     def save_then_interrupt(*args, **kwargs):
@@ -153,7 +155,7 @@ def test_interrupted_conversion_leaves_nothing(ckpt, tmp_path, monkeypatch, exis
         convert(ckpt("qwen2_vl"), out, force=existing, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
-        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt", "model.safetensors"]
 
 
 def test_bad_sources_are_named(ckpt, tmp_path):
@@ -162,7 +164,7 @@ def test_bad_sources_are_named(ckpt, tmp_path):
     bad.mkdir()
     for f in ckpt("qwen2_vl", dialect="flat44").iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": 96}))
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
     with pytest.raises(LoadError, match=r"tensor \S+ has shape \(\d+, \d+\) in the checkpoint but config.json "
                                         r"implies \(\d+, \d+\)"):
         convert(bad, tmp_path / "out", progress=False)

@@ -302,7 +302,7 @@ def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> Visi
              f"a divisor of the vision width {width} into heads whose size is a multiple of 4")
     patch = v.whole("patch_size", "spatial_patch_size", default=16 if model_type == "qwen3_vl" else 14)
     merge = v.whole("spatial_merge_size", default=2)
-    window = v.whole("window_size", default=0)
+    window = v.whole("window_size", default=112 if model_type == "qwen2_5_vl" else 0)  # transformers' default
     if model_type == "qwen2_5_vl" and window < patch * merge:
         _bad("vision_config.window_size", window, f"at least patch_size * spatial_merge_size = {patch * merge}")
     positions = v.whole("num_position_embeddings", default=0)
