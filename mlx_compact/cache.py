@@ -71,10 +71,11 @@ class KVCache:
 
     def __init__(self):
         self.keys = self.values = None  # [B, H, capacity, D]
+        self.bias = None  # [B, capacity] float32 key bias, allocated by the first biased update
         self.offset = 0
 
-    def update_and_fetch(self, keys, values):
-        """Append keys/values [B, H, L, D]; return all held [B, H, offset, D]."""
+    def update_and_fetch(self, keys, values, bias=None):
+        """Append keys/values [B, H, L, D] (and their key bias [B, L]); return all held [B, H, offset, D]."""
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
             grow = (prev + L + self.step - 1) // self.step * self.step - prev
@@ -84,10 +85,21 @@ class KVCache:
                 new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)  # [B, H, cap, D]
                 new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
             self.keys, self.values = new_k, new_v
+        if bias is not None or self.bias is not None:
+            cap = self.keys.shape[2]
+            if self.bias is None or self.bias.shape[1] < cap:
+                old = mx.zeros((keys.shape[0], 0), mx.float32) if self.bias is None else self.bias[:, :prev]
+                self.bias = mx.concatenate([old, mx.zeros((keys.shape[0], cap - old.shape[1]), mx.float32)], axis=1)
+            self.bias[:, prev : prev + L] = 0.0 if bias is None else bias.astype(mx.float32)
         self.offset = prev + L
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.state
+
+    @property
+    def key_bias(self):
+        """[B, offset] key bias of the held tokens, or None when no update carried one."""
+        return None if self.bias is None else self.bias[:, : self.offset]
 
     def make_mask(self, n, return_array=False, window_size=None):
         """Mask for the next `n` queries; call before `update_and_fetch`."""
@@ -103,12 +115,20 @@ class KVCache:
     @state.setter
     def state(self, v):
         self.keys, self.values = v if v else (None, None)
+        self.bias = None
         self.offset = 0 if self.keys is None else self.keys.shape[2]
+
+    @key_bias.setter
+    def key_bias(self, bias):
+        """Restore from `key_bias` (after `state`)."""
+        self.bias = None if bias is None else mx.array(bias, dtype=mx.float32)
 
     @property
     def nbytes(self):
         """Bytes allocated (the buffers grow in steps of 256 tokens)."""
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        if self.keys is None:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     @property
     def used_bytes(self):
@@ -159,6 +179,7 @@ class FixedKVCache:
         self._bits = bits
         self.group_size = int(group_size)
         self.keys = self.values = None  # lists of full buffers: [K] or [wq, scales, biases]
+        self.bias = None  # [B, max_tokens] float32 key bias per slot, allocated by the first biased update
         self.offset = 0  # tokens ever written (absolute position of the next token)
         self.pinned = 0
         self.pin(pinned or 0)
@@ -225,11 +246,12 @@ class FixedKVCache:
             t += n
         return runs
 
-    def update_and_fetch(self, keys, values):
-        """Write keys/values [B, H, L, D] in place; return every key/value held.
+    def update_and_fetch(self, keys, values, bias=None):
+        """Write keys/values [B, H, L, D] (and their key bias [B, L]) in place; return every key/value held.
 
         Returns views ``[B, H, size, D]`` in slot order (not time order once the ring has
         wrapped: use ``make_mask``), or for a quantized cache tuples ``(wq, scales, biases)``.
+        The key bias lives in its token's slot (pinned and rotated with it): ``key_bias``.
         """
         L = keys.shape[2]
         if L > self._max_chunk and self.offset + L > self.max_tokens:
@@ -245,12 +267,30 @@ class FixedKVCache:
             new_v = quantize_rows(values, group_size=self.group_size, bits=self._bits)
         if self.keys is None:
             self._allocate(new_k, new_v)
+        if bias is not None and self.bias is None:
+            self.bias = mx.zeros((keys.shape[0], self.max_tokens), mx.float32)  # [B, max_tokens]
         for s, a, n in self._runs(self.offset, L):
             for buf, new in ((self.keys, new_k), (self.values, new_v)):
                 for i in range(len(buf)):
                     buf[i][..., s : s + n, :] = new[i][..., a : a + n, :]  # in place
+            if self.bias is not None:
+                self.bias[:, s : s + n] = 0.0 if bias is None else bias[:, a : a + n].astype(mx.float32)
         self.offset += L
         return self.state
+
+    @property
+    def key_bias(self):
+        """[B, size] key bias of the held slots (slot order, like `state`), or None when none was given."""
+        return None if self.bias is None else self.bias[:, : self.size()]
+
+    @key_bias.setter
+    def key_bias(self, bias):
+        """Restore from `key_bias` (after `state`): the held slots' bias, zeros beyond."""
+        self.bias = None
+        if bias is not None:
+            bias = mx.array(bias, dtype=mx.float32)
+            self.bias = mx.zeros((bias.shape[0], self.max_tokens), mx.float32)
+            self.bias[:, : bias.shape[1]] = bias
 
     def make_mask(self, n, return_array=False, window_size=None):
         """Mask for the next `n` queries; call BEFORE `update_and_fetch` of those tokens.
@@ -294,7 +334,7 @@ class FixedKVCache:
     @state.setter
     def state(self, v):
         """Restore from `state` (set `meta_state` first); allocates the full buffers."""
-        self.keys = self.values = None
+        self.keys = self.values = self.bias = None
         if not v:
             return
         k, v = ([x] if self._bits is None else list(x) for x in v)
@@ -320,14 +360,14 @@ class FixedKVCache:
     def meta_state(self, v):
         self.max_tokens, self.pinned, self._max_chunk, bits, self.group_size, self.offset = map(int, v)
         self._bits = bits or None
-        self.keys = self.values = None
+        self.keys = self.values = self.bias = None
 
     @property
     def nbytes(self):
         """Bytes allocated (the full buffers)."""
         if self.keys is None:
             return 0
-        return sum(x.nbytes for x in self.keys + self.values)
+        return sum(x.nbytes for x in self.keys + self.values) + (0 if self.bias is None else self.bias.nbytes)
 
     @property
     def used_bytes(self):
@@ -419,7 +459,11 @@ def save_cache(path, caches, metadata=None):
             x = x if isinstance(x, tuple) else (x,)
             arrays.update({f"{i}.{name}.{j}": a for j, a in enumerate(x)})
             parts = len(x)
-        info.append({"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts})
+        entry = {"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts}
+        if parts and c.key_bias is not None:  # proportional attention: the per-slot key bias
+            arrays[f"{i}.bias"] = c.key_bias
+            entry["bias"] = True
+        info.append(entry)
     header = {MARKER: json.dumps(info), "metadata": json.dumps(metadata or {})}
     fd, tmp = tempfile.mkstemp(prefix=".session-", suffix=".tmp", dir=folder)
     try:
@@ -493,26 +537,32 @@ def read_cache_file(path) -> dict:
     if not (isinstance(entries, list) and entries and all(e == entries[0] for e in entries)):
         raise corrupt("it does not describe one cache per layer, all of the same kind")
     entry = entries[0]
-    if not (isinstance(entry, dict) and set(entry) == {"class", "meta", "parts"}):
-        raise corrupt("a layer's description is not {class, meta, parts}")
+    if not (isinstance(entry, dict) and set(entry) in ({"class", "meta", "parts"}, {"class", "meta", "parts", "bias"})
+            and entry.get("bias", True) is True):
+        raise corrupt("a layer's description is not {class, meta, parts[, bias]}")
     cls, meta, parts = entry["class"], _cache_settings(entry, corrupt), entry["parts"]
+    bias = "bias" in entry and parts > 0
 
     layers = len(entries)
-    if len(header) != 2 * layers * parts:
-        raise corrupt(f"it holds {len(header)} tensors where its description says {2 * layers * parts}")
+    if len(header) != (2 * parts + bias) * layers:
+        raise corrupt(f"it holds {len(header)} tensors where its description says {(2 * parts + bias) * layers}")
     names = {f"{i}.{n}.{j}" for i in range(layers) for n in ("keys", "values") for j in range(parts)}
-    if set(header) != names:
-        missing, extra = sorted(names - set(header)), sorted(set(header) - names)
+    biases = {f"{i}.bias" for i in range(layers)} if bias else set()
+    if set(header) != names | biases:
+        missing, extra = sorted((names | biases) - set(header)), sorted(set(header) - names - biases)
         raise corrupt(f"tensor {missing[0]!r} is missing" if missing else f"it holds an unknown tensor {extra[0]!r}")
     first = [header[f"0.keys.{j}"][:2] for j in range(parts)]  # (dtype, shape) of each part
     if any(header[n][:2] != first[int(n.rsplit(".", 1)[1])] for n in names):
         raise corrupt("its layers' keys and values differ in dtype or shape")
-    info = {"class": cls, "meta": meta, "parts": parts, "layers": layers, "metadata": metadata,
+    if biases and any(header[n][:2] != ("F32", (first[0][1][0], first[0][1][2])) for n in biases):
+        raise corrupt("its key bias is not float32 [batch, tokens]")
+    names |= biases
+    info = {"class": cls, "meta": meta, "parts": parts, "layers": layers, "metadata": metadata, "bias": bias,
             "tensors": {n: header[n][:2] for n in names}, "nbytes": sum(header[n][2] for n in names),
             **_layout(first, cls, meta, corrupt)}
     if cls == "FixedKVCache" and parts:  # the full buffers, allocated on load
         per_token = sum(SAFETENSORS_DTYPES[d] * s[0] * s[1] * s[3] for d, s in first)
-        info["nbytes"] += 2 * layers * meta[0] * per_token
+        info["nbytes"] += 2 * layers * meta[0] * per_token + (layers * meta[0] * 4 * first[0][1][0] if bias else 0)
     return info
 
 
@@ -597,6 +647,8 @@ def load_cache(path, layers=None, kv_heads=None, head_dim=None):
             c.meta_state = info["meta"]
         k, v = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(parts)) for name in ("keys", "values"))
         c.state = () if parts == 0 else (k[0], v[0]) if parts == 1 else (k, v)
+        if info["bias"]:
+            c.key_bias = arrays[f"{i}.bias"]
         caches.append(c)
     mx.eval([c.state for c in caches])
     return caches, info["metadata"]

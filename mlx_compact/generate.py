@@ -45,6 +45,7 @@ class Prepared:
     compaction_s: float = 0.0
     kept: Optional[np.ndarray] = None  # [L] row of the uncompacted prompt behind each row
     compaction: Optional[Compaction] = None  # the compaction applied (None: uncompacted)
+    key_bias: Optional[mx.array] = None  # [1, L] log(mass) of each row (proportional attention); None: all 0
     decode_bytes: int = 0  # the largest image file's decoded pixels
 
 
@@ -104,12 +105,12 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
     ids = [int(i) for i in input_ids]
     grid = [tuple(int(v) for v in g) for g in grid]
     t1 = time.perf_counter()
-    visual, ds, attention, units = [], None, None, None
+    visual, ds, attention, units, unit_mass = [], None, None, None, None
     if grid:
         out = model.encode(mx.array(pixel_values), grid, **tower_hooks(model, c))
         mx.eval(out.features, out.deepstack)
         visual, ds = model.split_visual(out, grid)
-        units = out.units
+        units, unit_mass = out.units, out.unit_mass
         if out.attention is not None:
             sizes = np.cumsum([t * h * w // model.config.vision.spatial_merge_size**2 for t, h, w in grid])[:-1]
             attention = mx.split(out.attention, sizes.tolist())
@@ -118,12 +119,15 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
     m = model.config.vision.spatial_merge_size
     merged = [(t, h // m, w // m) for t, h, w in grid]
     a = assemble(model, ids, visual, positions, merged, c, deepstack=ds if ds and ds[0] else None,
-                 attention=attention, kept=units, prompt_ids=prompt_ids)
+                 attention=attention, kept=units, unit_mass=unit_mass, prompt_ids=prompt_ids)
     if c is not None:
         mx.eval(a.embeds, a.deepstack)
     t3 = time.perf_counter()
+    bias = None
+    if a.mass is not None and (a.mass != 1).any():  # all masses 1: the unbiased computation, bit for bit
+        bias = mx.log(mx.array(a.mass))[None]  # [1, L]
     return Prepared(a.input_ids, a.embeds, a.positions, a.rope_delta, a.deepstack, a.visual_tokens,
-                    preprocess_s, t2 - t1, t3 - t2, a.kept, c)
+                    preprocess_s, t2 - t1, t3 - t2, a.kept, c, key_bias=bias)
 
 
 def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True,
@@ -188,8 +192,9 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
     start = cache[0].offset
     for i, j in zip(cuts[:-1], cuts[1:]):
         ds = [d[:, i:j] for d in prep.deepstack] if prep.deepstack else None
+        bias = None if prep.key_bias is None else prep.key_bias[:, i:j]
         logits = model.language_model(
-            prep.embeds[:, i:j], prep.positions[:, :, i:j], cache=cache, deepstack=ds, last_only=True
+            prep.embeds[:, i:j], prep.positions[:, :, i:j], cache=cache, deepstack=ds, last_only=True, key_bias=bias
         )
         if fixed and pin and j == pin:
             mx.eval([c.state for c in cache])
@@ -257,7 +262,7 @@ def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[
 
 def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0,
              max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
-             scales: Optional[Sequence[int]] = None):
+             scales: Optional[Sequence[int]] = None, key_bias: bool = False):
     """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
 
     ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``)."""
@@ -265,7 +270,7 @@ def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None
     text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
     return plan(model, image_patches(processor, images, max_pixels), text_tokens, keep=keep,
                 max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
-                budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales))
+                budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales), key_bias=key_bias)
 
 
 def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> List[dict]:
@@ -312,7 +317,8 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
         return max_pixels
     c = _active(model, compaction)
     keep = 1.0 if c is None or c.is_identity or c.tokens is not None else c.keep
-    settings = dict(max_pixels=max_pixels, keep=keep, max_kv_tokens=max_kv_tokens, kv_bits=kv_bits,
+    settings = dict(max_pixels=max_pixels, keep=keep, key_bias=c is not None and c.proportional and bool(images),
+                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits,
                     max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
     images = image_files(images)
     p = plan_run(model, processor, prompt, images, **settings)
@@ -437,6 +443,7 @@ def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t
         "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else 0.0,
         "image_decode_bytes": prep.decode_bytes,
+        "proportional": prep.compaction is not None and prep.compaction.proportional,
         # decoded pixels live in numpy/PIL, beside the weights, before MLX sees them
         "peak_memory_bytes": max(mx.get_peak_memory(), weights_bytes(model) + prep.decode_bytes if model else 0),
     }

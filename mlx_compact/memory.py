@@ -180,13 +180,15 @@ def plan(
     prefill_step: int = 512,
     budget: Optional[int] = None,
     decode_bytes: int = 0,
+    key_bias: bool = False,
 ) -> Plan:
     """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
 
     Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
     (``max_kv_tokens``) allocates all its slots on the first write. ``decode_bytes``: the peak of decoding
-    the largest image file (`mlx_compact.images.ImageFile.decode_bytes`).
+    the largest image file (`mlx_compact.images.ImageFile.decode_bytes`). ``key_bias``: the cache keeps a
+    float32 key bias per slot (proportional attention).
     """
     c = model.config
     merge = c.vision.spatial_merge_size**2
@@ -199,10 +201,12 @@ def plan(
     if max_kv_tokens is not None:
         tokens = min(tokens, max_kv_tokens)
         kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits, group)
+        kv += 4 * c.text.num_hidden_layers * max_kv_tokens if key_bias else 0  # float32 bias per slot
         step = min(prefill_step, max_kv_tokens // 4 or 1, 512)  # FixedKVCache's max_chunk caps the chunk
         growth = 0
     else:
         kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits, group)  # KVCache grows in 256 steps
+        kv += 4 * c.text.num_hidden_layers * -(-tokens // 256) * 256 if key_bias else 0
         step = prefill_step
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are
         # live until the concatenation is done

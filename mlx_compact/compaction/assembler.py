@@ -27,6 +27,7 @@ class Assembled:
     kept: np.ndarray  # [Lc] row of the uncompacted sequence each compact row comes from (merged: its representative)
     visual: List[CompactVisual]  # one per visual block, in prompt order
     visual_tokens: List[dict]  # one {"before": N, "after": K} per visual block
+    mass: Optional[np.ndarray] = None  # [Lc] float32 tokens each row stands for (proportional), None: all 1
 
 
 def assemble(
@@ -40,6 +41,7 @@ def assemble(
     deepstack: Optional[Sequence[List[mx.array]]] = None,
     attention: Optional[Sequence[mx.array]] = None,
     kept: Optional[Sequence] = None,
+    unit_mass: Optional[Sequence] = None,
     prompt_ids: Optional[Sequence[int]] = None,
 ) -> Assembled:
     """Compact every visual block of a prompt and build the LLM's input.
@@ -52,7 +54,7 @@ def assemble(
     deepstack: per block, a list of [N_i, D] DeepStack features (compacted with the same index map).
     attention: per block, optional [N_i] attention received (for `saliency`).
     kept: per block, the kept raster indices when the vision tower already compacted (in-encoder); the blocks
-        then hold only those rows and are not compacted again.
+        then hold only those rows and are not compacted again. ``unit_mass``: per block, their mass.
     prompt_ids: text token ids the `prompt` operator aims at (default: the text after the last visual block).
     """
     cfg = model.config
@@ -71,7 +73,7 @@ def assemble(
             prompt_ids = [t for t in tail if t not in specials] or tail
         prompt_embeds = model.language_model.model.embed_tokens(mx.array(list(prompt_ids)))  # [P, D]
     c = compaction or Compaction.none()
-    new_ids, rows, visual, counts, prev = [], [], [], [], 0
+    new_ids, rows, visual, counts, masses, prev = [], [], [], [], [], 0
     for j, ((start, n), feats, grid) in enumerate(zip(runs, blocks, grids)):
         grid = tuple(int(g) for g in grid)
         if int(np.prod(grid)) != n:
@@ -81,7 +83,8 @@ def assemble(
             src = np.asarray(kept[j], np.int64).reshape(-1)
             if feats.shape[0] != len(src):
                 raise ValueError(f"visual block {j}: {feats.shape[0]} features for {len(src)} kept units")
-            cv = CompactVisual(feats, P[:, start + src], mx.array(src.astype(np.int32)), ds, grid)
+            mass = None if unit_mass is None else unit_mass[j]
+            cv = CompactVisual(feats, P[:, start + src], mx.array(src.astype(np.int32)), ds, grid, mass=mass)
         else:
             tokens = VisualTokens(
                 features=feats,
@@ -96,6 +99,8 @@ def assemble(
         new_ids += ids[prev:start] + [ids[start]] * cv.k
         rows.append(np.arange(prev, start))
         rows.append(start + src)
+        masses += [np.ones(start - prev, np.float32),
+                   np.ones(cv.k, np.float32) if cv.mass is None else np.array(cv.mass, np.float32)]
         visual.append(cv)
         counts.append({"before": n, "after": cv.k})
         prev = start + n
@@ -106,4 +111,7 @@ def assemble(
     embeds, ds_dense = model.splice(new_ids, [cv.features for cv in visual], [cv.deepstack for cv in visual] if has_ds else None)
     pos = P[:, rows]  # [3, Lc] text keeps its full-sequence positions
     delta = int(P.max()) + 1 - len(new_ids) if len(ids) else 0
-    return Assembled(new_ids, embeds, mx.array(pos)[:, None, :], delta, ds_dense, rows, visual, counts)
+    mass = None
+    if any(cv.mass is not None for cv in visual):
+        mass = np.concatenate(masses + [np.ones(len(ids) - prev, np.float32)])  # [Lc]
+    return Assembled(new_ids, embeds, mx.array(pos)[:, None, :], delta, ds_dense, rows, visual, counts, mass)

@@ -81,6 +81,7 @@ def compact(tokens: VisualTokens, c: Compaction) -> CompactVisual:
         return CompactVisual(tokens.features, tokens.positions, src, deepstack, tokens.grid)
     sel = plan(tokens, c)
     keep, k = sel.keep, len(sel.keep)
+    stands_for = group_mass(tokens, sel) if c.proportional else None  # [K]
     if sel.assign is None:
         idx = mx.array(keep.astype(np.int32))
         gather = lambda x: gather_rows(x, idx)  # noqa: E731  [K, D]
@@ -100,7 +101,17 @@ def compact(tokens: VisualTokens, c: Compaction) -> CompactVisual:
         grid=tokens.grid,
         weights=weights,
         groups=groups,
+        mass=None if stands_for is None else mx.array(stands_for),
     )
+
+
+def group_mass(tokens: VisualTokens, sel: ops.Selection) -> np.ndarray:
+    """[K] float32: how many original tokens each kept token stands for: its merge group, and the dropped
+    tokens nearest to it by cosine similarity on features (`nearest_kept`). The masses sum to N."""
+    assign = ops.nearest_kept(tokens, sel).assign
+    if assign is None:  # nothing was dropped
+        return np.ones(len(sel.keep), np.float32)
+    return np.maximum(np.bincount(assign, minlength=len(sel.keep)), 1).astype(np.float32)  # a slot is never empty
 
 
 def compact_many(items, c: Compaction) -> list:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from .attention import attention_received
-from .compose import plan
+from .compose import group_mass, plan
 from .types import Compaction, VisualTokens
 
 PROBE_QUERIES = 1024  # queries per image/slice used to estimate the attention received (evenly spaced)
@@ -21,18 +21,21 @@ def _received(q, k, scale, bounds):
 
 
 def unit_selector(c: Compaction):
-    """A tower `select` callable: (hidden [U, 4, D], grid (t, h, w), attention [U] or None) -> kept unit indices.
+    """A tower `select` callable: (hidden [U, 4, D], grid (t, h, w), attention [U] or None) -> kept unit indices,
+    or with ``c.proportional`` (kept unit indices, their mass [K]).
 
     Selects whole merge units per temporal slice (each slice gets its own budget) on the unit hidden states
     averaged over their patches, with `plan` (floor, diversity, saliency without contextual merging, random).
+    A kept unit's mass counts itself and the dropped units nearest to it (`group_mass`).
     """
+    proportional = c.proportional
     c = replace(c, contextual=0.0, where="post")  # whole units only: nothing is merged inside the tower
 
-    def select(units, grid, attention=None) -> np.ndarray:
+    def select(units, grid, attention=None):
         t, h, w = grid
         feats = units.mean(axis=1)  # [U, D]
         per = h * w
-        kept = []
+        kept, mass = [], []
         for s in range(t):
             rows = slice(s * per, (s + 1) * per)
             tokens = VisualTokens(
@@ -41,7 +44,12 @@ def unit_selector(c: Compaction):
                 positions=np.zeros((3, per), np.int64),
                 attention_received=None if attention is None else attention[rows],
             )
-            kept.append(plan(tokens, c).keep + s * per)
+            sel = plan(tokens, c)
+            kept.append(sel.keep + s * per)
+            if proportional:
+                mass.append(group_mass(tokens, sel))
+        if proportional:
+            return np.concatenate(kept), np.concatenate(mass)  # [K] sorted, [K]
         return np.concatenate(kept)  # [K] sorted
 
     return select

@@ -80,6 +80,8 @@ class CompactVisual:
     grid: the original merged grid (t, h, w).
     weights: [K] float32 total weight merged into each output token (None when nothing was merged).
     groups: [N] int32 output slot each original token went into, -1 if dropped (None when nothing was merged).
+    mass: [K] float32 number of original tokens each output token stands for (``Compaction.proportional``;
+        None: every token stands for itself).
     """
 
     features: mx.array
@@ -89,6 +91,7 @@ class CompactVisual:
     grid: tuple = (1, 1, 1)
     weights: Optional[mx.array] = None
     groups: Optional[mx.array] = None
+    mass: Optional[mx.array] = None
 
     @property
     def k(self) -> int:
@@ -127,6 +130,10 @@ class Compaction:
         merger and DeepStack run on the kept units only. Encoder mode takes floor, diversity, saliency, random.
     encoder_layer: "encoder": the ViT block before which units are selected (None: depth // 3). `saliency`
         measures the attention received at this block (post-merger default: the last full-attention block).
+    proportional: size-aware attention (ToMe's proportional attention, in the LLM): each kept token carries
+        the mass of the tokens it stands for (its merge group, or the dropped tokens nearest to it), and every
+        attention layer adds log(mass) to the logits of its key, so a kept token weighs what its group did,
+        at the compact KV size.
     """
 
     method: str = "diversity"
@@ -141,6 +148,7 @@ class Compaction:
     seed: int = 0
     where: str = "post"
     encoder_layer: Optional[int] = None
+    proportional: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -161,6 +169,8 @@ class Compaction:
             raise ValueError(f"Compaction.seed must be an int, got {self.seed!r}")
         if self.where not in WHERE:
             raise ValueError(f"Compaction.where must be one of {WHERE}, got {self.where!r}")
+        if not isinstance(self.proportional, bool):
+            raise ValueError(f"Compaction.proportional must be True or False, got {self.proportional!r}")
         if self.encoder_layer is not None and (not _is_int(self.encoder_layer) or self.encoder_layer < 0):
             raise ValueError(f"Compaction.encoder_layer must be None or an int >= 0, got {self.encoder_layer!r}")
         if self.where == "encoder" and not self.is_identity:

@@ -36,11 +36,27 @@ def quantized_attend(q, k, v, scale, mask, group_size: int, bits: int) -> mx.arr
     s = s.reshape(B, Hkv, rep, L, S)
     if isinstance(mask, str):
         mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))
+    if mask is not None and mask.ndim == 4:  # [B, 1, L, S] -> [B, 1, 1, L, S]
+        mask = mask[:, :, None]
     if mask is not None:
         s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask
     p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * L, S)
     out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, H, L, d)
+
+
+def biased_mask(mask, key_bias: mx.array, L: int, dtype) -> mx.array:
+    """An additive mask [B, 1, L | 1, S]: ``key_bias`` [B, S] on the keys ``mask`` (None, "causal" or a bool
+    [L, S] / [B, 1, L, S] array, as a cache's ``make_mask`` gives) lets each query see, -inf elsewhere."""
+    bias = key_bias.astype(dtype)[:, None, None, :]  # [B, 1, 1, S]
+    if mask is None:
+        return bias
+    S = key_bias.shape[-1]
+    if isinstance(mask, str):
+        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S] causal, bottom-right aligned
+    if mask.dtype != mx.bool_:
+        return mask.astype(dtype) + bias
+    return mx.where(mask, bias, mx.array(-mx.inf, dtype))  # [B, 1, L, S]
 
 
 class Attention(nn.Module):
@@ -58,7 +74,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None) -> mx.array:
+    def __call__(self, x, cos, sin, mask=None, cache=None, key_bias=None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)  # [B, L, H, hd]
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
@@ -70,7 +86,10 @@ class Attention(nn.Module):
         q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
         k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v = cache.update_and_fetch(k, v) if key_bias is None else cache.update_and_fetch(k, v, key_bias)
+            key_bias = getattr(cache, "key_bias", None)
+        if key_bias is not None:
+            mask = biased_mask(mask, key_bias, L, q.dtype)
         if isinstance(k, tuple):
             out = quantized_attend(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
@@ -97,8 +116,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x, cos, sin, mask=None, cache=None, key_bias=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, key_bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -139,10 +158,13 @@ class LanguageModel(nn.Module):
         deepstack: Optional[List[mx.array]] = None,
         mask=None,
         last_only: bool = False,
+        key_bias: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits [B, L, V] for embeddings [B, L, D] at positions [3, B, L] ([B, 1, V] if ``last_only``).
 
         ``deepstack`` (Qwen3-VL): dense [B, L, D] additions after layers 0, 1, ..., zero on text rows.
+        ``key_bias`` [B, L]: added to the attention logits of these tokens' keys in every layer and kept with
+        them in the cache (proportional attention: log of the tokens each stands for).
         """
         h = inputs_embeds
         cos, sin = self.rope(positions)
@@ -157,7 +179,7 @@ class LanguageModel(nn.Module):
                 else ("causal" if L > 1 else None)
             )
         for i, (layer, c) in enumerate(zip(layers, cache)):
-            h = layer(h, cos, sin, mask, c)
+            h = layer(h, cos, sin, mask, c, key_bias)
             if deepstack is not None and i < len(deepstack):
                 h = h + deepstack[i]
         h = self.model.norm(h[:, -1:] if last_only else h)

@@ -26,6 +26,7 @@ class VisionOutput:
     features: mx.array  # [M, D_llm]
     deepstack: List[mx.array] = field(default_factory=list)  # each [M, D_llm]
     units: Optional[List[mx.array]] = None  # kept merge-unit indices per image (in-encoder compaction)
+    unit_mass: Optional[List[mx.array]] = None  # [k] per image: tokens each kept unit stands for (when select gives it)
     attention: Optional[mx.array] = None  # [U] attention received per merge unit (when asked), raster order
 
 
@@ -46,7 +47,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx
         mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S] causal, bottom-right aligned
     outs = []
     for i in range(0, L, ATTENTION_CHUNK):
-        m = None if mask is None else mask[..., i : i + ATTENTION_CHUNK, :]
+        m = None if mask is None or mask.shape[-2] == 1 else mask[..., i : i + ATTENTION_CHUNK, :]
         out = mx.fast.scaled_dot_product_attention(q[:, :, i : i + ATTENTION_CHUNK], k, v, scale=scale, mask=m)
         mx.eval(out)
         outs.append(out)
@@ -167,7 +168,8 @@ class VisionTower(nn.Module):
     Optional hooks (the runtime supplies them; the tower knows nothing of how they decide):
     ``received(q [H, N, d], k [H, N, d], scale, bounds) -> [N]`` with ``received_at`` (a block index): the
     attention each patch receives in that block, reported per merge unit in ``VisionOutput.attention``.
-    ``select(hidden [U, 4, D], units_grid (t, h, w), attention [U] or None) -> kept unit indices`` with
+    ``select(hidden [U, 4, D], units_grid (t, h, w), attention [U] or None) -> kept unit indices`` (or
+    ``(indices, mass)``, reported in ``VisionOutput.unit_mass``) with
     ``select_at`` (a block index): before that block, only the kept 2x2 merge units go on (blocks, merger,
     DeepStack); DeepStack features collected earlier are gathered with the same unit map.
     """
@@ -200,7 +202,8 @@ class VisionTower(nn.Module):
                 att = received(q.transpose(1, 0, 2), k.transpose(1, 0, 2), blk.attn.scale, self.block_bounds(i, ctx))
                 out.attention = self.finish(att.reshape(-1, self.cfg.spatial_merge_size**2).sum(-1), ctx)  # [U]
             if select is not None and i == select_at:
-                x, cos, sin, ctx["bounds"], out.units, units = self.keep_units(x, cos, sin, grid_thw, select, out.attention)
+                x, cos, sin, ctx["bounds"], out.units, units, out.unit_mass = self.keep_units(
+                    x, cos, sin, grid_thw, select, out.attention)
                 out.deepstack = [d[units] for d in out.deepstack]  # [K, D]: the same unit map
             x = blk(x, cos, sin, self.block_bounds(i, ctx))
             self.after_block(i, x, out)
@@ -219,12 +222,16 @@ class VisionTower(nn.Module):
         m = self.cfg.spatial_merge_size
         unit = m * m
         D = x.shape[-1]
-        kept, bounds, offset = [], [0], 0
+        kept, masses, bounds, offset = [], [], [0], 0
         for t, h, w in grid_thw:
             n = t * h * w // unit
             units = x[offset * unit : (offset + n) * unit].reshape(n, unit, D)  # [n, 4, D]
             att = None if attention is None else attention[offset : offset + n]  # [n]
-            idx = mx.array(select(units, (t, h // m, w // m), att), dtype=mx.int32)  # [k] sorted
+            picked = select(units, (t, h // m, w // m), att)
+            if isinstance(picked, tuple):  # (indices, mass)
+                picked, weight = picked
+                masses.append(mx.array(weight, dtype=mx.float32))  # [k]
+            idx = mx.array(picked, dtype=mx.int32)  # [k] sorted
             kept.append(idx)
             per_slice = [int(((idx >= s * n // t) & (idx < (s + 1) * n // t)).sum()) for s in range(t)]
             for c in per_slice:
@@ -235,7 +242,7 @@ class VisionTower(nn.Module):
             starts.append(starts[-1] + t * h * w // unit)
         units = mx.concatenate([k + s for k, s in zip(kept, starts)])  # [K] unit indices in the batch
         rows = (units[:, None] * unit + mx.arange(unit)[None]).reshape(-1)  # [K*4]
-        return x[rows], cos[rows], sin[rows], bounds, kept, units
+        return x[rows], cos[rows], sin[rows], bounds, kept, units, masses or None
 
 
 class PatchMerger(nn.Module):
