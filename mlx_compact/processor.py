@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .files import InputError, checkpoint_root, read_bytes, read_json, read_text
+from .template import render
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -97,23 +101,106 @@ def to_rgb(image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def _read_json(path: Path, root=None) -> dict:
+    """A JSON object file of the checkpoint, confined to ``root`` (see `files.read_json`); {} when absent."""
+    try:
+        return read_json(path, root)
+    except FileNotFoundError:
+        return {}
+
+
+# what AutoTokenizer may read; it reads verified copies of these, so it never opens a link, FIFO or device
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "config.json")
+
+
+def _load_tokenizer(path: Path, root: Path):
+    """The checkpoint's tokenizer, loaded by transformers from checked copies of its files (no remote code)."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as copy:
+        for name in TOKENIZER_FILES:
+            try:
+                if name == "tokenizer_config.json":  # transformers 4.x opens the paths in its *_file keys
+                    cfg = read_json(path / name, root)
+                    data = json.dumps({k: v for k, v in cfg.items() if not k.endswith("_file")}).encode()
+                else:
+                    data = read_bytes(path / name, root, "tokenizer file")
+            except FileNotFoundError:
+                continue
+            Path(copy, name).write_bytes(data)
+        try:
+            return AutoTokenizer.from_pretrained(copy, trust_remote_code=False)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the Rust tokenizer's panics are BaseExceptions
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise InputError(f"cannot load the tokenizer of {path}: {reason}; download the checkpoint again") from None
+
+
+def _read_chat_template(path: Path, root: Path) -> tuple[str | None, str | None]:
+    """The checkpoint's own chat template file (chat_template.jinja, else chat_template.json) and its path."""
+    try:
+        return read_text(path / "chat_template.jinja", root, "chat template"), str(path / "chat_template.jinja")
+    except FileNotFoundError:
+        pass
+    template = _read_json(path / "chat_template.json", root).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise InputError(f"chat_template.json {path / 'chat_template.json'}: chat_template is "
+                         f"{type(template).__name__}, not text; fix the file or download the checkpoint again")
+    return template, str(path / "chat_template.json")
 
 
 class _PixelConfig:
-    """Resize and normalization settings from a (video_)preprocessor_config.json."""
+    """Resize and normalization settings from a (video_)preprocessor_config.json, validated.
 
-    def __init__(self, cfg: dict, default_size: tuple[int, int], default_mean, default_std):
-        self.patch_size = int(cfg["patch_size"])
-        self.temporal_patch_size = int(cfg["temporal_patch_size"])
-        self.merge_size = int(cfg["merge_size"])
+    ``name`` is the file the settings come from; keys in ``inherited`` came from config.json instead.
+    """
+
+    def __init__(self, cfg: dict, default_size: tuple[int, int], default_mean, default_std,
+                 name: str = "preprocessor_config.json", inherited=()):
+        def bad(key, value, expected):
+            where = "config.json vision_config" if key in inherited else name
+            return InputError(f"{where}: {key} is {value!r}, not {expected}; fix the file or download the "
+                              "checkpoint again")
+
+        def integer(key, value, high):
+            if type(value) is float and value.is_integer():
+                value = int(value)
+            if type(value) is not int or not 1 <= value <= high:
+                raise bad(key, value, f"an integer from 1 to {high:,}")
+            return value
+
+        def number(key, value, positive=False):
+            if type(value) not in (int, float) or not math.isfinite(value) or (positive and value <= 0):
+                raise bad(key, value, "a positive number" if positive else "a finite number")
+            return float(value)
+
+        def triple(key, value, positive=False):
+            if type(value) in (int, float):
+                value = [value] * 3
+            if not isinstance(value, (list, tuple)) or len(value) != 3:
+                raise bad(key, value, "a list of 3 numbers (one per RGB channel)")
+            return np.array([number(key, v, positive) for v in value], dtype=np.float32)  # [C]
+
+        self.patch_size = integer("patch_size", cfg.get("patch_size"), 1024)
+        self.temporal_patch_size = integer("temporal_patch_size", cfg.get("temporal_patch_size"), 16)
+        self.merge_size = integer("merge_size", cfg.get("merge_size"), 16)
         size = cfg.get("size") or {}
-        self.min_pixels = int(cfg.get("min_pixels") or size.get("shortest_edge") or default_size[0])
-        self.max_pixels = int(cfg.get("max_pixels") or size.get("longest_edge") or default_size[1])
-        self.rescale_factor = float(cfg.get("rescale_factor", 1 / 255))
-        self.mean = np.array(cfg.get("image_mean", default_mean), dtype=np.float32)  # [C]
-        self.std = np.array(cfg.get("image_std", default_std), dtype=np.float32)  # [C]
+        if not isinstance(size, dict):
+            raise bad("size", size, "an object with shortest_edge and longest_edge")
+        pixels = {}
+        for key, edge, default in (("min_pixels", "shortest_edge", default_size[0]),
+                                   ("max_pixels", "longest_edge", default_size[1])):
+            field = key if cfg.get(key) else f"size.{edge}" if size.get(edge) else key
+            pixels[key] = integer(field, cfg.get(key) or size.get(edge) or default, 2**31)
+        self.min_pixels, self.max_pixels = pixels["min_pixels"], pixels["max_pixels"]
+        if self.min_pixels > self.max_pixels:
+            raise InputError(f"{name}: min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}; fix the "
+                             "file or download the checkpoint again")
+        self.rescale_factor = number("rescale_factor", cfg.get("rescale_factor", 1 / 255), positive=True)
+        self.mean = triple("image_mean", cfg.get("image_mean", default_mean))  # [C]
+        self.std = triple("image_std", cfg.get("image_std", default_std), positive=True)  # [C]
 
     @property
     def factor(self) -> int:
@@ -143,7 +230,7 @@ class Processor:
     """Turns a prompt and images / videos into model inputs for a Qwen-VL checkpoint."""
 
     def __init__(self, path, tokenizer, config: dict, image_cfg: dict, video_cfg: dict, chat_template,
-                 generation_config: dict | None = None):
+                 generation_config: dict | None = None, chat_template_source: str | None = None):
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.config = config
@@ -155,13 +242,18 @@ class Processor:
         geometry = {"patch_size": vision_cfg.get("patch_size", 14),
                     "temporal_patch_size": vision_cfg.get("temporal_patch_size", 2),
                     "merge_size": vision_cfg.get("spatial_merge_size", 2)}
+        image_file = "preprocessor_config.json"
+        video_file = image_file if video_cfg is image_cfg else "video_preprocessor_config.json"
+        image_kw = dict(name=image_file, inherited=set(geometry) - set(image_cfg))
+        video_kw = dict(name=video_file, inherited=set(geometry) - set(video_cfg))
         image_cfg, video_cfg = {**geometry, **image_cfg}, {**geometry, **video_cfg}
-        self.image = _PixelConfig(image_cfg, (56 * 56, 28 * 28 * 1280), CLIP_MEAN, CLIP_STD)
+        self.image = _PixelConfig(image_cfg, (56 * 56, 28 * 28 * 1280), CLIP_MEAN, CLIP_STD, **image_kw)
         if qwen3:
-            self.video = _PixelConfig(video_cfg, (128 * 32 * 32, 768 * 32 * 32), (0.5,) * 3, (0.5,) * 3)
+            self.video = _PixelConfig(video_cfg, (128 * 32 * 32, 768 * 32 * 32), (0.5,) * 3, (0.5,) * 3, **video_kw)
         else:
-            self.video = _PixelConfig(video_cfg, (128 * 28 * 28, 768 * 28 * 28), CLIP_MEAN, CLIP_STD)
-        self.chat_template = chat_template
+            self.video = _PixelConfig(video_cfg, (128 * 28 * 28, 768 * 28 * 28), CLIP_MEAN, CLIP_STD, **video_kw)
+        self.chat_template = chat_template  # the template's text
+        self.chat_template_source = chat_template_source or "of the tokenizer"  # its file, for messages
 
         def token_id(key: str, token: str) -> int:
             value = config.get(key, text_cfg.get(key))
@@ -178,30 +270,38 @@ class Processor:
         self.tokens_per_second = float(tps) if tps is not None else 2.0
 
         eos = []
-        for source in (config.get("eos_token_id"), text_cfg.get("eos_token_id"),
-                       (generation_config or {}).get("eos_token_id"), tokenizer.eos_token_id):
+        for where, source in (("config.json", config.get("eos_token_id")),
+                              ("config.json text_config", text_cfg.get("eos_token_id")),
+                              ("generation_config.json", (generation_config or {}).get("eos_token_id")),
+                              ("the tokenizer", tokenizer.eos_token_id)):
             if source is not None:
-                eos += source if isinstance(source, list) else [source]
-        self.eos_token_ids = sorted({int(e) for e in eos})
+                ids = source if isinstance(source, list) else [source]
+                if not all(type(e) is int and e >= 0 for e in ids):
+                    raise InputError(f"{where}: eos_token_id is {source!r}, not a token id or a list of them; fix "
+                                     "the file or download the checkpoint again")
+                eos += ids
+        self.eos_token_ids = sorted(set(eos))
 
     @classmethod
     def from_pretrained(cls, path) -> "Processor":
-        """Load from a local checkpoint directory (config.json, preprocessor_config.json, tokenizer files)."""
-        from transformers import AutoTokenizer
+        """Load from a local checkpoint directory (config.json, preprocessor_config.json, tokenizer files).
 
+        Every file is read confined to the checkpoint (links out of it, FIFOs and devices are refused); a
+        missing optional file falls back to defaults, a corrupt one is an `InputError` naming it.
+        """
         path = Path(path)
-        config = _read_json(path / "config.json")
-        image_cfg = _read_json(path / "preprocessor_config.json")
-        video_cfg = _read_json(path / "video_preprocessor_config.json") or image_cfg
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        chat_template = None
-        if (path / "chat_template.jinja").exists():
-            chat_template = (path / "chat_template.jinja").read_text()
-        elif (path / "chat_template.json").exists():
-            chat_template = _read_json(path / "chat_template.json").get("chat_template")
-        chat_template = chat_template or tokenizer.chat_template
-        return cls(path, tokenizer, config, image_cfg, video_cfg, chat_template,
-                   _read_json(path / "generation_config.json"))
+        root = checkpoint_root(path)
+        config = _read_json(path / "config.json", root)
+        image_cfg = _read_json(path / "preprocessor_config.json", root)
+        video_cfg = _read_json(path / "video_preprocessor_config.json", root) or image_cfg
+        generation_config = _read_json(path / "generation_config.json", root)
+        chat_template, source = _read_chat_template(path, root)
+        tokenizer = _load_tokenizer(path, root)
+        if not chat_template:
+            chat_template, source = tokenizer.chat_template, str(path / "tokenizer_config.json")
+            if isinstance(chat_template, dict):  # named templates: the default one, as transformers picks
+                chat_template = chat_template.get("default")
+        return cls(path, tokenizer, config, image_cfg, video_cfg, chat_template, generation_config, source)
 
     # ------------------------------------------------------------ sizes
 
@@ -324,10 +424,15 @@ class Processor:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """Render chat messages with the checkpoint's chat template.
 
-        With the Qwen templates an image renders as <|vision_start|><|image_pad|><|vision_end|>.
+        With the Qwen templates an image renders as <|vision_start|><|image_pad|><|vision_end|>. The text
+        is what transformers' ``apply_chat_template`` renders; the template runs sandboxed and bounded
+        in time and size (`mlx_compact.template.render`): a hostile or broken one is an `InputError`.
         """
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        if not self.chat_template:
+            raise InputError(f"the checkpoint {self.path} has no chat template (no chat_template.jinja, "
+                             "chat_template.json or chat_template in tokenizer_config.json); add one")
+        return render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                      special_tokens=self.tokenizer.special_tokens_map, name=self.chat_template_source)
 
     def build_prompt(self, prompt: str, n_images: int = 0, n_videos: int = 0) -> str:
         """A one-turn user prompt with `n_images` images and `n_videos` videos before the text."""
