@@ -1,5 +1,12 @@
 """mlx_compact.kernels: the pure-MLX twins, dispatch, and the Metal kernels' exact source run as
-sanitized C++ (tests/metal_harness) and compared with the twins."""
+sanitized C++ (tests/metal_harness) and compared with the twins.
+
+The quantize kernel follows MLX's Metal quantizer, which differs from MLX's CPU one, so its
+source is checked against a numpy model of the Metal quantizer (tests/quantize_model.py), never
+against ``mx.quantize`` on the CPU; the model's shared arithmetic is checked against the CPU
+``mx.quantize`` through its CPU mode. The dispatched ``quantize_rows`` is compared with
+``mx.quantize`` on the current device (on a Mac's GPU: the Metal kernel against MLX's).
+"""
 
 import os
 import sys
@@ -14,6 +21,7 @@ from mlx_compact.kernels import rows
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from metal_harness.harness import Harness, HarnessError, check_subset, metal_sources  # noqa: E402
+from quantize_model import affine_quantize, round_half_away  # noqa: E402
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
@@ -58,6 +66,45 @@ def _merge_reference(x, offsets, members, weights):
     return out
 
 
+def _quant_chunk(dtype, bits=4):
+    """[B, H, L, D] K/V chunk: random rows and, in its first groups of 32, edge cases."""
+    x = np.array(mx.random.normal((2, 3, 4, 128), key=mx.random.key(7))) * 3.0
+    g = x.reshape(-1, 32)                            # [96, 32] view of x
+    n_bins, s = (1 << bits) - 1, 2.0 ** -4
+    ties = np.arange(30) % min(n_bins, 30) + 0.5
+    g[0] = 0.0                                       # all zeros
+    g[1] = 2.5                                       # constant positive group
+    g[2] = np.arange(32) * 0.25                      # exact ties in the rint of CPU MLX
+    g[3] = -np.arange(32) * 0.25                     # negative edge dominates
+    g[4] = np.linspace(-1e-9, 2e-9, 32)              # q0 == 0 branch
+    g[5] = np.linspace(-60000.0, 60000.0, 32)        # near the float16 range
+    g[6, ::2], g[6, 1::2] = 1.0, -1.0
+    g[7] = np.linspace(-1.0, 1.0, 32) ** 3
+    g[8] = np.concatenate([[0.0, n_bins], ties]) * s  # codes n_bins - k - 0.5: value ties
+    g[9] = np.linspace(-(n_bins // 2 + 3) - 0.5, n_bins // 2 - 2.5, 32) * s  # edge / scale ties
+    g[10] = np.abs(g[10]) + 0.5                      # all positive
+    g[11] = -np.abs(g[11]) - 0.5                     # all negative: Metal's w_max is 0
+    g[12] = -1.75                                    # constant negative group
+    g[13] = -np.abs(g[13])
+    g[13, 0] = -0.0                                  # all non-positive, maximum -0
+    g[14] = np.linspace(1e-9, 3e-9, 32)              # tiny positive: q0 == 0 with scale 1e-7
+    return mx.array(x.astype(np.float32)).astype(dtype)
+
+
+def _codes(quantized, group_size, bits):
+    """[G, group_size] integer codes unpacked from a (wq, scales, biases) triple."""
+    words = np.array(quantized[0]).reshape(-1, 1)                 # [W, 1]
+    shifts = np.arange(32 // bits, dtype=np.uint32) * np.uint32(bits)
+    return ((words >> shifts) & np.uint32((1 << bits) - 1)).reshape(-1, group_size)
+
+
+def _group_equal(a, b, group_size, bits):
+    """[G] bool: whether two (wq, scales, biases) triples agree on each quantization group."""
+    words = group_size * bits // 32
+    wq = np.array(a[0] == b[0]).reshape(-1, words).all(axis=1)
+    return wq & np.array(a[1] == b[1]).reshape(-1) & np.array(a[2] == b[2]).reshape(-1)
+
+
 # ------------------------------------------------------------------ twins and dispatch
 
 
@@ -87,11 +134,18 @@ def test_merge_twin(dtype):
     assert kernels.merge_rows(x, mx.zeros((1,), mx.int32), members[:0], weights[:0]).shape == (0, 7)
 
 
+@pytest.mark.parametrize("mode", ["auto", "mlx"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_quantize_twin(dtype):
-    x = _rand((1, 2, 3, 128), dtype)
-    for got, want in zip(kernels.quantize_rows(x, 64, 4), mx.quantize(x, 64, 4)):
-        assert _equal(got, want)
+def test_quantize_twin(dtype, mode, monkeypatch):
+    """quantize_rows is mx.quantize of the current device (auto on a Mac's GPU: the kernel)."""
+    monkeypatch.setenv(kernels.ENV, mode)
+    for bits in (4, 8):
+        x = _quant_chunk(dtype, bits)
+        for group_size in (32, 64, 128):
+            got = kernels.quantize_rows(x, group_size, bits)
+            want = mx.quantize(x, group_size=group_size, bits=bits)
+            for name, a, b in zip(("wq", "scales", "biases"), got, want):
+                assert _equal(a, b), f"{name} differs (group_size={group_size}, bits={bits})"
     with pytest.raises(ValueError):
         kernels.quantize_rows(_rand((1, 2, 3, 96), dtype), 64, 4)
     with pytest.raises(ValueError):
@@ -119,6 +173,62 @@ def test_mlx_switch_skips_kernels(monkeypatch):
     kernels.gather_rows(x, mx.array([1], mx.int32))
     kernels.merge_rows(x, mx.array([0, 1], mx.int32), mx.array([2], mx.int32), mx.ones(1))
     kernels.quantize_rows(x, 64, 4)
+
+
+# ------------------------------------------------------------ numpy models of mx.quantize
+
+
+def test_round_half_away():
+    x = np.array([0.5, -0.5, 1.5, 2.5, -2.5, 0.49999997, -0.3, 7.0, 2.0**23 + 1], np.float32)
+    want = np.array([1, -1, 2, 3, -3, 0, 0, 7, 2.0**23 + 1], np.float32)
+    assert np.array_equal(round_half_away(x), want) and round_half_away(x).dtype == np.float32
+    assert np.signbit(round_half_away(np.float32([-0.3])))[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_quantize_model_cpu_mode_is_cpu_mx_quantize(dtype, bits):
+    """The model's CPU mode is MLX's CPU quantizer: this checks the arithmetic both modes share."""
+    xs = [_quant_chunk(dtype, bits), _rand((8, 4, 256), dtype, seed=bits) * 3]
+    for x in xs:
+        for group_size in (32, 64, 128):
+            got = affine_quantize(x, group_size, bits, metal=False)
+            want = mx.quantize(x, group_size=group_size, bits=bits, stream=mx.cpu)
+            for name, a, b in zip(("wq", "scales", "biases"), got, want):
+                assert _equal(a, b), f"{name} differs (group_size={group_size}, bits={bits})"
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs Metal")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_quantize_model_metal_mode_is_gpu_mx_quantize(dtype, bits):
+    """On a Mac: the model's Metal mode is MLX's Metal quantizer."""
+    xs = [_quant_chunk(dtype, bits), _rand((8, 4, 256), dtype, seed=bits) * 3]
+    for x in xs:
+        for group_size in (32, 64, 128):
+            got = affine_quantize(x, group_size, bits, metal=True)
+            want = mx.quantize(x, group_size=group_size, bits=bits, stream=mx.gpu)
+            for name, a, b in zip(("wq", "scales", "biases"), got, want):
+                assert _equal(a, b), f"{name} differs (group_size={group_size}, bits={bits})"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_models_differ_where_mlx_backends_differ(bits):
+    """Metal (maximum from 0, round half away) against CPU (true maximum, half to even)."""
+    x = _quant_chunk(mx.float32, bits)
+    metal = affine_quantize(x, 32, bits, metal=True)
+    cpu = affine_quantize(x, 32, bits, metal=False)
+    same = _group_equal(metal, cpu, 32, bits)
+    assert same[[0, 1, 4, 10, 13, 14]].all()  # zeros, constant, tiny, all positive, max -0
+    assert not same[[8, 9, 11, 12]].any()      # ties, all negative
+    n_bins, k = (1 << bits) - 1, np.arange(30) % min((1 << bits) - 1, 30)
+    ties = n_bins - k - 0.5                                # group 8's exact quotients
+    assert _codes(metal, 32, bits)[8].tolist() == [n_bins, 0, *(ties + 0.5).tolist()]
+    assert _codes(cpu, 32, bits)[8].tolist() == [n_bins, 0, *np.rint(ties).tolist()]
+    y = _rand((16, 16, 256), mx.bfloat16, seed=5) * 3    # random bfloat16 groups
+    same = _group_equal(affine_quantize(y, 64, bits), affine_quantize(y, 64, bits, metal=False),
+                        64, bits)
+    assert 0.02 < 1 - same.mean() < 0.4
 
 
 # ------------------------------------------------------- Metal source through the harness
@@ -211,37 +321,34 @@ def test_merge_kernel_edges(emulated):
     assert _equal(rows._merge_metal(x, offsets, members, weights), want)
 
 
-def _quant_chunk(dtype):
-    """[B, H, L, D] K/V chunk with random rows and edge-case groups."""
-    x = np.array(mx.random.normal((2, 3, 4, 128), key=mx.random.key(7))) * 3.0
-    g = x.reshape(-1, 32)
-    g[0] = 0.0                                       # all zeros
-    g[1] = 2.5                                       # constant group
-    g[2] = np.arange(32) * 0.25                      # exact ties in rint
-    g[3] = -np.arange(32) * 0.25                     # negative edge dominates
-    g[4] = np.linspace(-1e-9, 2e-9, 32)              # q0 == 0 branch
-    g[5] = np.linspace(-60000.0, 60000.0, 32)        # near the float16 range
-    g[6, ::2], g[6, 1::2] = 1.0, -1.0
-    g[7] = np.linspace(-1.0, 1.0, 32) ** 3
-    return mx.array(x.astype(np.float32)).astype(dtype)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_quantize_kernel_bit_exact(emulated, dtype, bits):
-    x = _quant_chunk(dtype)
+    """The kernel's source is MLX's Metal quantizer (as modelled) on edge-case groups."""
+    x = _quant_chunk(dtype, bits)
     for group_size in (32, 64, 128):
         got = rows._quantize_metal(x, group_size, bits)
-        want = mx.quantize(x, group_size=group_size, bits=bits)
+        want = affine_quantize(x, group_size, bits, metal=True)
+        for name, a, b in zip(("wq", "scales", "biases"), got, want):
+            assert _equal(a, b), f"{name} differs (group_size={group_size}, bits={bits})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_quantize_kernel_random_groups(emulated, dtype):
+    x = _rand((4, 8, 256), dtype, seed=11) * 2           # 8192 values: 64-256 groups
+    for bits, group_size in ((4, 64), (8, 128), (4, 32)):
+        got = rows._quantize_metal(x, group_size, bits)
+        want = affine_quantize(x, group_size, bits, metal=True)
         for name, a, b in zip(("wq", "scales", "biases"), got, want):
             assert _equal(a, b), f"{name} differs (group_size={group_size}, bits={bits})"
 
 
 def test_quantize_kernel_single_row_and_slice(emulated):
     ring = _rand((1, 2, 16, 64), mx.bfloat16, seed=3)
-    chunk = ring[:, :, -1:, :]
-    for got, want in zip(rows._quantize_metal(chunk, 32, 4), mx.quantize(chunk, 32, 4)):
-        assert _equal(got, want)
+    chunk = ring[:, :, -1:, :]                           # [1, 2, 1, 64], not contiguous
+    got, want = rows._quantize_metal(chunk, 32, 4), affine_quantize(chunk, 32, 4, metal=True)
+    for a, b in zip(got, want):
+        assert _equal(a, b)
     empty = mx.zeros((1, 2, 0, 64), mx.float16)
     shapes = [a.shape for a in rows._quantize_metal(empty, 64, 8)]
     assert shapes == [(1, 2, 0, 16), (1, 2, 0, 1), (1, 2, 0, 1)]

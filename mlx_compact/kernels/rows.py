@@ -1,4 +1,8 @@
-"""Row kernels (gather, weighted merge, affine quantize) and their pure-MLX twins."""
+"""Row kernels (gather, weighted merge, affine quantize) and their pure-MLX twins.
+
+The quantize kernel follows MLX 0.32's Metal quantizer; see `mlx_compact.kernels` for the exact
+semantics of each path and their sources.
+"""
 
 import os
 
@@ -31,7 +35,9 @@ _MERGE_SOURCE = """
     out[e] = static_cast<T>(wsum != 0.0f ? acc / wsum : 0.0f);
 """
 
-# Same arithmetic as MLX's CPU affine quantize, in float32, one packed word per thread.
+# MLX 0.32's Metal `affine_quantize` (metal/kernels/quantized.h), step for step, in float32, one
+# packed word per thread (MLX: a SIMD group per group, min/max by simd_min/simd_max; min and max
+# are exact, so recomputing them per word gives the same values).
 _QUANTIZE_HEADER = """
 struct AffineParams {
     float scale;
@@ -41,29 +47,27 @@ struct AffineParams {
 template <typename P>
 AffineParams affine_params(P w, size_t start, int group_size, int bits) {
     float n_bins = float((1 << bits) - 1);
-    float w_min = static_cast<float>(w[start]);
-    float w_max = w_min;
-    for (int j = 1; j < group_size; ++j) {
+    float w_min = INFINITY;  // MLX: Limits<T>::max, +inf for float types
+    float w_max = 0.0f;      // MLX starts the maximum at 0, not at -inf
+    for (int j = 0; j < group_size; ++j) {
         float v = static_cast<float>(w[start + j]);
-        w_max = v > w_max ? v : w_max;
-        w_min = v < w_min ? v : w_min;
+        w_min = metal::min(w_min, v);
+        w_max = metal::max(w_max, v);
     }
-    bool mask = metal::fabs(w_min) > metal::fabs(w_max);
     float scale = metal::max((w_max - w_min) / n_bins, 1e-7f);
-    scale = mask ? scale : -scale;
-    float edge = mask ? w_min : w_max;
-    float q0 = metal::rint(edge / scale);
+    bool side = metal::fabs(w_min) > metal::fabs(w_max);
+    scale = side ? scale : -scale;
+    float edge = side ? w_min : w_max;
+    float q0 = metal::round(edge / scale);  // half away from zero
+    bool at_zero = q0 == 0.0f;
     AffineParams p;
-    p.scale = scale;
-    p.bias = 0.0f;
-    if (q0 != 0.0f) {
-        p.scale = edge / q0;
-        p.bias = edge;
-    }
+    p.scale = at_zero ? scale : edge / q0;
+    p.bias = at_zero ? 0.0f : edge;
     return p;
 }
 """
 
+# As MLX, values are clamped from above only: (w - bias) / scale is >= -0 for finite input.
 _QUANTIZE_SOURCE = """
     uint e = thread_position_in_grid.x;
     int per_word = 32 / bits;
@@ -73,8 +77,8 @@ _QUANTIZE_SOURCE = """
     float n_bins = float((1 << bits) - 1);
     uint word = 0;
     for (int i = 0; i < per_word; ++i) {
-        float q = metal::rint((static_cast<float>(x[start + i]) - p.bias) / p.scale);
-        q = metal::min(metal::max(q, 0.0f), n_bins);
+        float v = static_cast<float>(x[start + i]);
+        float q = metal::min(metal::round((v - p.bias) / p.scale), n_bins);
         word |= uint(q) << (i * bits);
     }
     wq[e] = word;
@@ -104,6 +108,7 @@ _quantize_kernel = mx.fast.metal_kernel(
     output_names=["wq", "scales", "biases"],
     source=_QUANTIZE_SOURCE,
     header=_QUANTIZE_HEADER,
+    compile_options={"math_mode": "safe"},  # IEEE division, as MLX's own kernels (-fno-fast-math)
 )
 
 
@@ -286,7 +291,7 @@ def _quantize_metal(x, group_size, bits, verbose: bool = False):
 
 
 def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 4):
-    """Affine-quantize ``x [..., D]`` exactly like ``mx.quantize(x, group_size, bits)``.
+    """Affine-quantize ``x [..., D]`` exactly like ``mx.quantize(x, group_size, bits)`` here.
 
     Meant for a new chunk of K/V rows ``[B, H, L, D]`` before it is written to a quantized
     cache. ``bits`` is 4 or 8, ``group_size`` 32, 64 or 128, ``D % group_size == 0``.
@@ -295,11 +300,12 @@ def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 4):
         ``(wq, scales, biases)``: uint32 ``[..., D * bits / 32]`` and ``[..., D / group_size]``
         in ``x.dtype``, the layout of ``mx.quantize``.
 
-    The kernel repeats the float32 arithmetic of MLX's CPU quantizer (min/max, scale and bias
-    snapped so the group's extreme value is exact, round half to even, clamp, pack low bits
-    first) and matches ``mx.quantize`` bit for bit when its source runs as C++. On Metal that
-    relies on IEEE division and ``rint``, which MLX's compile without fast math provides; it has
-    not been checked on Apple hardware. NaN inputs are unspecified.
+    ``mx.quantize`` differs between MLX's backends (see `mlx_compact.kernels`): the Metal kernel
+    repeats MLX's Metal quantizer (maximum from 0, round half away from zero), the pure-MLX path
+    is ``mx.quantize`` on the default device (on the CPU backend: true min/max, round half to
+    even). The kernel matches a numpy model of MLX's Metal quantizer bit for bit when its
+    source runs as C++; on Apple hardware that relies on IEEE division in ``math_mode="safe"``
+    and has not been run. NaN and infinite inputs are unspecified.
     """
     _check_quantize(x, group_size, bits)
     if backend() == "metal":
