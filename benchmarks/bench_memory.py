@@ -128,7 +128,7 @@ def measure_stages(model, proc, image, max_tokens: int) -> dict:
     t_vision = time.perf_counter() - t
     base2 = settle()
     cache = make_cache(model)
-    pin = pin_point(model, prep.input_ids)
+    pin = pin_point(model, cache, prep.input_ids, True, None)
     t = time.perf_counter()
     for n, _ in enumerate(generate_step(model, prep, cache, _sampler(0.0), 512, pin)):
         if n + 1 >= max_tokens:

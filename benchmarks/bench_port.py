@@ -102,7 +102,8 @@ class Ours:
 
     def generate(self, prep, step):
         """Yield token ids (int) with mlx_compact's own loop (prefill chunks of `step`)."""
-        return our_generate_step(self.model, prep, make_cache(self.model), lambda x: mx.argmax(x, axis=-1), step)
+        steps = our_generate_step(self.model, prep, make_cache(self.model), lambda x: mx.argmax(x, axis=-1), step)
+        return (token for token, _ in steps)
 
     def teacher_forced_logprobs(self, prep, tokens, step):
         """Log-probs after the prompt and after each of `tokens` fed back (ours, no sampling)."""

@@ -6,7 +6,7 @@
     so the run takes minutes) with FixedKVCache(``--capacity``) float and 8-bit, and mlx-lm's growing
     KVCache. Active memory is sampled every 1000 tokens; "drift" is max - min of the samples once
     the fixed cache is full.
-(b) chat: a ``--turns``-turn scripted ChatSession(max_kv_tokens=...) on a tiny checkpoint (the tests'
+(b) chat: a ``--turns``-turn scripted ChatSession(max_kv_size=...) on a tiny checkpoint (the tests'
     builder): an image in turn 1, then text turns. Active memory every 25 turns after the cache is
     full, and the pinned prefix (cache.pinned) must not change.
 (c) speed: one decode step (the whole LLM: layers + norm + lm_head) at 1k / 8k / 32k context at real
@@ -160,7 +160,7 @@ def long_chat(args) -> dict:
         model, proc = load(str(path))
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8))
-    chat = ChatSession(model, proc, max_kv_tokens=args.chat_kv)
+    chat = ChatSession(model, proc, max_kv_size=args.chat_kv)
     gc.collect()
     mx.synchronize()
     mx.clear_cache()

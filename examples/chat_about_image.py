@@ -35,7 +35,7 @@ def main(argv=None) -> None:
 
     model, processor = mlx_compact.load(args.model)
     chat = mlx_compact.ChatSession(model, processor, compaction=mlx_compact.Compaction(keep=args.keep),
-                                   max_kv_tokens=args.max_kv_tokens)
+                                   max_kv_size=args.max_kv_tokens)
     show("turn 1", chat.ask(args.question, [args.image], max_tokens=args.max_tokens))
     show("turn 2", chat.ask(args.follow_up, max_tokens=args.max_tokens))
 

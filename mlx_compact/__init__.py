@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 
 from .chat import ChatSession  # noqa: E402
 from .compaction import Compaction  # noqa: E402
-from .generate import GenerationResult, generate, stream_generate  # noqa: E402
+from .generate import GenerationResponse, GenerationResult, PromptCache, generate, make_prompt_cache, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 from .memory import MemoryPlanError, plan  # noqa: E402
 
-__all__ = ["load", "generate", "stream_generate", "GenerationResult", "ChatSession", "Compaction", "plan",
+__all__ = ["load", "generate", "stream_generate", "make_prompt_cache", "PromptCache", "GenerationResponse",
+           "GenerationResult", "ChatSession", "Compaction", "plan",
            "MemoryPlanError", "__version__"]

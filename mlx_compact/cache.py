@@ -74,8 +74,8 @@ class KVCache:
         self.bias = None  # [B, capacity] float32 key bias, allocated by the first biased update
         self.offset = 0
 
-    def update_and_fetch(self, keys, values, bias=None):
-        """Append keys/values [B, H, L, D] (and their key bias [B, L]); return all held [B, H, offset, D]."""
+    def update_and_fetch(self, keys, values):
+        """Append keys/values [B, H, L, D]; return all held [B, H, offset, D]."""
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
             grow = (prev + L + self.step - 1) // self.step * self.step - prev
@@ -85,20 +85,31 @@ class KVCache:
                 new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)  # [B, H, cap, D]
                 new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
             self.keys, self.values = new_k, new_v
-        if bias is not None or self.bias is not None:
-            cap = self.keys.shape[2]
-            if self.bias is None or self.bias.shape[1] < cap:
-                old = mx.zeros((keys.shape[0], 0), mx.float32) if self.bias is None else self.bias[:, :prev]
-                self.bias = mx.concatenate([old, mx.zeros((keys.shape[0], cap - old.shape[1]), mx.float32)], axis=1)
-            self.bias[:, prev : prev + L] = 0.0 if bias is None else bias.astype(mx.float32)
         self.offset = prev + L
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.state
 
+    def update_bias(self, bias, n):
+        """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`; return
+        the bias of every key held after it [B, offset + n], or None when no bias was ever given.
+
+        A model keeps its tokens' key bias (proportional attention) in its first layer's cache, once for
+        every layer; it grows in steps of 256 like the keys."""
+        if bias is None and self.bias is None:
+            return None
+        prev = self.offset
+        if self.bias is None or self.bias.shape[1] < prev + n:
+            B = bias.shape[0] if bias is not None else self.bias.shape[0]
+            old = mx.zeros((B, 0), mx.float32) if self.bias is None else self.bias[:, :prev]
+            grow = -(-(prev + n) // self.step) * self.step
+            self.bias = mx.concatenate([old, mx.zeros((B, grow - old.shape[1]), mx.float32)], axis=1)  # [B, cap]
+        self.bias[:, prev : prev + n] = 0.0 if bias is None else bias.astype(mx.float32)
+        return self.bias[:, : prev + n]
+
     @property
     def key_bias(self):
-        """[B, offset] key bias of the held tokens, or None when no update carried one."""
+        """[B, offset] key bias of the held tokens, or None when none was given."""
         return None if self.bias is None else self.bias[:, : self.offset]
 
     def make_mask(self, n, return_array=False, window_size=None):
@@ -246,12 +257,11 @@ class FixedKVCache:
             t += n
         return runs
 
-    def update_and_fetch(self, keys, values, bias=None):
-        """Write keys/values [B, H, L, D] (and their key bias [B, L]) in place; return every key/value held.
+    def update_and_fetch(self, keys, values):
+        """Write keys/values [B, H, L, D] in place; return every key/value held.
 
         Returns views ``[B, H, size, D]`` in slot order (not time order once the ring has
         wrapped: use ``make_mask``), or for a quantized cache tuples ``(wq, scales, biases)``.
-        The key bias lives in its token's slot (pinned and rotated with it): ``key_bias``.
         """
         L = keys.shape[2]
         if L > self._max_chunk and self.offset + L > self.max_tokens:
@@ -267,16 +277,24 @@ class FixedKVCache:
             new_v = quantize_rows(values, group_size=self.group_size, bits=self._bits)
         if self.keys is None:
             self._allocate(new_k, new_v)
-        if bias is not None and self.bias is None:
-            self.bias = mx.zeros((keys.shape[0], self.max_tokens), mx.float32)  # [B, max_tokens]
         for s, a, n in self._runs(self.offset, L):
             for buf, new in ((self.keys, new_k), (self.values, new_v)):
                 for i in range(len(buf)):
                     buf[i][..., s : s + n, :] = new[i][..., a : a + n, :]  # in place
-            if self.bias is not None:
-                self.bias[:, s : s + n] = 0.0 if bias is None else bias[:, a : a + n].astype(mx.float32)
         self.offset += L
         return self.state
+
+    def update_bias(self, bias, n):
+        """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`, into
+        their slots (pinned and rotated with them); return the held slots' bias [B, size after], or None
+        when no bias was ever given. Allocated once, at ``max_tokens`` slots (see `KVCache.update_bias`)."""
+        if bias is None and self.bias is None:
+            return None
+        if self.bias is None:
+            self.bias = mx.zeros((bias.shape[0], self.max_tokens), mx.float32)  # [B, max_tokens]
+        for s, a, m in self._runs(self.offset, n):
+            self.bias[:, s : s + m] = 0.0 if bias is None else bias[:, a : a + m].astype(mx.float32)
+        return self.bias[:, : min(self.offset + n, self.max_tokens)]
 
     @property
     def key_bias(self):
@@ -459,11 +477,9 @@ def save_cache(path, caches, metadata=None):
             x = x if isinstance(x, tuple) else (x,)
             arrays.update({f"{i}.{name}.{j}": a for j, a in enumerate(x)})
             parts = len(x)
-        entry = {"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts}
-        if parts and c.key_bias is not None:  # proportional attention: the per-slot key bias
-            arrays[f"{i}.bias"] = c.key_bias
-            entry["bias"] = True
-        info.append(entry)
+        info.append({"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts})
+    if caches and caches[0].state and getattr(caches[0], "key_bias", None) is not None:
+        arrays["bias"] = caches[0].key_bias  # proportional attention: the key bias per slot, kept by layer 0
     header = {MARKER: json.dumps(info), "metadata": json.dumps(metadata or {})}
     fd, tmp = tempfile.mkstemp(prefix=".session-", suffix=".tmp", dir=folder)
     try:
@@ -537,17 +553,16 @@ def read_cache_file(path) -> dict:
     if not (isinstance(entries, list) and entries and all(e == entries[0] for e in entries)):
         raise corrupt("it does not describe one cache per layer, all of the same kind")
     entry = entries[0]
-    if not (isinstance(entry, dict) and set(entry) in ({"class", "meta", "parts"}, {"class", "meta", "parts", "bias"})
-            and entry.get("bias", True) is True):
-        raise corrupt("a layer's description is not {class, meta, parts[, bias]}")
+    if not (isinstance(entry, dict) and set(entry) == {"class", "meta", "parts"}):
+        raise corrupt("a layer's description is not {class, meta, parts}")
     cls, meta, parts = entry["class"], _cache_settings(entry, corrupt), entry["parts"]
-    bias = "bias" in entry and parts > 0
+    bias = "bias" in header and parts > 0
 
     layers = len(entries)
-    if len(header) != (2 * parts + bias) * layers:
-        raise corrupt(f"it holds {len(header)} tensors where its description says {(2 * parts + bias) * layers}")
+    if len(header) != 2 * parts * layers + bias:
+        raise corrupt(f"it holds {len(header)} tensors where its description says {2 * parts * layers + bias}")
     names = {f"{i}.{n}.{j}" for i in range(layers) for n in ("keys", "values") for j in range(parts)}
-    biases = {f"{i}.bias" for i in range(layers)} if bias else set()
+    biases = {"bias"} if bias else set()
     if set(header) != names | biases:
         missing, extra = sorted((names | biases) - set(header)), sorted(set(header) - names - biases)
         raise corrupt(f"tensor {missing[0]!r} is missing" if missing else f"it holds an unknown tensor {extra[0]!r}")
@@ -562,7 +577,7 @@ def read_cache_file(path) -> dict:
             **_layout(first, cls, meta, corrupt)}
     if cls == "FixedKVCache" and parts:  # the full buffers, allocated on load
         per_token = sum(SAFETENSORS_DTYPES[d] * s[0] * s[1] * s[3] for d, s in first)
-        info["nbytes"] += 2 * layers * meta[0] * per_token + (layers * meta[0] * 4 * first[0][1][0] if bias else 0)
+        info["nbytes"] += 2 * layers * meta[0] * per_token + (meta[0] * 4 * first[0][1][0] if bias else 0)
     return info
 
 
@@ -647,8 +662,8 @@ def load_cache(path, layers=None, kv_heads=None, head_dim=None):
             c.meta_state = info["meta"]
         k, v = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(parts)) for name in ("keys", "values"))
         c.state = () if parts == 0 else (k[0], v[0]) if parts == 1 else (k, v)
-        if info["bias"]:
-            c.key_bias = arrays[f"{i}.bias"]
+        if info["bias"] and i == 0:
+            c.key_bias = arrays["bias"]
         caches.append(c)
     mx.eval([c.state for c in caches])
     return caches, info["metadata"]

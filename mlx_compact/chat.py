@@ -1,19 +1,16 @@
-"""A multi-turn chat that keeps its KV cache across turns.
+"""A multi-turn chat that keeps its KV cache across turns: a thin wrapper over
+``stream_generate(prompt_cache=...)``.
 
 A follow-up question costs only its own tokens: images are encoded once, in the turn that brings them,
-and the history is never prefilled again. With ``max_kv_tokens`` the cache has a fixed size; the system
+and the history is never prefilled again. With ``max_kv_size`` the cache has a fixed size; the system
 prompt and the images are pinned and old chat text rotates out.
 """
 
 import json
-import time
 from typing import Iterator, Optional, Sequence
 
-import mlx.core as mx
-
-from .cache import FixedKVCache, SessionError, load_cache, read_cache_file, save_cache
-from .generate import GenerationResult, _sampler, generate_step, make_cache, prepare_ids, run_stats, set_seed
-from .memory import MemoryPlanError, wired_limit
+from .cache import SessionError, load_cache, read_cache_file, save_cache
+from .generate import GenerationResponse, GenerationResult, make_cache, make_prompt_cache, stream_generate, turn_text
 
 
 class ChatSession:
@@ -25,124 +22,57 @@ class ChatSession:
         compaction: visual-token compaction for every image of the conversation (prompt-free operators
             suit multi-turn chat; a prompt-aware one is applied with the question of the turn that brings
             the image).
-        max_kv_tokens, kv_bits: a fixed-size rotating cache (8/4-bit if ``kv_bits``) with a pinned prefix.
+        max_kv_size, kv_bits: a fixed-size rotating cache (8/4-bit if ``kv_bits``) with a pinned prefix.
         max_pixels: shrink images to at most this many pixels.
+        memory_budget, fit: the memory plan of every turn (see ``check_memory``).
     """
 
     def __init__(self, model, processor, *, system_prompt: Optional[str] = None, compaction=None,
-                 max_kv_tokens: Optional[int] = None, kv_bits: Optional[int] = None,
-                 max_pixels: Optional[int] = None, prefill_step: int = 512):
+                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                 max_pixels: Optional[int] = None, prefill_step_size: int = 512,
+                 memory_budget: Optional[int] = None, fit: str = "refuse"):
         self.model, self.processor = model, processor
         self.system_prompt = system_prompt
         self.compaction = compaction
-        self.max_kv_tokens, self.kv_bits = max_kv_tokens, kv_bits
-        self.max_pixels, self.prefill_step = max_pixels, prefill_step
-        self.im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.max_kv_size, self.kv_bits = max_kv_size, kv_bits
+        self.max_pixels, self.prefill_step_size = max_pixels, prefill_step_size
+        self.memory_budget, self.fit = memory_budget, fit
+        make_cache(model, max_kv_size, kv_bits)  # refuse bad cache settings now, not at the first turn
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (and free its cache)."""
-        self.cache = make_cache(self.model, self.max_kv_tokens, self.kv_bits)
-        self.next_pos = 0  # M-RoPE position of the next token
-        self.turns = 0
-        self.closed = True  # the last assistant turn ended with <|im_end|> in the cache
+        self.cache = make_prompt_cache(self.model, self.max_kv_size, self.kv_bits)
         self.last_stats: dict = {}
+
+    @property
+    def turns(self) -> int:
+        return self.cache.turns
 
     def turn_text(self, prompt: str, n_images: int = 0) -> str:
         """The text the next turn adds to the conversation (before images are expanded)."""
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-        if self.turns == 0:
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            return self.processor.apply_chat_template(messages + [{"role": "user", "content": content}])
-        vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
-        head = "\n" if self.closed else "<|im_end|>\n"
-        return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        return turn_text(self.processor, self.cache, prompt, n_images, self.system_prompt)
 
-    def stream(self, prompt: str, images: Sequence = (), *, max_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, seed: Optional[int] = None, progress=None) -> Iterator:
-        """Yield the reply's text chunks, then the turn's stats dict (as ``generate``).
-
-        Stopping early (closing the generator, Ctrl-C) keeps the part of the reply produced so far.
-        """
-        if seed is not None:
-            set_seed(seed)
-        images = list(images or [])
-        t0 = time.perf_counter()
-        text = self.turn_text(prompt, len(images))
-        inputs = self.processor(text=text, images=images or None, max_pixels=self.max_pixels)
-        ids = [int(i) for i in inputs["input_ids"][0]]
-        grid = inputs["grid_thw"] if images else ()
-        prompt_ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        mx.reset_peak_memory()
-        prep = prepare_ids(self.model, ids, inputs.get("pixel_values"), grid, compaction=self.compaction,
-                           prompt_ids=prompt_ids, preprocess_s=time.perf_counter() - t0)
-        prep.positions = prep.positions + self.next_pos  # this turn continues the conversation's positions
-        pin = self._pin_point(prep.input_ids, bool(images))
-        eos = set(self.processor.eos_token_ids)
-        sampler = _sampler(temperature, top_p)
-        t_prefill = time.perf_counter()
-        tokens, out, t_first, fed = [], "", None, 0
-        tok = None
-        try:
-            with wired_limit():
-                for tok in generate_step(self.model, prep, self.cache, sampler, self.prefill_step, pin, progress):
-                    fed += 1  # generate_step has written `tok` into the cache before yielding it
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    if tok in eos or len(tokens) >= max_tokens:
-                        break
-                    tokens.append(tok)
-                    new = self.processor.decode(tokens)
-                    if len(new) > len(out) and not new.endswith("\ufffd"):
-                        yield new[len(out):]
-                        out = new
-        finally:  # commit the turn, complete or not, so the conversation stays consistent
-            t_end = time.perf_counter()
-            self.closed = fed > len(tokens) and tok == self.im_end
-            if fed > len(tokens) and not self.closed and self._trim(1):
-                fed -= 1
-            self.next_pos = int(prep.positions.max().item()) + 1 + fed
-            self.turns += 1
-            self.last_stats = run_stats(prep, self.cache, len(tokens), t_prefill, t_first, t_end)
-        yield {"text": self.processor.decode(tokens), "tokens": tokens, **self.last_stats}
+    def stream(self, prompt: str, images: Sequence = (), *, max_tokens: int = 256, **kwargs) -> Iterator[GenerationResponse]:
+        """Yield the reply as ``GenerationResponse``s (see ``stream_generate``; ``sampler``, ``temperature``,
+        ``top_p``, ``seed``, ``logits_processors``, ``progress`` pass through). Stopping early (closing the
+        generator, Ctrl-C) keeps the part of the reply produced so far."""
+        kwargs = {"max_pixels": self.max_pixels, "memory_budget": self.memory_budget, "fit": self.fit, **kwargs}
+        for r in stream_generate(self.model, self.processor, prompt, images, max_tokens=max_tokens,
+                                 compaction=self.compaction, prompt_cache=self.cache, system_prompt=self.system_prompt,
+                                 prefill_step_size=self.prefill_step_size, **kwargs):
+            if r.stats is not None:
+                self.last_stats = r.stats
+            yield r
 
     def ask(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
         """One turn: the reply as a ``GenerationResult`` (``.text``, ``.tokens``, ``.stats``)."""
-        stats = None
-        for item in self.stream(prompt, images, **kwargs):
-            if isinstance(item, dict):
-                stats = item
-        text, tokens = stats.pop("text"), stats.pop("tokens")
-        return GenerationResult(text=text, tokens=tokens, stats=stats)
-
-    def _pin_point(self, ids, has_images: bool) -> Optional[int]:
-        """Rows of this turn to pin: through its last image (or the system prompt on the first turn)."""
-        c0 = self.cache[0]
-        if not isinstance(c0, FixedKVCache):
-            return None
-        if has_images:
-            end = self.model.config.vision_end_token_id
-            n = max(i for i, t in enumerate(ids) if t == end) + 1
-        elif self.turns == 0 and self.im_end in ids:
-            n = ids.index(self.im_end) + 1
-        else:
-            return None
-        if c0.offset + n > c0.max_tokens - c0.max_chunk:  # a pin is a prefix: it must fit before the ring
-            if has_images:
-                raise MemoryPlanError(
-                    f"pinning this image needs {c0.offset + n} KV slots but the cache keeps only "
-                    f"{c0.max_tokens - c0.max_chunk} for its pinned prefix: start a new chat (/reset), "
-                    f"raise max_kv_tokens, or use fewer visual tokens (lower keep or max_pixels)"
-                )
-            return None
-        return n
-
-    def _trim(self, n: int) -> bool:
-        if all(c.is_trimmable() for c in self.cache):
-            for c in self.cache:
-                c.trim(n)
-            return True
-        return False
+        tokens, text = [], ""
+        for r in self.stream(prompt, images, **kwargs):
+            text += r.text
+            if r.finish_reason != "stop" and r.token is not None:
+                tokens.append(r.token)
+        return GenerationResult(text=text, tokens=tokens, stats=r.stats)
 
     def save(self, path: str) -> None:
         """Save the conversation (KV cache and position state) to a .safetensors file.
@@ -150,8 +80,9 @@ class ChatSession:
         Written atomically. `SessionError` (nothing written) when `path` is a folder, a pipe or a file
         that is not a session file: only a previous session file is overwritten.
         """
-        meta = {"next_pos": self.next_pos, "turns": self.turns, "closed": self.closed,
-                "model_type": self.model.model_type, "model": _fingerprint(self.model)}
+        c = self.cache
+        meta = {"next_pos": c.position, "turns": c.turns, "closed": c.closed, "text": c.text,
+                "messages": c.messages, "model_type": self.model.model_type, "model": _fingerprint(self.model)}
         save_cache(path, self.cache, {"chat": json.dumps(meta)})
 
     def load(self, path: str) -> None:
@@ -164,13 +95,14 @@ class ChatSession:
         state = _chat_state(path, info["metadata"], self.model)
         self._check_settings(path, info)
         t = self.model.config.text
-        cache, _ = load_cache(path, len(self.model.layers), t.num_key_value_heads, t.head_dim)
-        self.cache, self.next_pos = cache, state["next_pos"]
-        self.turns, self.closed = state["turns"], state["closed"]
+        caches, _ = load_cache(path, len(self.model.layers), t.num_key_value_heads, t.head_dim)
+        cache = type(self.cache)(caches, state["next_pos"], state["turns"], state["closed"])
+        cache.text, cache.messages = state.get("text", ""), state.get("messages", [])
+        self.cache = cache
 
     def _check_settings(self, path: str, info: dict) -> None:
         """Refuse a session whose cache is not the kind this chat makes (growing, or its fixed size and bits)."""
-        mine = make_cache(self.model, self.max_kv_tokens, self.kv_bits)[0]
+        mine = make_cache(self.model, self.max_kv_size, self.kv_bits)[0]
         ours = (type(mine).__name__, tuple(map(int, mine.meta_state)))
         theirs = (info["class"], info["meta"])
         if ours[0] == theirs[0] and ours[1][:1] + ours[1][2:5] == theirs[1][:1] + theirs[1][2:5]:
@@ -205,7 +137,9 @@ def _chat_state(path: str, metadata: dict, model) -> dict:
         state = None
     if not (isinstance(state, dict) and isinstance(state.get("model_type"), str)
             and all(type(state.get(k)) is int and 0 <= state[k] < 2**31 for k in ("next_pos", "turns"))
-            and type(state.get("closed")) is bool):
+            and type(state.get("closed")) is bool and isinstance(state.get("text", ""), str)
+            and isinstance(state.get("messages", []), list)
+            and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in state.get("messages", []))):
         raise SessionError(f"session file {path} has no valid chat state: it was not saved by a chat, or it is corrupt")
     fingerprint = state.get("model", {})  # files saved before it have only model_type: their shapes are checked
     if not isinstance(fingerprint, dict):

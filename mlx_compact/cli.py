@@ -207,8 +207,9 @@ def _add_stats(p, per: str) -> None:
 
 
 def _check_cache_args(args) -> None:
-    if args.kv_bits is not None and args.max_kv_tokens is None:
-        raise UserError("--kv-bits needs --max-kv-tokens (a quantized cache has a fixed size)")
+    from mlx_compact.generate import check_cache_options
+
+    check_cache_options(args.max_kv_tokens, args.kv_bits)
 
 
 def _compaction(args, keep=None):
@@ -234,23 +235,6 @@ def _compaction(args, keep=None):
         raise UserError(str(e).replace("Compaction(where='encoder')", "--where encoder")) from None
 
 
-def _check_kv_bits(model, bits) -> None:
-    """Refuse a quantized cache the model's head size cannot take (groups of 32 or 64 values per head)."""
-    d = model.config.text.head_dim
-    if bits is not None and d % 32:
-        raise UserError(f"--kv-bits needs a head size that is a multiple of 32; this model's is {d}")
-
-
-def _check_compaction(model, c) -> None:
-    """Refuse, before running, a compaction this model cannot do (in-encoder on Qwen2.5-VL)."""
-    from mlx_compact.compaction import tower_hooks
-
-    try:
-        tower_hooks(model, c)
-    except ValueError as e:
-        raise UserError(str(e).replace("Compaction(where='post')", "--where post")) from None
-
-
 # ---------------------------------------------------------------- images
 
 
@@ -259,25 +243,6 @@ def _read_image(path: str):
     from mlx_compact.images import open_image
 
     return open_image(path)
-
-
-def _prompt_tokens(processor, text: str, images, max_pixels, c) -> int:
-    """Tokens a templated prompt becomes, visual tokens (after compaction) included."""
-    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])  # one <|image_pad|> per image
-    f = processor.image.factor
-    for im in images:
-        h, w = processor.image_resized_size(im.height, im.width, max_pixels=max_pixels)
-        grid = (1, h // f, w // f)
-        n += (c.kept(grid) if c is not None else grid[1] * grid[2]) - 1
-    return n
-
-
-def _check_fits_cache(n: int, max_kv_tokens, what: str = "the prompt") -> None:
-    if max_kv_tokens is not None and n > max_kv_tokens:
-        raise UserError(
-            f"{what} is {n} tokens but the cache holds {max_kv_tokens} (--max-kv-tokens): its start would be "
-            f"forgotten before the answer begins; raise --max-kv-tokens, or use fewer visual tokens "
-            f"(--keep, --max-pixels) or a shorter prompt")
 
 
 # ---------------------------------------------------------------- progress and stats
@@ -357,48 +322,34 @@ def _load_checked(args):
     c = _compaction(args)
     images = [_read_image(p) for p in args.image]
     model, processor = load(args.model, memory_budget=args.memory_budget)
-    _check_compaction(model, c)
-    _check_kv_bits(model, args.kv_bits)
     return model, processor, c, images
 
 
-def _fit_note(processor, images, before, after) -> None:
-    """Say on stderr what --fit auto changed."""
-    if after == before:
-        return
-    old = sum(processor.image_size_tokens(im.height, im.width, max_pixels=before) for im in images)
-    new = sum(processor.image_size_tokens(im.height, im.width, max_pixels=after) for im in images)
-    _say(f"--fit auto: images shrunk to at most {after} pixels each to fit in memory ({old} -> {new} visual "
-         "tokens); pass --max-pixels to choose yourself")
+def _answer(responses, mode: str) -> None:
+    """Stream an answer's text to stdout (text mode), then its stats (see `_print_stats`)."""
+    text, stats = "", {}
+    for r in responses:
+        text += r.text
+        if mode == "text":
+            print(r.text, end="", flush=True)
+        stats = r.stats or stats
+    if mode == "text":
+        print(flush=True)
+    if "fitted_max_pixels" in stats:
+        _say(f"--fit auto: images shrunk to at most {stats['fitted_max_pixels']} pixels each to fit in memory; "
+             "pass --max-pixels to choose yourself")
+    _print_stats(stats, mode, None if mode == "text" else text)
 
 
 def run_generate(args) -> int:
-    from mlx_compact.generate import check_memory, check_prompt, stream_generate
+    from mlx_compact.generate import stream_generate
 
     model, processor, c, images = _load_checked(args)
-    check_prompt(processor, args.prompt)
-    max_pixels = check_memory(model, processor, args.prompt, images, max_pixels=args.max_pixels, compaction=c,
-                              max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_tokens=args.max_tokens,
-                              budget=args.memory_budget, fit=args.fit)
-    _fit_note(processor, images, args.max_pixels, max_pixels)
-    if args.max_kv_tokens is not None:
-        text = processor.build_prompt(args.prompt, n_images=len(images))
-        _check_fits_cache(_prompt_tokens(processor, text, images, max_pixels, c), args.max_kv_tokens)
-    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                  max_pixels=max_pixels, compaction=c, max_kv_tokens=args.max_kv_tokens,
-                  kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit="refuse")
-    stream = args.stats == "text"
-    stats = None
-    for item in stream_generate(model, processor, args.prompt, images, **kwargs, progress=_prefill_progress()):
-        if isinstance(item, dict):
-            stats = item
-        elif stream:
-            print(item, end="", flush=True)
-    text = stats.pop("text")
-    stats.pop("tokens")
-    if stream:
-        print()
-    _print_stats(stats, args.stats, None if stream else text)
+    _answer(stream_generate(model, processor, args.prompt, images, max_tokens=args.max_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_pixels=args.max_pixels, compaction=c, max_kv_size=args.max_kv_tokens,
+                            kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit,
+                            progress=_prefill_progress()), args.stats)
     return 0
 
 
@@ -486,35 +437,15 @@ class _Chat:
         return True
 
     def ask(self, question: str) -> None:
-        from mlx_compact.generate import check_memory, check_prompt
-
-        a, s = self.args, self.session
-        images = self.pending
-        check_prompt(s.processor, question)
-        max_pixels = check_memory(s.model, s.processor, question, images, max_pixels=s.max_pixels,
-                                  compaction=s.compaction, max_kv_tokens=a.max_kv_tokens, kv_bits=a.kv_bits,
-                                  max_tokens=a.max_tokens, budget=a.memory_budget, fit=a.fit)
-        _fit_note(s.processor, images, s.max_pixels, max_pixels)
-        if a.max_kv_tokens is not None:
-            n = _prompt_tokens(s.processor, s.turn_text(question, len(images)), images, max_pixels, s.compaction)
-            _check_fits_cache(n, a.max_kv_tokens, "this question")
-        kwargs = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, progress=_prefill_progress())
-        stream, old = a.stats == "text", s.max_pixels
-        s.max_pixels = max_pixels
+        a, turns = self.args, self.session.turns
+        images, self.pending = self.pending, []
         try:
-            for item in s.stream(question, images, **kwargs):
-                if isinstance(item, dict):
-                    stats = item
-                elif stream:
-                    print(item, end="", flush=True)
-        finally:
-            s.max_pixels = old
-        self.pending = []
-        text = stats.pop("text")
-        stats.pop("tokens")
-        if stream:
-            print(flush=True)
-        _print_stats(stats, a.stats, None if stream else text)
+            _answer(self.session.stream(question, images, max_tokens=a.max_tokens, temperature=a.temperature,
+                                        top_p=a.top_p, progress=_prefill_progress()), a.stats)
+        except BaseException:
+            if self.session.turns == turns:  # refused before the conversation changed: keep the images
+                self.pending = images + self.pending
+            raise
 
 
 def _say(message: str) -> None:
@@ -547,8 +478,9 @@ def run_chat(args) -> int:
     model, processor, c, images = _load_checked(args)
     if args.seed is not None:
         set_seed(args.seed)
-    session = ChatSession(model, processor, system_prompt=args.system, compaction=c,
-                          max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_pixels=args.max_pixels)
+    session = ChatSession(model, processor, system_prompt=args.system, compaction=c, max_kv_size=args.max_kv_tokens,
+                          kv_bits=args.kv_bits, max_pixels=args.max_pixels, memory_budget=args.memory_budget,
+                          fit=args.fit)
     chat = _Chat(args, session, images)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -4,6 +4,7 @@ A stack of generators, as in mlx-lm: ``generate_step`` yields token ids, ``strea
 text chunks and finally the stats, ``generate`` collects everything into a ``GenerationResult``.
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -148,32 +149,98 @@ def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=
     return prep
 
 
-def make_cache(model, max_kv_tokens: Optional[int] = None, kv_bits: Optional[int] = None,
+def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
                kv_group_size: Optional[int] = None) -> list:
-    """One KV cache per LLM layer: growing (default), or fixed-size/rotating when ``max_kv_tokens`` or
-    ``kv_bits`` is given (allocated once at its full size on the first write). Quantized groups default
-    to 64 values (32 when head_dim is not a multiple of 64)."""
+    """The default per-layer KV caches: growing, or fixed-size/rotating when ``max_kv_size`` is given
+    (allocated once at its full size on the first write; ``kv_bits`` 8 or 4 quantizes it). Quantized
+    groups default to 64 values (32 when head_dim is not a multiple of 64)."""
+    check_cache_options(max_kv_size, kv_bits)
     hd = model.config.text.head_dim
     if kv_group_size is None:
         kv_group_size = 64 if hd % 64 == 0 else 32
     if kv_bits is not None and hd % kv_group_size:
-        raise ValueError(f"a quantized KV cache needs head_dim to be a multiple of {kv_group_size}; this model's is {hd}")
-    if max_kv_tokens is None and kv_bits is None:
+        raise InputError(f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
+                         f"this model's is {hd}")
+    if max_kv_size is None:
         return [KVCache() for _ in model.layers]
-    if max_kv_tokens is None:
-        raise ValueError("kv_bits needs max_kv_tokens: the quantized cache has a fixed size")
-    return [FixedKVCache(max_kv_tokens, bits=kv_bits, group_size=kv_group_size) for _ in model.layers]
+    return [FixedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size) for _ in model.layers]
 
 
-def pin_point(model, ids: Sequence[int], im_end_id: Optional[int] = None) -> int:
-    """Tokens to keep pinned in a rotating cache: through the last visual block, else the system prompt."""
-    c = model.config
-    last = max((i for i, t in enumerate(ids) if t == c.vision_end_token_id), default=-1)
-    if last >= 0:
-        return last + 1
-    if im_end_id is not None and im_end_id in ids:
-        return ids.index(im_end_id) + 1
-    return 0
+def check_cache_options(max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None) -> None:
+    """Refuse cache settings that no model takes (checked before a model is loaded)."""
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
+        raise InputError(f"max_kv_size must be a whole number >= 1, got {max_kv_size!r}")
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise InputError(f"kv_bits must be 4 or 8, got {kv_bits!r}")
+    if max_kv_size is None and kv_bits is not None:
+        raise InputError("--kv-bits needs --max-kv-tokens (kv_bits needs max_kv_size): a quantized cache has a "
+                         "fixed size")
+
+
+class PromptCache(list):
+    """The per-layer KV caches of one conversation (a list, like mlx-lm's prompt caches) and where it stands.
+
+    ``position``: M-RoPE position of the next token (it runs ahead of the token count: images take fewer
+    positions than tokens, compaction drops tokens). ``turns``: turns held. ``closed``: the last answer's
+    end-of-turn token is in the cache. ``text``: everything fed so far, as text (special tokens included),
+    so the next turn can be cut from the checkpoint's own chat template. ``messages``: the conversation.
+    """
+
+    def __init__(self, caches=(), position: int = 0, turns: int = 0, closed: bool = True):
+        super().__init__(caches)
+        self.position, self.turns, self.closed = position, turns, closed
+        self.text, self.messages = "", []
+
+    @property
+    def max_kv_size(self) -> Optional[int]:
+        """Slots of a fixed-size cache, None for a growing one."""
+        return self[0].max_tokens if self and isinstance(self[0], FixedKVCache) else None
+
+    @property
+    def kv_bits(self) -> Optional[int]:
+        return getattr(self[0], "bits", None) if self else None
+
+    @property
+    def offset(self) -> int:
+        """Tokens written so far."""
+        return self[0].offset if self else 0
+
+
+def make_prompt_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                      kv_group_size: Optional[int] = None) -> PromptCache:
+    """A cache for ``generate`` / ``stream_generate(prompt_cache=...)``: calls on the same cache continue one
+    conversation. ``model.make_cache(...)`` builds it when the model defines one (hybrid models), else one KV
+    cache per layer (`make_cache`): growing, or of ``max_kv_size`` slots (``kv_bits`` 8/4: quantized)."""
+    build = getattr(model, "make_cache", None)
+    caches = build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size) if callable(build) \
+        else make_cache(model, max_kv_size, kv_bits, kv_group_size)
+    return PromptCache(caches)
+
+
+def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_id: Optional[int]) -> Optional[int]:
+    """Rows of this turn to pin in a fixed-size cache (after what it holds): through the last image, or the
+    system prompt on the first turn; None when nothing is pinned. A pin is a prefix of the cache: an image
+    that no longer fits before the ring is a `MemoryPlanError`."""
+    c0 = cache[0]
+    if not isinstance(c0, FixedKVCache):
+        return None
+    end = model.config.vision_end_token_id
+    has_images = end in ids
+    if has_images:
+        n = max(i for i, t in enumerate(ids) if t == end) + 1
+    elif first_turn and im_end_id in ids:
+        n = list(ids).index(im_end_id) + 1
+    else:
+        return None
+    if c0.offset > c0.max_tokens or c0.offset + n > c0.max_tokens - c0.max_chunk:
+        if has_images:
+            raise MemoryPlanError(
+                f"pinning this image needs {c0.offset + n} KV slots but the cache keeps only "
+                f"{c0.max_tokens - c0.max_chunk} for its pinned prefix: start a new conversation, raise the cache "
+                f"size (--max-kv-tokens) to at least {c0.offset + n + c0.max_chunk}, or use fewer visual tokens "
+                "(lower keep or max_pixels)")
+        return None
+    return n
 
 
 def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[int] = None,
@@ -181,8 +248,8 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
     """Run the prompt through the LLM in chunks of ``step`` tokens; return the last logits [1, V].
 
     ``pin``: with a fixed-size cache, pin the first ``pin`` rows of this prompt (after the tokens already
-    cached) once they are written, so they never rotate out. ``progress(done, total)`` is called after
-    each chunk.
+    cached) once they are written, so they never rotate out (see `pin_point`). ``progress(done, total)`` is
+    called after each chunk.
     """
     L = prep.embeds.shape[1]
     fixed = isinstance(cache[0], FixedKVCache)
@@ -198,7 +265,8 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
         )
         if fixed and pin and j == pin:
             mx.eval([c.state for c in cache])
-            _pin(cache, start + pin)
+            for c in cache:
+                c.pin(start + pin)
         elif j < L:
             mx.eval([c.state for c in cache])
         if progress is not None:
@@ -206,37 +274,40 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
     return logits[:, -1, :]
 
 
-def _pin(cache: list, n: int) -> None:
-    c0 = cache[0]
-    if c0.offset > c0.max_tokens or n > c0.max_tokens - c0.max_chunk:
-        raise MemoryPlanError(
-            f"the pinned prefix (system prompt and images) needs {n} KV slots but the cache holds "
-            f"{c0.max_tokens} with {c0.max_chunk} kept free for new tokens: raise max_kv_tokens to at least "
-            f"{n + c0.max_chunk}, or use fewer visual tokens (lower keep or max_pixels)"
-        )
-    for c in cache:
-        c.pin(n)
+def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step_size: int = 512,
+                  pin: Optional[int] = None, progress=None, logits_processors=None) -> Iterator[tuple]:
+    """Yield ``(token id, logprobs [V])`` forever (the caller stops), as mlx-lm's ``generate_step``.
 
-
-def generate_step(model, prep: Prepared, cache: list, sampler, prefill_step: int = 512,
-                  pin: Optional[int] = None, progress=None) -> Iterator[int]:
-    """Yield generated token ids forever (the caller stops).
-
-    Decode step n sits at position max(prompt positions) + 1 + n (= offset + rope delta for one turn).
-    The next step is computed while the current token is handed out (double-buffered).
+    ``sampler(logprobs [1, V]) -> [1]`` (default greedy; mlx-lm's ``make_sampler`` makes others);
+    ``logits_processors``: mlx-lm's ``(tokens so far [T], logits [1, V]) -> logits`` (``make_logits_processors``).
+    Decode step n sits at position max(prompt positions) + 1 + n. The next step is computed while the current
+    token is handed out (double-buffered).
     """
-    logits = prefill(model, prep, cache, prefill_step, pin, progress)
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    history = mx.array(prep.input_ids, dtype=mx.int32)  # [T] what the logits processors see
+
+    def sample(logits):
+        nonlocal history
+        for processor in logits_processors or ():
+            logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [1, V]
+        token = sampler(logprobs)
+        if logits_processors:
+            history = mx.concatenate([history, token.reshape(-1).astype(mx.int32)])
+        return token, logprobs
+
+    logits = prefill(model, prep, cache, prefill_step_size, pin, progress)
     embed = model.language_model.model.embed_tokens
     next_pos = int(prep.positions.max().item()) + 1
-    token = sampler(logits)
-    mx.async_eval(token)
+    token, logprobs = sample(logits)
+    mx.async_eval(token, logprobs)
     while True:
         pos = mx.full((3, 1, 1), next_pos, dtype=mx.int32)
         next_logits = model.language_model(embed(token.reshape(1, 1)), pos, cache=cache)
-        next_token = sampler(next_logits[:, -1, :])
-        mx.async_eval(next_token)
-        yield int(token.item())
-        token = next_token
+        next_token, next_logprobs = sample(next_logits[:, -1, :])
+        mx.async_eval(next_token, next_logprobs)
+        yield int(token.item()), logprobs[0]
+        token, logprobs = next_token, next_logprobs
         next_pos += 1
 
 
@@ -262,12 +333,13 @@ def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[
 
 def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0,
              max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
-             scales: Optional[Sequence[int]] = None, key_bias: bool = False):
+             scales: Optional[Sequence[int]] = None, key_bias: bool = False, held: int = 0):
     """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
 
-    ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``)."""
+    ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``); ``held``: tokens
+    the conversation's cache already holds."""
     images = image_files(images)
-    text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32
+    text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32 + held
     return plan(model, image_patches(processor, images, max_pixels), text_tokens, keep=keep,
                 max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
                 budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales), key_bias=key_bias)
@@ -302,7 +374,7 @@ def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> Li
 
 def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=None, compaction=None,
                  max_kv_tokens=None, kv_bits=None, max_tokens=256, prefill_step=512, budget=None,
-                 fit: str = "refuse"):
+                 fit: str = "refuse", held: int = 0):
     """Plan the run before anything is allocated. Returns the (possibly lowered) max_pixels.
 
     Every run is planned, text-only ones too (weights, the KV cache asked for, the prompt). Image files
@@ -318,7 +390,7 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
     c = _active(model, compaction)
     keep = 1.0 if c is None or c.is_identity or c.tokens is not None else c.keep
     settings = dict(max_pixels=max_pixels, keep=keep, key_bias=c is not None and c.proportional and bool(images),
-                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits,
+                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, held=held,
                     max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
     images = image_files(images)
     p = plan_run(model, processor, prompt, images, **settings)
@@ -367,6 +439,62 @@ def _hw(im) -> tuple:
     return im.shape[0], im.shape[1]
 
 
+@dataclass
+class GenerationResponse:
+    """One step of ``stream_generate`` (mlx-lm's shape): the new ``text`` segment (may be empty while a
+    character is incomplete), the ``token`` and its ``logprobs`` [V], the counts so far, and on the last
+    response ``finish_reason`` ("stop": end of turn; "length": max_tokens reached) and the run's ``stats``."""
+
+    text: str
+    token: Optional[int]
+    logprobs: Optional[mx.array]
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: Optional[str] = None
+    stats: Optional[dict] = None
+
+
+def turn_text(processor, cache: PromptCache, prompt: str, n_images: int = 0, system_prompt: Optional[str] = None,
+              n_videos: int = 0) -> str:
+    """The text a turn adds to the conversation in ``cache`` (before images are expanded).
+
+    The first turn is the checkpoint's chat template (with ``system_prompt``); a later one is what the
+    template renders for the whole conversation beyond what the cache already holds. When the template
+    re-renders the history differently (some strip earlier answers), the Qwen turn format is used."""
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
+    user = {"role": "user", "content": content}
+    if cache.turns == 0:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return processor.apply_chat_template(system + [user])
+    full = processor.apply_chat_template(cache.messages + [user])
+    if cache.text and full.startswith(cache.text):
+        return full[len(cache.text):]
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+    vision += "<|vision_start|><|video_pad|><|vision_end|>" * n_videos
+    head = "\n" if cache.closed else "<|im_end|>\n"
+    return f"{head}<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def check_fits_cache(n: int, cache: list) -> None:
+    """Refuse a turn of ``n`` tokens that a fixed-size cache could not hold before the answer begins."""
+    size = cache[0].max_tokens if isinstance(cache[0], FixedKVCache) else None
+    if size is not None and n > size:
+        raise InputError(
+            f"the prompt is {n} tokens but the cache holds {size} (--max-kv-tokens / max_kv_size): its start would "
+            "be forgotten before the answer begins; raise the cache size, or use fewer visual tokens (--keep, "
+            "--max-pixels) or a shorter prompt")
+
+
+def _sampling(sampler, temperature: float, top_p: float):
+    if sampler is not None:
+        return sampler
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    return _sampler(temperature, top_p)
+
+
 def stream_generate(
     model,
     processor,
@@ -374,55 +502,119 @@ def stream_generate(
     images: Sequence = (),
     *,
     max_tokens: int = 256,
+    sampler=None,
+    logits_processors=None,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    max_pixels: Optional[int] = None,
-    prefill_step: int = 512,
     seed: Optional[int] = None,
+    max_pixels: Optional[int] = None,
     compaction=None,
-    max_kv_tokens: Optional[int] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    system_prompt: Optional[str] = None,
+    max_kv_size: Optional[int] = None,
     kv_bits: Optional[int] = None,
+    prefill_step_size: int = 512,
     memory_budget: Optional[int] = None,
     fit: str = "refuse",
     progress: Optional[Callable[[int, int], None]] = None,
-) -> Iterator:
-    """Yield text chunks as they are generated, then (last) the stats dict.
+) -> Iterator[GenerationResponse]:
+    """Yield a `GenerationResponse` per generated token; the last one has ``finish_reason`` and ``stats``.
 
-    ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses the model's default
-    (``set_default_compaction``). With one, the LLM prefill and the KV cache only see the compact sequence,
-    ``visual_tokens`` reports before/after per image and ``ttft_s`` gains a "compaction" entry.
-    ``max_kv_tokens`` / ``kv_bits``: a fixed-size rotating KV cache (8/4-bit when ``kv_bits``) whose prefix
-    (system prompt and images) is pinned. ``memory_budget`` / ``fit``: see ``check_memory``.
-    ``progress(done, total)`` is called after each prefill chunk.
+    ``images``: paths, PIL images or uint8 arrays. ``sampler`` / ``logits_processors``: as mlx-lm's (else
+    ``temperature`` / ``top_p``). ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses
+    the model's default (``load(compaction=...)``); the prefill and the KV cache then only see the compact
+    sequence. ``prompt_cache`` (from `make_prompt_cache`): the conversation to continue; this call prefills
+    only its own turn, at the positions where the cache left off, and images already in it are never
+    encoded again; without one, a fresh cache (``max_kv_size`` slots, ``kv_bits``; growing by default) is
+    used. A fixed-size cache pins the system prompt and images and rotates the rest. Every run is planned
+    before anything is allocated (``memory_budget``, ``fit``: see `check_memory`); a turn longer than a
+    fixed-size cache is refused. ``progress(done, total)`` is called after each prefill chunk.
     """
     check_prompt(processor, prompt)
+    if max_tokens < 1:
+        raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
+    sampler = _sampling(sampler, temperature, top_p)
+    c = _active(model, compaction)
+    try:
+        tower_hooks(model, c)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if seed is not None:
         set_seed(seed)
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size, kv_bits)
+    if prompt_cache is not None and (max_kv_size, kv_bits) != (None, None) and \
+            (max_kv_size, kv_bits) != (cache.max_kv_size, cache.kv_bits):
+        raise InputError("max_kv_size / kv_bits are the prompt cache's own: make the cache with them instead")
     images = image_files(images or [])
-    max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction,
-                              max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens,
-                              prefill_step=prefill_step, budget=memory_budget, fit=fit)
+    t0 = time.perf_counter()
+    asked = max_pixels
+    max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=c,
+                              max_kv_tokens=cache.max_kv_size, kv_bits=cache.kv_bits, max_tokens=max_tokens,
+                              prefill_step=prefill_step_size, budget=memory_budget, fit=fit, held=cache.offset)
+    text = turn_text(processor, cache, prompt, len(images), system_prompt)
+    inputs = processor(text=text, images=images or None, max_pixels=max_pixels)
+    ids = [int(i) for i in inputs["input_ids"][0]]
+    grid = [tuple(int(v) for v in g) for g in inputs["grid_thw"]] if images else []
+    m = model.config.vision.spatial_merge_size
+    merged = [(t, h // m, w // m) for t, h, w in grid]
+    check_fits_cache(len(ids) + sum((c.kept(g) if c is not None else g[0] * g[1] * g[2]) - g[0] * g[1] * g[2]
+                                    for g in merged), cache)
+    prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] if c is not None else None
     mx.reset_peak_memory()
-    prep = prepare(model, processor, prompt, images, max_pixels=max_pixels, compaction=compaction)
-    cache = make_cache(model, max_kv_tokens, kv_bits)
-    pin = pin_point(model, prep.input_ids, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    prep = prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=c, prompt_ids=prompt_ids,
+                       preprocess_s=time.perf_counter() - t0)
+    prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)], default=0)
+    prep.positions = prep.positions + cache.position  # this turn continues the conversation's positions
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pin = pin_point(model, cache, prep.input_ids, cache.turns == 0, im_end)
     eos = set(processor.eos_token_ids)
     t_prefill = time.perf_counter()
-    tokens, text, t_first = [], "", None
-    with wired_limit():
-        for tok in generate_step(model, prep, cache, _sampler(temperature, top_p), prefill_step, pin, progress):
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in eos or len(tokens) >= max_tokens:
-                break
-            tokens.append(tok)
-            new_text = processor.decode(tokens)
-            if len(new_text) > len(text) and not new_text.endswith("\ufffd"):
-                yield new_text[len(text) :]
-                text = new_text
-    t_end = time.perf_counter()
+    tokens, out, t_first, fed, tok, logprobs, finish = [], "", None, 0, None, None, "length"
+    try:
+        with wired_limit():
+            steps = generate_step(model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors)
+            for tok, logprobs in steps:
+                fed += 1  # generate_step has written `tok` into the cache before yielding it
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if tok in eos:
+                    finish = "stop"
+                    break
+                tokens.append(tok)
+                if len(tokens) == max_tokens:  # its text comes with the last response
+                    break
+                new = processor.decode(tokens)
+                segment = "" if new.endswith("\ufffd") or len(new) <= len(out) else new[len(out):]
+                out += segment
+                yield GenerationResponse(segment, tok, logprobs, len(prep.input_ids), len(tokens))
+    finally:  # commit the turn, complete or not, so the conversation stays consistent
+        t_end = time.perf_counter()
+        cache.closed = finish == "stop" and tok == im_end
+        if fed > len(tokens) and not cache.closed and _trim(cache, 1):
+            fed -= 1  # an end-of-text token that is not the end of a turn is not kept
+        cache.position = int(prep.positions.max().item()) + 1 + fed
+        cache.turns += 1
+        answer = processor.decode(tokens)
+        cache.text += text + processor.decode(tokens + ([tok] if cache.closed else []), skip_special_tokens=False)
+        cache.messages += [{"role": "user", "content": _content(prompt, len(images))},
+                           {"role": "assistant", "content": answer}]
     stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
-    yield {"text": processor.decode(tokens), "tokens": tokens, **stats}
+    stats["finish_reason"] = finish
+    if max_pixels != asked:  # fit="auto" shrank the images
+        stats["fitted_max_pixels"] = max_pixels
+    yield GenerationResponse(answer[len(out):], tok, logprobs, len(prep.input_ids), len(tokens), finish, stats)
+
+
+def _content(prompt: str, n_images: int) -> list:
+    return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+
+
+def _trim(cache: list, n: int) -> bool:
+    if all(c.is_trimmable() for c in cache):
+        for c in cache:
+            c.trim(n)
+        return True
+    return False
 
 
 def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float,
@@ -450,16 +642,17 @@ def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t
 
 
 def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
-    """Generate a reply to ``prompt`` about ``images``; see ``stream_generate`` for the options.
+    """Generate a reply to ``prompt`` about ``images``; see ``stream_generate`` for the options
+    (``prompt_cache=`` continues a conversation).
 
     Returns a ``GenerationResult`` with ``.text``, ``.tokens`` and ``.stats`` (prompt and generated
     token counts, visual tokens before/after per image, KV bytes allocated and used, TTFT split into
     preprocess / vision / prefill seconds (and compaction, when compacting), decode tokens/s, peak memory
-    since the call began). ``compaction=Compaction(...)`` compacts the visual tokens end to end.
+    since the call began, finish_reason). ``compaction=Compaction(...)`` compacts the visual tokens end to end.
     """
-    stats = None
-    for item in stream_generate(model, processor, prompt, images, **kwargs):
-        if isinstance(item, dict):
-            stats = item
-    text, tokens = stats.pop("text"), stats.pop("tokens")
-    return GenerationResult(text=text, tokens=tokens, stats=stats)
+    tokens, text = [], ""
+    for r in stream_generate(model, processor, prompt, images, **kwargs):
+        text += r.text
+        if r.finish_reason != "stop" and r.token is not None:
+            tokens.append(r.token)
+    return GenerationResult(text=text, tokens=tokens, stats=r.stats)

@@ -131,8 +131,24 @@ def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fuse
     scores = 0 if fused else H * _score_rows(T, _attention_chunk()) * S * b
     # MLP: h, normed h, then [T, I]: gate, up, silu(gate), product
     mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
+    if text_cfg.num_experts:  # MoE layers (and dense ones unless every layer is sparse)
+        dense = text_cfg.sparse_layers < text_cfg.num_hidden_layers
+        mlp = max(mlp if dense else 0, moe_mlp_peak(text_cfg, T, b))
     logits = text_cfg.vocab_size * 4  # the last row only (generate computes lm_head on it alone)
     return held + rope + max(attn_rows + scores, mlp) + logits
+
+
+def moe_mlp_peak(text_cfg, tokens: int, dtype_bytes: int = 4) -> int:
+    """Peak activation bytes of a sparse-MoE MLP (Qwen3-VL-MoE) on ``tokens`` tokens, an upper bound.
+
+    h and its norm [T, D]; the router's logits [T, E] and, in float32, their softmax, its negation and the
+    argpartition indices; per routed row (T * k of them, top-k): the sorted input copy, the experts' output,
+    its unsorted copy and the weighted product [., D], and gate, up and SwiGLU [., I_moe]. Every expert's
+    weights are resident whichever are routed to: they are in `weights_bytes`.
+    """
+    T, D, b = tokens, text_cfg.hidden_size, dtype_bytes
+    E, k, inter = text_cfg.num_experts, text_cfg.num_experts_per_tok, text_cfg.moe_intermediate_size
+    return 2 * T * D * b + T * E * (b + 12) + T * k * (4 * D + 3 * inter) * b
 
 
 @dataclass
@@ -147,6 +163,7 @@ class Plan:
     tokens: int = 0
     visual_tokens: List[int] = field(default_factory=list)
     decode: int = 0  # the largest image decode (pixels and conversion copies), before the vision tower
+    notes: List[str] = field(default_factory=list)  # what the figures assume (e.g. MoE: every expert resident)
 
     @property
     def peak(self) -> int:
@@ -165,6 +182,7 @@ class Plan:
         ]
         lines = [f"{name:>14}: {fmt_bytes(v):>12}" for name, v in rows]
         lines.append(f"{'fits':>14}: {'yes' if self.fits else 'NO'}")
+        lines += [f"{'note':>14}: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -181,6 +199,7 @@ def plan(
     budget: Optional[int] = None,
     decode_bytes: int = 0,
     key_bias: bool = False,
+    fused: Optional[bool] = None,
 ) -> Plan:
     """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
 
@@ -188,12 +207,14 @@ def plan(
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
     (``max_kv_tokens``) allocates all its slots on the first write. ``decode_bytes``: the peak of decoding
     the largest image file (`mlx_compact.images.ImageFile.decode_bytes`). ``key_bias``: the cache keeps a
-    float32 key bias per slot (proportional attention).
+    float32 key bias per slot (proportional attention). ``fused``: whether attention is fused SDPA (default:
+    whether Metal is available; True plans for a Mac from elsewhere). A MoE model's weights count every
+    expert, all resident (a note in the plan says so).
     """
     c = model.config
     merge = c.vision.spatial_merge_size**2
     dtype_bytes = _dtype_bytes(model)
-    fused = mx.metal.is_available()
+    fused = mx.metal.is_available() if fused is None else fused
     visual = [kept_count(p // merge, keep) for p in patches_per_image]
     prompt = prompt_text_tokens + sum(visual)
     tokens = prompt + max_tokens
@@ -201,12 +222,12 @@ def plan(
     if max_kv_tokens is not None:
         tokens = min(tokens, max_kv_tokens)
         kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits, group)
-        kv += 4 * c.text.num_hidden_layers * max_kv_tokens if key_bias else 0  # float32 bias per slot
+        kv += 4 * max_kv_tokens if key_bias else 0  # a float32 bias per slot, kept once for all layers
         step = min(prefill_step, max_kv_tokens // 4 or 1, 512)  # FixedKVCache's max_chunk caps the chunk
         growth = 0
     else:
         kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits, group)  # KVCache grows in 256 steps
-        kv += 4 * c.text.num_hidden_layers * -(-tokens // 256) * 256 if key_bias else 0
+        kv += 4 * -(-tokens // 256) * 256 if key_bias else 0
         step = prefill_step
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are
         # live until the concatenation is done
@@ -226,7 +247,15 @@ def plan(
         tokens=tokens,
         visual_tokens=visual,
         decode=decode_bytes,
+        notes=_notes(c.text),
     )
+
+
+def _notes(text_cfg) -> List[str]:
+    if not text_cfg.num_experts:
+        return []
+    return [f"all {text_cfg.num_experts} experts resident in each of the {text_cfg.sparse_layers} MoE layers "
+            f"({text_cfg.num_experts_per_tok} active per token): the weights count every expert"]
 
 
 def _dtype_bytes(model) -> int:

@@ -32,7 +32,7 @@ SCRIPT = Path(sys.executable).parent / "mlx-compact"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mlx_compact.cli"]
 STATS_KEYS = {
     "prompt_tokens", "generation_tokens", "visual_tokens", "kv_bytes_allocated", "kv_bytes_used",
-    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional",
+    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional", "finish_reason",
 }
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
 CHAT_SCRIPT = """what is in the picture

@@ -11,7 +11,7 @@ from tiny_checkpoints import ARCHS
 
 STATS_KEYS = {
     "prompt_tokens", "generation_tokens", "visual_tokens", "kv_bytes_allocated", "kv_bytes_used",
-    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional",
+    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional", "finish_reason",
 }
 
 

@@ -105,8 +105,8 @@ def test_proportional_equals_repeated_groups_across_a_wrap_around(loaded, images
     model, proc = loaded("qwen3_vl")
     prep = prepare(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=True))
     L, extra = prep.embeds.shape[1], int(_mass(prep).sum()) - prep.embeds.shape[1]
-    pin = pin_point(model, prep.input_ids)
     max_tokens, chunk = L + STEPS // 2, 4  # wraps half-way through the decode
+    pin = pin_point(model, _fixed(model, max_tokens, bits, chunk), prep.input_ids, True, None)
     ref_pin = pin + extra  # every repeated row lies inside the pinned images
     caches = ((_fixed(model, max_tokens, bits, chunk), pin), (_fixed(model, max_tokens + extra, bits, chunk), ref_pin))
     cache = _compare(model, prep, caches, 2e-4 if bits is None else 2e-3)
@@ -145,11 +145,14 @@ def test_fixed_cache_bias_rotates_and_pins_with_its_slots():
     P, M, chunk = 5, 16, 3
     c = FixedKVCache(M, max_chunk=chunk)
     kv = lambda n: mx.zeros((1, 1, n, 4))  # noqa: E731
-    c.update_and_fetch(kv(P), kv(P), mx.arange(P, dtype=mx.float32)[None])
+    c.update_bias(mx.arange(P, dtype=mx.float32)[None], P)
+    c.update_and_fetch(kv(P), kv(P))
     c.pin(P)
     t = P
     for n in (3, 1, 2, 3, 3, 1, 2, 3, 2):
-        c.update_and_fetch(kv(n), kv(n), mx.arange(t, t + n, dtype=mx.float32)[None])
+        held = c.update_bias(mx.arange(t, t + n, dtype=mx.float32)[None], n)  # before the keys, as a model does
+        c.update_and_fetch(kv(n), kv(n))
+        assert held.shape == c.key_bias.shape
         t += n
     assert t > M
     ring = M - P
@@ -163,12 +166,12 @@ def test_fixed_cache_bias_rotates_and_pins_with_its_slots():
 def test_session_save_load_keeps_the_bias(loaded, images, tmp_path):
     model, proc = loaded("qwen2_vl")
     c = Compaction("diversity", keep=0.34, proportional=True)
-    chat = ChatSession(model, proc, compaction=c, max_kv_tokens=256)
+    chat = ChatSession(model, proc, compaction=c, max_kv_size=256)
     first = chat.ask(PROMPT, images, max_tokens=4)
     assert first.stats["proportional"]
     bias = np.array(chat.cache[0].key_bias)
     chat.save(str(tmp_path / "s.safetensors"))
-    other = ChatSession(model, proc, compaction=c, max_kv_tokens=256)
+    other = ChatSession(model, proc, compaction=c, max_kv_size=256)
     other.load(str(tmp_path / "s.safetensors"))
     assert np.array_equal(np.array(other.cache[0].key_bias), bias)
     follow = dict(max_tokens=6)
@@ -179,11 +182,11 @@ def test_session_save_load_keeps_the_bias(loaded, images, tmp_path):
     assert np.array_equal(np.array(again[-1].key_bias), np.array(caches[-1].key_bias))
 
 
-def test_kv_bytes_grow_by_one_float_per_slot(loaded, images):
+def test_kv_bytes_grow_by_one_float_per_slot_once_for_all_layers(loaded, images):
     model, proc = loaded("qwen2_vl")
-    kw = dict(max_tokens=2, max_kv_tokens=256)
+    kw = dict(max_tokens=2, max_kv_size=256)
     plain = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34), **kw).stats
     prop = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=True),
                     **kw).stats
-    assert prop["kv_bytes_allocated"] - plain["kv_bytes_allocated"] == 4 * 256 * model.config.text.num_hidden_layers
+    assert prop["kv_bytes_allocated"] - plain["kv_bytes_allocated"] == 4 * 256  # once, not per layer
     assert prop["proportional"] and not plain["proportional"]

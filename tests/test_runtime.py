@@ -59,7 +59,7 @@ def windowed_reference(model, prep, tokens, pinned, window):
 def test_fixed_cache_without_rotation_equals_growing_cache(arch, loaded, images):
     model, proc = loaded(arch)
     a = generate(model, proc, "describe", images, max_tokens=10)
-    b = generate(model, proc, "describe", images, max_tokens=10, max_kv_tokens=1024)
+    b = generate(model, proc, "describe", images, max_tokens=10, max_kv_size=1024)
     assert a.tokens == b.tokens
     assert b.stats["kv_bytes_allocated"] > b.stats["kv_bytes_used"] > 0
 
@@ -69,11 +69,11 @@ def test_rotating_cache_equals_pinned_window_reference_across_wraparound(arch, l
     model, proc = loaded(arch)
     prep = prepare(model, proc, LONG, [image_wide])
     L = prep.embeds.shape[1]
-    cache = make_cache(model, max_kv_tokens=L // 2 + 40)
+    cache = make_cache(model, max_kv_size=L // 2 + 40)
     cache[0].__init__(L // 2 + 40, max_chunk=16)  # small chunks so the prompt itself slides
     for c in cache[1:]:
         c.__init__(L // 2 + 40, max_chunk=16)
-    pin = pin_point(model, prep.input_ids, proc.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    pin = pin_point(model, cache, prep.input_ids, True, proc.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     tokens = [int(t) for t in np.random.default_rng(0).integers(10, 200, 24)]
     ours = teacher_forced_logits(model, prep, cache, tokens, pin, step=16)
     assert cache[0].offset > cache[0].max_tokens, "the test must wrap the ring"
@@ -81,9 +81,18 @@ def test_rotating_cache_equals_pinned_window_reference_across_wraparound(arch, l
     np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max())
 
 
-def test_long_prompt_slides_and_says_so(loaded, image_wide):
+def test_a_prompt_longer_than_the_cache_is_refused_and_a_long_answer_slides(loaded, image_wide):
+    from mlx_compact.files import InputError
+
     model, proc = loaded("qwen2_vl")
-    r = generate(model, proc, LONG, [image_wide], max_tokens=8, max_kv_tokens=96)
+    with pytest.raises(InputError, match="but the cache holds 96"):
+        generate(model, proc, LONG, [image_wide], max_tokens=8, max_kv_size=96)
+    n = len(prepare(model, proc, LONG, [image_wide]).input_ids)
+    eos = mx.zeros(model.config.text.vocab_size, dtype=mx.bool_)
+    eos[mx.array(proc.eos_token_ids)] = True
+    no_eos = lambda tokens, logits: mx.where(eos, -mx.inf, logits)  # noqa: E731  (a logits processor)
+    r = generate(model, proc, LONG, [image_wide], max_tokens=40, max_kv_size=n + 16, logits_processors=[no_eos])
+    assert r.stats["generation_tokens"] == 40 and r.stats["finish_reason"] == "length"
     assert r.stats["kv_evicted_tokens"] > 0
     assert r.stats["kv_bytes_allocated"] == r.stats["kv_bytes_used"]
 
@@ -93,8 +102,8 @@ def test_quantized_kv_agrees_with_float_over_256_steps(bits, floor, loaded, imag
     model, proc = loaded("qwen3_vl")
     prep = prepare(model, proc, "what is in the picture", [image_wide])
     gen = [int(t) for t in np.random.default_rng(1).integers(10, 300, 256)]
-    ref = teacher_forced_logits(model, prep, make_cache(model, max_kv_tokens=512), gen)
-    q = teacher_forced_logits(model, prep, make_cache(model, max_kv_tokens=512, kv_bits=bits), gen)
+    ref = teacher_forced_logits(model, prep, make_cache(model, max_kv_size=512), gen)
+    q = teacher_forced_logits(model, prep, make_cache(model, max_kv_size=512, kv_bits=bits), gen)
     agree = float((ref.argmax(-1) == q.argmax(-1)).mean())
     with capsys.disabled():
         print(f"\n{bits}-bit KV top-1 agreement with float over {len(gen)} steps: {agree:.4f}")
@@ -131,7 +140,7 @@ def test_follow_up_turn_reuses_the_cache_and_equals_full_recomputation(arch, loa
     model, proc = loaded(arch)
     chat = ChatSession(model, proc)
     first = chat.ask("what is this", [image_wide], max_tokens=6)
-    closed, offset = chat.closed, chat.cache[0].offset
+    closed, offset = chat.cache.closed, chat.cache[0].offset
     second = chat.ask("and the colour?", max_tokens=6)
     assert second.stats["visual_tokens"] == []  # no image re-encoded
     assert chat.cache[0].offset - offset in (second.stats["prompt_tokens"] + len(second.tokens) + d for d in (0, 1))
@@ -150,17 +159,17 @@ def test_follow_up_turn_reuses_the_cache_and_equals_full_recomputation(arch, loa
 
 def test_saved_session_continues_identically(loaded, image_wide, tmp_path):
     model, proc = loaded("qwen3_vl")
-    a = ChatSession(model, proc, max_kv_tokens=256)
+    a = ChatSession(model, proc, max_kv_size=256)
     a.ask("what is this", [image_wide], max_tokens=5)
     a.save(str(tmp_path / "s.safetensors"))
-    b = ChatSession(model, proc, max_kv_tokens=256)
+    b = ChatSession(model, proc, max_kv_size=256)
     b.load(str(tmp_path / "s.safetensors"))
     assert a.ask("more", max_tokens=5).tokens == b.ask("more", max_tokens=5).tokens
 
 
 def test_long_chat_keeps_the_image_pinned_and_memory_fixed(loaded, image_wide):
     model, proc = loaded("qwen2_vl")
-    chat = ChatSession(model, proc, max_kv_tokens=160)
+    chat = ChatSession(model, proc, max_kv_size=160)
     chat.ask("look", [image_wide], max_tokens=4)
     pinned, allocated = chat.cache[0].pinned, chat.last_stats["kv_bytes_allocated"]
     assert pinned >= chat.last_stats["visual_tokens"][0]["after"]

@@ -74,7 +74,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None, key_bias=None) -> mx.array:
+    def __call__(self, x, cos, sin, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)  # [B, L, H, hd]
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
@@ -86,10 +86,7 @@ class Attention(nn.Module):
         q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
         k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v) if key_bias is None else cache.update_and_fetch(k, v, key_bias)
-            key_bias = getattr(cache, "key_bias", None)
-        if key_bias is not None:
-            mask = biased_mask(mask, key_bias, L, q.dtype)
+            k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):
             out = quantized_attend(q, k, v, self.scale, mask, cache.group_size, cache.bits)
         else:
@@ -116,8 +113,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None, key_bias=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, key_bias)
+    def __call__(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,7 +161,8 @@ class LanguageModel(nn.Module):
 
         ``deepstack`` (Qwen3-VL): dense [B, L, D] additions after layers 0, 1, ..., zero on text rows.
         ``key_bias`` [B, L]: added to the attention logits of these tokens' keys in every layer and kept with
-        them in the cache (proportional attention: log of the tokens each stands for).
+        them in the first layer's cache, once for all layers (proportional attention: log of the tokens each
+        stands for). The mask, biased or not, is made once for every layer.
         """
         h = inputs_embeds
         cos, sin = self.rope(positions)
@@ -178,8 +176,13 @@ class LanguageModel(nn.Module):
                 if c0 is not None and hasattr(c0, "make_mask")
                 else ("causal" if L > 1 else None)
             )
+        c0 = cache[0]
+        if c0 is not None and hasattr(c0, "update_bias"):
+            key_bias = c0.update_bias(key_bias, L)  # every held key's bias (None: none ever given)
+        if key_bias is not None:
+            mask = biased_mask(mask, key_bias, L, h.dtype)
         for i, (layer, c) in enumerate(zip(layers, cache)):
-            h = layer(h, cos, sin, mask, c, key_bias)
+            h = layer(h, cos, sin, mask, c)
             if deepstack is not None and i < len(deepstack):
                 h = h + deepstack[i]
         h = self.model.norm(h[:, -1:] if last_only else h)
