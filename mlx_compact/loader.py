@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .files import InputError, checked_file, checkpoint_root, plain_name, read_json, safetensors_header
 from .models import build_model
+from .models.base import WeightsError
 from .models.config import MODEL_TYPES, ConfigError
 
 # The small Qwen3-VL trained on synthetic scenes that ships inside the package: works offline.
@@ -79,7 +80,10 @@ def load_model(path_or_repo: str | Path, *, dtype=None, revision: str | None = N
     headers = {f: safetensors_header(f, checkpoint_root(path)) for f in files}
     if not lazy:
         _check_weights_fit(path, headers, _resolve_dtype(dtype), memory_budget)
-    weights = model.sanitize(read_weights(path, files))
+    try:
+        weights = model.sanitize(read_weights(path, files))
+    except WeightsError as e:
+        raise LoadError(f"{path}: {e}") from None
     quantization = _quantization(config)
     if quantization is not None:
         _quantize_like(model, quantization, weights)

@@ -5,6 +5,9 @@
 (no zeros or ones), a ~300-token byte-level tokenizer with the Qwen special tokens at small
 ids, the Qwen2-VL chat template and small min/max pixels.
 Variants rewrite the saved files to the key layouts and config.json dialects met on the hub.
+
+Qwen3-VL-MoE ("qwen3_vl_moe") is built by the same function but is not in `ARCHS` (the tests that loop over
+`ARCHS` stay as they are): see `MOE_SIZES`, and the "release" layout and dialect.
 """
 
 from __future__ import annotations
@@ -16,8 +19,21 @@ from pathlib import Path
 import torch
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MOE = "qwen3_vl_moe"
 LAYOUTS = ("default", "legacy", "nested", "sharded", "legacy_sharded")
 DIALECTS = ("default", "flat44", "nested457", "v5", "qwen3_nested")
+MOE_LAYOUTS = ("default", "sharded", "release")  # release: experts [E, H, 2I] / [E, I, H] (transformers-5: transposed)
+MOE_DIALECTS = ("default", "release")  # release: num_experts, rope_scaling + rope_theta (transformers 4.57)
+# Qwen3-VL-MoE sizes. "odd": widths that are no power of two (and multiples of 32, so 4-bit groups of 32
+# fit; experts x H a multiple of 64, as mlx-vlm needs to quantize the router), H != 2I,
+# 6 experts top-2, layer 1 dense (mlp_only_layers). "h2i": H == 2I, where the fused gate_up
+# orientation cannot be told from its own shape, and decoder_sparse_step 2 (layers 1 and 3 sparse).
+MOE_SIZES = {
+    "odd": dict(hidden_size=96, intermediate_size=160, moe_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
+                num_hidden_layers=3, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "h2i": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[]),
+}
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -97,7 +113,7 @@ def make_tokenizer():
 # ---------------------------------------------------------------- configs
 
 
-def _text_config(arch: str) -> dict:
+def _text_config(arch: str, moe: str = "odd") -> dict:
     common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
@@ -111,7 +127,9 @@ def _text_config(arch: str) -> dict:
         eos_token_id=TOKEN_IDS["<|im_end|>"],
         pad_token_id=TOKEN_IDS["<|endoftext|>"],
     )
-    if arch == "qwen3_vl":
+    if arch == MOE:
+        common.update(MOE_SIZES[moe])
+    if arch in ("qwen3_vl", MOE):
         # head_dim 32 != hidden / heads = 16; interleaved sections like the real [24, 20, 20]
         common.update(
             head_dim=32,
@@ -129,7 +147,12 @@ def _text_config(arch: str) -> dict:
     return common
 
 
-def _vision_config(arch: str) -> dict:
+def _vision_config(arch: str, moe: str = "odd") -> dict:
+    if arch == MOE:  # ViT width 40 (heads of 20), MLP 72
+        return dict(depth=3, hidden_size=40, intermediate_size=72, num_heads=2,
+                    out_hidden_size=MOE_SIZES[moe]["hidden_size"], patch_size=16, spatial_merge_size=2,
+                    temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                    deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
     if arch == "qwen2_vl":
         # trap: embed_dim is the ViT width, hidden_size the LLM width
         return dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
@@ -152,15 +175,16 @@ def _classes(arch: str):
         "qwen2_vl": (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration),
         "qwen2_5_vl": (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration),
+        MOE: (tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeForConditionalGeneration),
     }[arch]
 
 
-def make_config(arch: str, tie_word_embeddings: bool = False):
+def make_config(arch: str, tie_word_embeddings: bool = False, moe: str = "odd"):
     """The transformers config object of the tiny model."""
     config_cls, _ = _classes(arch)
     return config_cls(
-        text_config=_text_config(arch),
-        vision_config=_vision_config(arch),
+        text_config=_text_config(arch, moe),
+        vision_config=_vision_config(arch, moe),
         image_token_id=TOKEN_IDS["<|image_pad|>"],
         video_token_id=TOKEN_IDS["<|video_pad|>"],
         vision_start_token_id=TOKEN_IDS["<|vision_start|>"],
@@ -176,8 +200,9 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim >= 2:
-                fan_in = math.prod(p.shape[1:])
+                fan_in = p.shape[-1] if ".experts." in name else math.prod(p.shape[1:])  # experts: [E, out, in]
                 scale = 1.0 if ("embed_tokens" in name or "pos_embed" in name) else fan_in**-0.5
+                scale *= 2.0 if name.endswith("mlp.gate.weight") else 1.0  # routers: well-separated top-k
                 p.copy_(noise * scale)
             elif "norm" in name or "ln_" in name or name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
                 p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
@@ -189,7 +214,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def _preprocessor_config(arch: str) -> dict:
-    if arch == "qwen3_vl":
+    if arch in ("qwen3_vl", MOE):
         return {
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen3VLProcessor",
@@ -216,7 +241,7 @@ def _video_preprocessor_config(arch: str) -> dict:
     cfg.pop("image_processor_type")
     cfg.pop("min_pixels", None)
     cfg.pop("max_pixels", None)
-    if arch == "qwen3_vl":
+    if arch in ("qwen3_vl", MOE):
         cfg.update(video_processor_type="Qwen3VLVideoProcessor", fps=2, min_frames=4, max_frames=768,
                    do_sample_frames=True, size={"shortest_edge": 32 * 32 * 8, "longest_edge": 32 * 32 * 256})
     else:
@@ -328,6 +353,34 @@ def _redialect(path: Path, arch: str, dialect: str) -> None:
     _write_json(path / "config.json", cfg)
 
 
+def _release_experts(path: Path) -> None:
+    """Qwen3-VL-MoE experts as the Qwen release stores them: gate_up [E, H, 2I], down [E, I, H]."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(path.glob("*.safetensors")):
+        state = load_file(str(f))
+        state = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in state.items()}
+        save_file(state, str(f), metadata={"format": "pt"})
+
+
+def _release_dialect(path: Path) -> None:
+    """A Qwen3-VL-MoE config.json as the releases have it (transformers 4.57): num_experts, rope_scaling and
+    rope_theta in text_config, vision model_type "qwen3_vl_moe", no rope_parameters."""
+    cfg = json.loads((path / "config.json").read_text())
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    rope = text.pop("rope_parameters")
+    text["num_experts"] = text.pop("num_local_experts")
+    text["rope_scaling"] = {"mrope_interleaved": True, "mrope_section": rope["mrope_section"], "rope_type": "default"}
+    text["rope_theta"] = rope["rope_theta"]
+    text["tie_word_embeddings"] = cfg.get("tie_word_embeddings", False)
+    text["norm_topk_prob"] = True
+    text.pop("sliding_window", None)
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = MOE
+    cfg.update(transformers_version="4.57.0.dev0")
+    _write_json(path / "config.json", cfg)
+
+
 # ---------------------------------------------------------------- public
 
 
@@ -339,6 +392,7 @@ def make_checkpoint(
     dialect: str = "default",
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    moe: str = "odd",
 ) -> Path:
     """Write a tiny random checkpoint of `arch` into `path` and return the path.
 
@@ -349,12 +403,17 @@ def make_checkpoint(
     dialect: "default" (5.23 config.json), "v5" (rope_parameters in text_config), "flat44" (flat 4.4x
     hub config, rope_scaling type mrope), "nested457" (4.57 text_config.rope_scaling), "qwen3_nested"
     (Qwen3-VL hub config with mrope_interleaved).
+    Qwen3-VL-MoE (`MOE`): layout "default", "sharded" or "release" (`MOE_LAYOUTS`), dialect "default" or
+    "release" (`MOE_DIALECTS`), sizes `MOE_SIZES[moe]`.
     """
     from transformers import GenerationConfig
 
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
-    if layout not in LAYOUTS:
+    if arch == MOE:
+        if layout not in MOE_LAYOUTS or dialect not in MOE_DIALECTS or moe not in MOE_SIZES:
+            raise ValueError(f"{MOE}: layout in {MOE_LAYOUTS}, dialect in {MOE_DIALECTS}, moe in {tuple(MOE_SIZES)}")
+    elif arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS + (MOE,)}")
+    elif layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     if arch == "qwen3_vl" and layout.startswith("legacy"):
         raise ValueError("qwen3_vl has no legacy layout (the hub and transformers use the nested names)")
@@ -362,7 +421,7 @@ def make_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     _, model_cls = _classes(arch)
     torch.manual_seed(seed)
-    model = model_cls(make_config(arch, tie_word_embeddings)).float().eval()
+    model = model_cls(make_config(arch, tie_word_embeddings, moe)).float().eval()
     _randomize(model, seed)
     if tie_word_embeddings:
         model.tie_weights()
@@ -382,9 +441,13 @@ def make_checkpoint(
     _write_json(path / "preprocessor_config.json", _preprocessor_config(arch))
     _write_json(path / "video_preprocessor_config.json", _video_preprocessor_config(arch))
 
-    if layout != "default":
+    if layout == "release":
+        _release_experts(path)
+    elif layout != "default":
         _relayout(path, layout)
-    if dialect != "default":
+    if dialect == "release":
+        _release_dialect(path)
+    elif dialect != "default":
         _redialect(path, arch, dialect)
     return path
 
@@ -396,7 +459,9 @@ def load_reference(path):
     config = AutoConfig.from_pretrained(str(path))
     arch = config.model_type
     _, model_cls = _classes(arch)
-    return model_cls.from_pretrained(str(path), dtype=torch.float32).eval()
+    # MoE: the eager expert loop (the default grouped_mm wants 16-byte aligned strides, which odd sizes lack)
+    extra = {"experts_implementation": "eager"} if arch == MOE else {}
+    return model_cls.from_pretrained(str(path), dtype=torch.float32, **extra).eval()
 
 
 def load_reference_processor(path):
@@ -419,6 +484,7 @@ def load_reference_processor(path):
         "qwen2_vl": tf.Qwen2VLProcessor,
         "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
         "qwen3_vl": tf.Qwen3VLProcessor,
+        MOE: tf.Qwen3VLProcessor,
     }[AutoConfig.from_pretrained(str(path)).model_type]
     image_processor = AutoImageProcessor.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))

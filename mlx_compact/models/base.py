@@ -1,4 +1,4 @@
-"""What the three Qwen-VL models share: splicing visual tokens into text, positions, loading hook."""
+"""What the Qwen-VL models share: splicing visual tokens into text, positions, loading hook."""
 
 from typing import List, Optional, Sequence
 
@@ -6,8 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .language import LanguageModel
-from .rope_index import get_rope_index
+from .language import LanguageModel, dense_mlp
+from .rope_index import PER_FRAME_VIDEO, get_rope_index
 from .vision import VisionOutput
 
 
@@ -30,17 +30,25 @@ def _runs(ids: Sequence[int], token: int):
     return runs
 
 
+class WeightsError(ValueError):
+    """The checkpoint's tensors cannot be mapped onto the model (the message says why)."""
+
+
 class VLModel(nn.Module):
-    """A Qwen-VL model: ``vision_tower`` and ``language_model``, parameter names as mlx-vlm's."""
+    """A Qwen-VL model: ``vision_tower`` and ``language_model``, parameter names as mlx-vlm's.
+
+    ``tower_class``: the vision tower; ``text_mlp``: the MLP of each LLM layer (``(cfg, layer) -> module``).
+    """
 
     tower_class = None
+    text_mlp = staticmethod(dense_mlp)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model_type = config.model_type
         self.vision_tower = self.tower_class(config.vision)
-        self.language_model = LanguageModel(config.text)
+        self.language_model = LanguageModel(config.text, self.text_mlp)
 
     @property
     def layers(self):
@@ -147,7 +155,7 @@ class VLModel(nn.Module):
         encoded = {}
         for kind, pv in (("image", pixel_values), ("video", pixel_values_videos)):
             if pv is not None and grids[kind]:
-                per_frame = kind == "video" and self.model_type == "qwen3_vl"
+                per_frame = kind == "video" and self.model_type in PER_FRAME_VIDEO
                 encoded[kind] = self.split_visual(self.encode(mx.array(pv), grids[kind]), grids[kind], per_frame)
         embeds, positions, deepstack = [], [], None
         for ids in input_ids.tolist():

@@ -4,7 +4,9 @@ Dialects met in the wild (see the project's design notes):
 - flat transformers 4.4x: LLM keys at the top level, ``rope_scaling: {type: mrope, mrope_section}``;
 - transformers 4.57: nested ``text_config`` with ``rope_scaling``;
 - transformers 5.x: ``rope_parameters`` (top level or in ``text_config``);
-- Qwen3-VL: nested, ``mrope_interleaved: true``.
+- Qwen3-VL: nested, ``mrope_interleaved: true``;
+- Qwen3-VL-MoE: the expert count is ``num_experts`` in the releases (transformers 4.57) and
+  ``num_local_experts`` in transformers-5 saves (which also move ``rope_theta`` into ``rope_parameters``).
 mlx-vlm writes the Hugging Face config back with a ``quantization`` key added, so it is one of the above.
 """
 
@@ -13,7 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # the Qwen3-VL vision tower, DeepStack and Qwen3 attention
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "silu")  # vision.ACTIVATIONS' names
 QUANT_MODES = {  # mode: (group sizes, bits) that mlx's quantize takes
     "affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)),
@@ -42,6 +45,9 @@ BOUNDS = {
     "in_channels": (1, 16),
     "window_size": (0, 65536),
     "num_position_embeddings": (0, 65536),
+    "num_experts": (1, 1024),  # Qwen3-VL-MoE releases: 128
+    "moe_intermediate_size": (1, 262144),
+    "decoder_sparse_step": (1, 1024),
 }
 
 
@@ -65,6 +71,21 @@ class TextConfig:
     attention_bias: bool = True
     qk_norm: bool = False
     tie_word_embeddings: bool = False
+    # Qwen3-VL-MoE; a dense model has no experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+
+    def sparse(self, layer: int) -> bool:
+        """Whether LLM layer ``layer`` has the MoE MLP (transformers' rule: not in ``mlp_only_layers`` and
+        ``(layer + 1) % decoder_sparse_step == 0``)."""
+        return self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def sparse_layers(self) -> int:
+        return sum(self.sparse(i) for i in range(self.num_hidden_layers))
 
 
 @dataclass
@@ -218,9 +239,9 @@ class _Fields:
             _bad(name, value, f"one of {', '.join(map(str, choices))}{note}")
         return value
 
-    def indexes(self, key, n: int) -> tuple:
+    def indexes(self, key, n: int, nullable: bool = False) -> tuple:
         """Distinct block indexes in [0, n)."""
-        name, value = self.find((key,), ())
+        name, value = self.find((key,), (), nullable)
         if name and (
             not isinstance(value, list)
             or any(type(i) is not int or not 0 <= i < n for i in value)
@@ -240,7 +261,7 @@ def _rope_scopes(raw: dict, tc: dict) -> list:
 
 
 def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
-    qwen3 = model_type == "qwen3_vl"
+    qwen3 = model_type in QWEN3
     f = _Fields("language-model", ("text_config.", tc), ("", raw))
     rope = _Fields("RoPE", *_rope_scopes(raw, tc))
     hidden, heads = f.whole("hidden_size"), f.whole("num_attention_heads")
@@ -261,9 +282,10 @@ def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
     ):
         _bad(name or "mrope_section (absent: the default)", section,
              f"3 whole numbers that sum to head_dim / 2 = {head_dim / 2:g}")
+    layers = f.whole("num_hidden_layers")
     return TextConfig(
         hidden_size=hidden,
-        num_hidden_layers=f.whole("num_hidden_layers"),
+        num_hidden_layers=layers,
         intermediate_size=f.whole("intermediate_size"),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -276,6 +298,25 @@ def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
         attention_bias=f.flag("attention_bias", not qwen3),
         qk_norm=qwen3,
         tie_word_embeddings=_Fields("", ("", raw), ("text_config.", tc)).flag("tie_word_embeddings", False),
+        **(_moe_fields(f, layers) if model_type == "qwen3_vl_moe" else {}),
+    )
+
+
+def _moe_fields(f: _Fields, layers: int) -> dict:
+    """Qwen3-VL-MoE's expert settings. ``norm_topk_prob`` is not read: transformers always renormalises."""
+    found = [f.find((key,), None) for key in ("num_experts", "num_local_experts")]
+    (name, experts), (other, value) = found if found[0][0] else found[::-1]
+    if name is None:
+        raise ConfigError("config.json lacks the language-model key 'num_experts' (or 'num_local_experts')")
+    _whole(name, experts, *BOUNDS["num_experts"])
+    if other is not None and value != experts:
+        _bad(other, value, f"the same as {name} = {_show(experts)}")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=f.whole("num_experts_per_tok", bounds=(1, experts)),
+        moe_intermediate_size=f.whole("moe_intermediate_size"),
+        decoder_sparse_step=f.whole("decoder_sparse_step", default=1),
+        mlp_only_layers=f.indexes("mlp_only_layers", layers, nullable=True),
     )
 
 
@@ -300,13 +341,13 @@ def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> Visi
     if width % heads or (width // heads) % 4:
         _bad("vision_config.num_heads", heads,
              f"a divisor of the vision width {width} into heads whose size is a multiple of 4")
-    patch = v.whole("patch_size", "spatial_patch_size", default=16 if model_type == "qwen3_vl" else 14)
+    patch = v.whole("patch_size", "spatial_patch_size", default=16 if model_type in QWEN3 else 14)
     merge = v.whole("spatial_merge_size", default=2)
     window = v.whole("window_size", default=112 if model_type == "qwen2_5_vl" else 0)  # transformers' default
     if model_type == "qwen2_5_vl" and window < patch * merge:
         _bad("vision_config.window_size", window, f"at least patch_size * spatial_merge_size = {patch * merge}")
     positions = v.whole("num_position_embeddings", default=0)
-    if model_type == "qwen3_vl" and positions < 1:
+    if model_type in QWEN3 and positions < 1:
         _bad("vision_config.num_position_embeddings", positions, "at least 1 for Qwen3-VL (its position table)")
     vision_rope = _object(vc, "rope_parameters", "vision_config.")
     rope = _Fields("vision RoPE", ("vision_config.rope_parameters.", vision_rope), ("vision_config.", vc))

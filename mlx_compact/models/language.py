@@ -1,6 +1,9 @@
-"""The Qwen2 / Qwen3 language model with multimodal RoPE (M-RoPE), shared by all three VLMs."""
+"""The Qwen2 / Qwen3 language model with multimodal RoPE (M-RoPE), shared by every Qwen-VL model.
 
-from typing import List, Optional
+A model file may give its own MLP per layer (``mlp(cfg, layer) -> module``; Qwen3-VL-MoE: experts).
+"""
+
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -105,11 +108,16 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def dense_mlp(cfg: TextConfig, layer: int) -> nn.Module:
+    """The SwiGLU MLP of every layer of a dense model."""
+    return MLP(cfg.hidden_size, cfg.intermediate_size)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, mlp: Optional[nn.Module] = None):
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = mlp if mlp is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
@@ -119,20 +127,20 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, mlp: Callable[[TextConfig, int], nn.Module] = dense_mlp):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(cfg, mlp(cfg, i)) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
 class LanguageModel(nn.Module):
     """Decoder over input embeddings with explicit [3, B, L] M-RoPE positions."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, mlp: Callable[[TextConfig, int], nn.Module] = dense_mlp):
         super().__init__()
         self.cfg = cfg
-        self.model = TextModel(cfg)
+        self.model = TextModel(cfg, mlp)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         half = cfg.head_dim // 2

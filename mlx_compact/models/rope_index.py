@@ -1,4 +1,4 @@
-"""M-RoPE position ids (`get_rope_index`) for Qwen2-VL, Qwen2.5-VL and Qwen3-VL, in pure Python.
+"""M-RoPE position ids (`get_rope_index`) for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE), in pure Python.
 
 Semantics of transformers 4.57 (and vLLM): text counts up on all three rows (t, h, w); a visual
 block with merged grid (t, h, w) starting at counter `cur` gives token (ti, hi, wi) the ids
@@ -9,7 +9,8 @@ writes each temporal patch of a video as its own block (timestamps in between ar
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+PER_FRAME_VIDEO = ("qwen3_vl", "qwen3_vl_moe")  # one block per temporal patch, after its timestamp
 
 
 class VisualSpan(NamedTuple):
@@ -52,7 +53,7 @@ def visual_spans(
         if model_type == "qwen2_5_vl":
             spg = second_per_grid_ts[i] if second_per_grid_ts is not None else 1.0
             step = spg * tokens_per_second
-        if model_type == "qwen3_vl":  # one block per temporal patch
+        if model_type in PER_FRAME_VIDEO:  # one block per temporal patch
             queues["video"] += [(i, step, (1, h, w)) for _ in range(t)]
         else:
             queues["video"].append((i, step, (t, h, w)))

@@ -1,0 +1,92 @@
+"""Qwen3-VL-MoE (Qwen3-VL-30B-A3B, 235B-A22B): Qwen3-VL with sparse mixture-of-experts MLPs in the LLM.
+
+Vision tower, mergers, DeepStack, M-RoPE and attention are Qwen3-VL's. An LLM layer has the MoE MLP where
+the config says (not in ``mlp_only_layers`` and ``(layer + 1) % decoder_sparse_step == 0``; every layer in the
+releases): the router's softmax in float32 over all experts, the top k renormalised to sum to 1 (always:
+transformers never reads ``norm_topk_prob``), and SwiGLU experts run by mlx-lm's ``SwitchGLU`` (``gather_mm``,
+or ``gather_qmm`` when quantized). There is no shared expert.
+
+Parameters are named as mlx-vlm's (``mlp.gate``, ``mlp.switch_mlp.{gate,up,down}_proj``: [E, I, H] and
+[E, H, I]); ``sanitize`` maps the fused Hugging Face experts onto them in either orientation:
+transformers-5 saves ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I], the Qwen
+release [E, H, 2I] and [E, I, H]; gate is the first half of the fused axis.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from .base import VLModel, WeightsError
+from .language import dense_mlp
+from .qwen3_vl import Qwen3VisionTower
+
+GATE_UP, DOWN = ".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)  # [B, L, E]
+        k = self.top_k
+        experts = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])  # [B, L, k]
+        weights = mx.take_along_axis(probs, experts, axis=-1)
+        weights = (weights / weights.sum(-1, keepdims=True)).astype(x.dtype)  # [B, L, k]
+        y = self.switch_mlp(x, experts)  # [B, L, k, D]
+        return (y * weights[..., None]).sum(-2)
+
+
+def expert_orientation(weights: dict, hidden: int, inter: int):
+    """Which layout the fused experts of ``weights`` are in: "transformers" ([E, 2I, H] / [E, H, I]),
+    "release" ([E, H, 2I] / [E, I, H]), or None when there are none. One checkpoint has one layout, so
+    a tensor whose shape fits both (gate_up when H == 2I, down when H == I) is decided by the others."""
+    shapes = {GATE_UP: {"transformers": (2 * inter, hidden), "release": (hidden, 2 * inter)},
+              DOWN: {"transformers": (hidden, inter), "release": (inter, hidden)}}
+    left, first = None, None
+    for key, v in weights.items():
+        suffix = next((s for s in shapes if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        fits = {name for name, shape in shapes[suffix].items() if v.ndim == 3 and tuple(v.shape[1:]) == shape}
+        if not fits:
+            raise WeightsError(
+                f"{key} has shape {tuple(v.shape)}; for hidden_size {hidden} and moe_intermediate_size {inter} "
+                f"expected [experts, {', '.join(map(str, shapes[suffix]['transformers']))}] (a transformers save) "
+                f"or [experts, {', '.join(map(str, shapes[suffix]['release']))}] (the Qwen release)")
+        if left is not None and not left & fits:
+            raise WeightsError(f"{first} and {key} are in different expert layouts; re-save the checkpoint")
+        left, first = (fits if left is None else left & fits), first or key
+    if left is not None and len(left) > 1:
+        raise WeightsError(
+            f"the experts' layout cannot be told from their shapes (hidden_size {hidden} = 2 x "
+            f"moe_intermediate_size {inter} and no down_proj to decide); re-save it with transformers 5")
+    return None if left is None else left.pop()
+
+
+class Model(VLModel):
+    tower_class = Qwen3VisionTower
+
+    @staticmethod
+    def text_mlp(cfg, layer: int) -> nn.Module:
+        return SparseMoeBlock(cfg) if cfg.sparse(layer) else dense_mlp(cfg, layer)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Hugging Face names and fused experts (either orientation) -> ours; mlx-vlm's pass through."""
+        weights = super().sanitize(weights)
+        t = self.config.text
+        release = expert_orientation(weights, t.hidden_size, t.moe_intermediate_size) == "release"
+        for key in [k for k in weights if k.endswith((GATE_UP, DOWN))]:
+            w = weights.pop(key)
+            w = w.swapaxes(1, 2) if release else w  # -> [E, 2I, H] / [E, H, I]
+            prefix = key[: -len("experts.gate_up_proj" if key.endswith(GATE_UP) else "experts.down_proj")]
+            if key.endswith(GATE_UP):
+                i = w.shape[1] // 2
+                weights[prefix + "switch_mlp.gate_proj.weight"] = w[:, :i]
+                weights[prefix + "switch_mlp.up_proj.weight"] = w[:, i:]
+            else:
+                weights[prefix + "switch_mlp.down_proj.weight"] = w
+        return weights
