@@ -2,9 +2,10 @@
 
 The output is laid out as `mlx_vlm.convert` writes it, so either library loads the other's output:
 weights named ``language_model.model.*`` / ``language_model.lm_head.*`` / ``vision_tower.*`` (Conv3d
-stored ``(O, T, H, W, C)``) in ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` with
-``model.safetensors.index.json``; config.json with ``quantization`` and ``quantization_config`` when
-quantized; tokenizer, processor, chat-template and generation-config files copied alongside.
+stored ``(O, T, H, W, C)``; Qwen3-VL-MoE experts as ``mlp.switch_mlp.{gate,up,down}_proj``) in
+``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``;
+config.json with ``quantization`` and ``quantization_config`` when quantized; tokenizer, processor,
+chat-template and generation-config files copied alongside.
 
 Careful with what is there: ``force`` replaces only an empty folder or a previous conversion's output,
 never the source or a folder holding it; sidecar files are copied only when they are regular files
@@ -59,6 +60,7 @@ def convert(
     q_group_size: int = 64,
     dtype: str = "bfloat16",
     quantize_vision: bool = False,
+    quantize_router: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -68,6 +70,8 @@ def convert(
     groups of ``q_group_size``; layers whose input width is not a multiple of the group size stay float.
     dtype: the dtype of the float parameters (and of the quantization scales).
     quantize_vision: quantize the vision tower too (kept float by default).
+    quantize_router: quantize the MoE routers (``mlp.gate``, Qwen3-VL-MoE) too; kept float by default: they
+    are small (experts x hidden per layer) and pick which experts run.
     force: replace an existing ``mlx_path``, which must be empty or a previous conversion's output
     (config.json, weights and sidecar files, nothing else); the source, a folder holding it, a file,
     or a folder with anything else in it is refused even then.
@@ -94,7 +98,7 @@ def convert(
         if quantize:
             if model.config.quantization:
                 raise ConvertError(f"{src} is already quantized; convert from the float checkpoint")
-            config = _quantize(model, config, q_bits, q_group_size, quantize_vision)
+            config = _quantize(model, config, q_bits, q_group_size, quantize_vision, quantize_router)
 
         tmp = None
         try:
@@ -163,14 +167,20 @@ def save_config(config: dict, path: Path) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _quantize(model: nn.Module, config: dict, bits: int, group_size: int, quantize_vision: bool) -> dict:
-    """Quantize in place like mlx-vlm's convert; return the config with its quantization keys."""
+def _quantize(model: nn.Module, config: dict, bits: int, group_size: int, quantize_vision: bool,
+              quantize_router: bool = False) -> dict:
+    """Quantize in place like mlx-vlm's convert; return the config with its quantization keys.
+
+    The experts (``SwitchLinear``) are quantized like linears; MoE routers (``mlp.gate``) stay float unless
+    ``quantize_router``."""
 
     def predicate(path, module):
         if not hasattr(module, "to_quantized"):
             return False
         if path.startswith("vision_tower") and not (quantize_vision and isinstance(module, nn.Linear)):
             return False  # the ViT's position table (Qwen3-VL) is read directly, never quantized
+        if path.endswith(".mlp.gate") and not quantize_router:
+            return False
         return module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model, group_size=group_size, bits=bits, mode="affine", class_predicate=predicate)
@@ -202,9 +212,11 @@ def _mlx_config(config: dict, model: nn.Module) -> dict:
         "rope_theta": t.rope_theta,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
-    if model.config.model_type == "qwen3_vl":
+    if model.config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
         tc = config.setdefault("text_config", {})
         text["head_dim"] = t.head_dim
+        if model.config.model_type == "qwen3_vl_moe":
+            _moe_text_config(tc, t)
         for k, v in text.items():
             tc.setdefault(k, v)
         tc.setdefault(
@@ -216,6 +228,28 @@ def _mlx_config(config: dict, model: nn.Module) -> dict:
             config.setdefault(k, v)
         config.setdefault("rope_scaling", {"type": "mrope", "mrope_section": list(t.mrope_section)})
     return config
+
+
+def _moe_text_config(tc: dict, t) -> None:
+    """Qwen3-VL-MoE keys as mlx-vlm's config reader needs them, from either dialect.
+
+    mlx-vlm requires ``num_experts`` (transformers 5 writes ``num_local_experts``) and every other field of its
+    text config; it renormalises the top-k weights only with ``norm_topk_prob`` true, which transformers
+    always does (it never reads the key), so that is written true; and it reads ``tie_word_embeddings``
+    from ``text_config``, where transformers 5 leaves the class default (true) while the top level, which
+    it obeys, says false: the resolved value is written there.
+    """
+    tc.update(
+        num_experts=t.num_experts,
+        num_experts_per_tok=t.num_experts_per_tok,
+        moe_intermediate_size=t.moe_intermediate_size,
+        decoder_sparse_step=t.decoder_sparse_step,
+        mlp_only_layers=list(t.mlp_only_layers),
+        norm_topk_prob=True,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
+    tc.setdefault("model_type", "qwen3_vl_moe_text")
+    tc.setdefault("max_position_embeddings", 262144)  # the releases' value; mlx-vlm requires the key
 
 
 def _umask() -> int:

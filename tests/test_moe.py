@@ -122,7 +122,8 @@ def test_position_ids_match_for_images_and_a_video(ours, ref, cfg):
     positions, delta = ours().positions(ids, IMAGES, vgrid)
     kinds = torch.tensor([ids])
     kinds = (kinds == cfg["image_token_id"]).long() + 2 * (kinds == cfg["video_token_id"]).long()
-    theirs, their_delta = ref.model.get_rope_index(torch.tensor([ids]), kinds, torch.tensor(IMAGES), torch.tensor(vgrid))
+    theirs, their_delta = ref.model.get_rope_index(torch.tensor([ids]), kinds, torch.tensor(IMAGES),
+                                                   torch.tensor(vgrid))
     np.testing.assert_array_equal(np.array(positions), theirs[:, 0].numpy(), err_msg="position ids")
     assert delta == int(their_delta.reshape(-1)[0])
 
@@ -182,7 +183,8 @@ def test_greedy_decoding_with_chunked_prefill_equals_transformers(ours, ref, cfg
         tokens.append(int(mx.argmax(logits[0]).item()))
         if tokens[-1] in eos:
             break
-        logits = model.language_model(embed(mx.array([[tokens[-1]]])), mx.full((3, 1, 1), pos, mx.int32), cache=cache)[:, -1]
+        step_pos = mx.full((3, 1, 1), pos, mx.int32)
+        logits = model.language_model(embed(mx.array([[tokens[-1]]])), step_pos, cache=cache)[:, -1]
         pos += 1
     assert tokens == expected and len(set(tokens)) > 1
 
@@ -225,8 +227,8 @@ def test_undecidable_or_mixed_expert_layouts_are_refused_in_one_line(ckpt, tmp_p
         load_model(mixed)
     key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
     wrong = _edited(ckpt(MOE), tmp_path / "wrong", lambda s: s.update({key: s[key][:, :100]}))
-    with pytest.raises(LoadError, match=r"layers\.0\.mlp\.experts\.gate_up_proj has shape \(6, 100, 96\); for hidden_size 96 and "
-                                        r"moe_intermediate_size 64 expected \[experts, 128, 96\]"):
+    with pytest.raises(LoadError, match=r"layers\.0\.mlp\.experts\.gate_up_proj has shape \(6, 100, 96\); for "
+                                        r"hidden_size 96 and moe_intermediate_size 64 expected \[experts, 128, 96\]"):
         load_model(wrong)
 
 

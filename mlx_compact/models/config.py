@@ -81,7 +81,8 @@ class TextConfig:
     def sparse(self, layer: int) -> bool:
         """Whether LLM layer ``layer`` has the MoE MLP (transformers' rule: not in ``mlp_only_layers`` and
         ``(layer + 1) % decoder_sparse_step == 0``)."""
-        return self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+        step = self.decoder_sparse_step
+        return self.num_experts > 0 and layer not in self.mlp_only_layers and (layer + 1) % step == 0
 
     @property
     def sparse_layers(self) -> int:
