@@ -152,10 +152,11 @@ def _add_compaction(p, post_only: bool = False) -> None:
                            "less memory; very low values lose detail. Default with --compaction: 0.33")
     keep.add_argument("--tokens", type=_positive_int, default=None, metavar="K",
                       help="keep at most K visual tokens per image (instead of a share)")
-    g.add_argument("--proportional", action="store_true",
+    g.add_argument("--proportional", action=argparse.BooleanOptionalAction, default=None,
                    help="size-aware attention: each kept token weighs as much as the tokens it stands for (its "
                         "group), so counting and small details survive low --keep; the cache stays compact "
-                        "(one extra number per token)")
+                        "(one extra number per token). Default: on for diversity, merge and pool after the "
+                        "vision tower, off elsewhere")
     if not post_only:
         g.add_argument("--where", choices=("post", "encoder"), default="post",
                        help="post (default): compact after the vision tower (every model). encoder: choose the "
@@ -218,13 +219,13 @@ def _compaction(args, keep=None):
 
     method, keep = args.compaction, keep if keep is not None else args.keep
     if method is None and keep is None and args.tokens is None:
-        if getattr(args, "proportional", False):
+        if getattr(args, "proportional", None):
             raise UserError("--proportional weighs the tokens compaction keeps: give --keep R or --tokens K")
         return None
     if method == "none" or (keep == 1.0 and args.tokens is None):
         return Compaction.none()
     kw = {"method": method or "diversity", "where": getattr(args, "where", "post"),
-          "proportional": getattr(args, "proportional", False)}
+          "proportional": getattr(args, "proportional", None)}
     if keep is not None:
         kw["keep"] = keep
     if args.tokens is not None:

@@ -185,8 +185,17 @@ def test_session_save_load_keeps_the_bias(loaded, images, tmp_path):
 def test_kv_bytes_grow_by_one_float_per_slot_once_for_all_layers(loaded, images):
     model, proc = loaded("qwen2_vl")
     kw = dict(max_tokens=2, max_kv_size=256)
-    plain = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34), **kw).stats
+    plain = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=False),
+                     **kw).stats
     prop = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=True),
                     **kw).stats
     assert prop["kv_bytes_allocated"] - plain["kv_bytes_allocated"] == 4 * 256  # once, not per layer
     assert prop["proportional"] and not plain["proportional"]
+
+
+def test_default_is_on_where_it_wins_and_off_elsewhere():
+    assert all(Compaction(m, keep=0.33).proportional for m in ("diversity", "merge", "pool"))
+    assert not any(Compaction(m, keep=0.33).proportional for m in ("floor", "saliency", "random", "prompt"))
+    assert not Compaction("diversity", keep=0.33, where="encoder").proportional
+    assert not Compaction("diversity", keep=0.33, proportional=False).proportional
+    assert Compaction("saliency", keep=0.33, proportional=True).proportional
