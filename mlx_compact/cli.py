@@ -596,7 +596,7 @@ def add_convert_parser(subparsers) -> None:
     p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("-q", "--quantize", action="store_true",
                    help="quantize the language model (4-bit: about 4x smaller than 16-bit, slightly less accurate)")
-    p.add_argument("--q-bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
+    p.add_argument("--q-bits", type=int, choices=(4, 6, 8), default=4, help="bits per weight (default 4)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="group size (default 64)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="dtype of the float parameters (default bfloat16)")

@@ -110,6 +110,17 @@ def test_quantized_conversion_keeps_routers_float_and_loads_exactly(ckpt, tmp_pa
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
 
+def test_cli_converts_6_bit(ckpt, tmp_path, capsys):
+    from mlx_compact.cli import main
+
+    src, out = ckpt(MOE, layout="release", dialect="release"), tmp_path / "q6"
+    assert main(["convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-bits", "6", "--q-group-size",
+                 "32", "--dtype", "float32"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 6
+    inputs = reference_inputs(str(ckpt(MOE)))
+    assert rel_err(our_logits(load_model(out), inputs), our_logits(in_memory_quantized(ckpt(MOE), 6), inputs)) < 1e-6
+
+
 def test_routers_quantized_on_request_and_8_bit_router_overrides_load(ckpt, tmp_path):
     src = ckpt(MOE)
     out = convert(src, tmp_path / "qr", dtype="float32", quantize=True, q_group_size=32, quantize_router=True,
