@@ -505,6 +505,9 @@ def run(args):
         torch.distributed.broadcast(first, 0)
         if not torch.equal(mine, first):
             raise RuntimeError(f"rank {args.rank}: weights diverged from rank 0's")
+        # the last collective: shut gloo's threads down before the interpreter exits (leaving them running
+        # made a rank abort now and then with "terminate called without an active exception")
+        torch.distributed.destroy_process_group()
     if args.rank > 0:
         return
     t = time.time() - t0
