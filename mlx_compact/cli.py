@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -25,6 +26,16 @@ from mlx_compact.files import InputError
 from mlx_compact.loader import DEFAULT_MODEL
 
 EXIT_USAGE = 2
+
+
+class _NoTorchNotice(logging.Filter):
+    """transformers announces on import that PyTorch is missing; we never need it (tokenizers only)."""
+
+    def filter(self, record) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 METHOD_HELP = {
     "none": "keep every visual token",
     "pool": "average 2x2 neighbours (keeps 1/4; ignores --keep)",
@@ -277,9 +288,11 @@ def _stats_text(s: dict) -> str:
     vis = ", ".join(f"{v['before']}->{v['after']}" for v in s["visual_tokens"]) or "none"
     split = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
     evicted = f", {s['kv_evicted_tokens']} evicted" if s.get("kv_evicted_tokens") else ""
+    tps = s["decode_tokens_per_s"]
+    decode = "n/a" if tps is None else f"{tps:.1f} tok/s"
     return (
         f"prompt {s['prompt_tokens']} tokens (visual {vis}), generated {s['generation_tokens']}; "
-        f"TTFT {sum(t.values()):.2f} s ({split}); decode {s['decode_tokens_per_s']:.1f} tok/s; "
+        f"TTFT {sum(t.values()):.2f} s ({split}); decode {decode}; "
         f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB{evicted}; "
         f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
     )

@@ -633,7 +633,7 @@ def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t
         "kv_bytes_used": sum(getattr(c, "used_bytes", c.nbytes) for c in cache),
         "kv_evicted_tokens": max(0, held - getattr(cache[0], "max_tokens", held)),
         "ttft_s": ttft,
-        "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else 0.0,
+        "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else None,  # None: one token
         "image_decode_bytes": prep.decode_bytes,
         "proportional": prep.compaction is not None and prep.compaction.proportional,
         # decoded pixels live in numpy/PIL, beside the weights, before MLX sees them

@@ -320,3 +320,26 @@ def test_example_plan_memory_prints_a_row_per_size_and_keep(tiny_checkpoint, cap
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.split()[:1] in (["1024x768"], ["4032x3024"])]
     assert len(rows) == 4 and "16 GB Mac" in out
+
+
+def test_the_pytorch_notice_of_transformers_never_reaches_stderr(capsys):
+    """On a Mac without PyTorch, importing transformers logs this notice; the CLI filters exactly it."""
+    import logging
+
+    log = logging.getLogger("transformers")
+    handler = logging.StreamHandler(sys.stderr)
+    log.addHandler(handler)
+    try:
+        log.warning("PyTorch was not found. Models won't be available and only tokenizers, configuration and "
+                    "file/data utilities can be used.")
+        log.warning("another transformers warning")
+    finally:
+        log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "PyTorch was not found" not in err and "another transformers warning" in err
+
+
+def test_a_one_token_answer_reports_decode_as_not_applicable():
+    stats = {"prompt_tokens": 5, "generation_tokens": 1, "visual_tokens": [], "ttft_s": {"prefill": 0.1},
+             "decode_tokens_per_s": None, "kv_bytes_used": 0, "kv_bytes_allocated": 0, "peak_memory_bytes": 0}
+    assert "decode n/a" in cli._stats_text(stats)
