@@ -20,7 +20,8 @@ import mlx.core as mx
 from mlx_lm.models import cache as lm_cache
 
 from mlx_compact import _blas
-from mlx_compact.cache import FixedKVCache, scaled_dot_product_attention
+from mlx_compact.cache import FixedKVCache
+from mlx_compact.models.language import cache_attention
 
 HQ, HKV, D = 16, 8, 128  # Qwen2.5-VL-3B / Qwen3-VL-2B style attention widths
 PINNED = 256  # system prompt + image tokens kept by FixedKVCache (keep= for RotatingKVCache)
@@ -55,7 +56,7 @@ def decode_step(caches, q, k, v):
     for c in caches:
         mask = c.make_mask(1, return_array=False, window_size=None)  # mlx-lm's signature
         keys, values = c.update_and_fetch(k, v)
-        outs.append(scaled_dot_product_attention(q, keys, values, D**-0.5, mask, c))  # [1, HQ, 1, D]
+        outs.append(cache_attention(q, keys, values, D**-0.5, mask, c))  # [1, HQ, 1, D], the model's attention
     mx.eval(outs)
 
 

@@ -9,7 +9,9 @@ Call order (one attention layer, ``L`` new tokens)::
 
     mask = cache.make_mask(L)                      # 1. BEFORE the update (reads cache.offset)
     keys, values = cache.update_and_fetch(k, v)    # 2. writes the L tokens, returns every key held
-    out = scaled_dot_product_attention(q, keys, values, scale, mask, cache)   # 3.
+    out = attend(q, keys, values, scale, mask)     # 3. a float cache; a quantized one (keys and values
+    # are (packed, scales, biases) tuples): quantized_attend(q, keys, values, scale, mask, cache.group_size,
+    # cache.bits). Both live in mlx_compact.models (vision.attend, language.quantized_attend): the model's own.
 
 ``make_mask(L)`` never changes the cache: it describes the keys that the *next*
 ``update_and_fetch`` of ``L`` tokens will return. Every layer sees the same positions, so a
@@ -40,22 +42,17 @@ import mlx.core as mx
 from . import memory
 from .files import SAFETENSORS_DTYPES, InputError, checked_file, open_regular, safetensors_header
 from .kernels import quantize_rows
+from .models.vision import causal_mask
 
 __all__ = [
     "KVCache",
     "FixedKVCache",
-    "scaled_dot_product_attention",
     "save_cache",
     "load_cache",
     "read_cache_file",
     "SessionError",
     "cache_nbytes",
 ]
-
-
-def _causal(n, offset):
-    """Bool causal mask [n, offset + n] for n queries after `offset` earlier keys."""
-    return mx.arange(offset, offset + n)[:, None] >= mx.arange(offset + n)[None]  # [n, offset+n]
 
 
 def _no_window(window_size):
@@ -115,7 +112,7 @@ class KVCache:
     def make_mask(self, n, return_array=False, window_size=None):
         """Mask for the next `n` queries; call before `update_and_fetch`."""
         _no_window(window_size)
-        return _causal(n, self.offset) if return_array else None if n == 1 else "causal"
+        return causal_mask(n, self.offset + n) if return_array else None if n == 1 else "causal"
 
     @property
     def state(self):
@@ -406,44 +403,6 @@ class FixedKVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
-
-
-# ----- attention ---------------------------------------------------------------------
-
-
-def scaled_dot_product_attention(queries, keys, values, scale, mask, cache=None):
-    """Attention over what `cache.update_and_fetch` returned.
-
-    queries: [B, n_q_heads, L, D]; keys/values: [B, n_kv_heads, S, D] arrays, or
-    (wq, scales, biases) tuples for a quantized cache (``cache.bits`` set). mask: None,
-    "causal" or a bool/additive array broadcastable to [B, n_q_heads, L, S].
-    """
-    bits = getattr(cache, "bits", None)
-    if bits is None:
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-    gs = cache.group_size
-    B, n_q, L, D = queries.shape
-    n_kv = keys[0].shape[1]
-    n_rep = n_q // n_kv
-    # GQA: the n_rep query heads of a kv head become extra query rows (no copy of K/V).
-    q = (queries * scale).reshape(B, n_kv, n_rep * L, D)  # [B, n_kv, n_rep*L, D]
-    # [B, n_kv, n_rep*L, S]
-    scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=gs, bits=bits)
-    S = scores.shape[-1]
-    scores = scores.reshape(B, n_kv, n_rep, L, S)  # [B, n_kv, n_rep, L, S]
-    if isinstance(mask, str):
-        mask = _causal(L, S - L)  # [L, S]
-    if mask is not None:
-        if mask.ndim == 4:  # [B, n_q | 1, L, S] -> [B, n_kv | 1, n_rep | 1, L, S]
-            mask = mask.reshape(mask.shape[0], min(mask.shape[1], n_kv), -1, *mask.shape[2:])
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask
-    p = mx.softmax(scores, axis=-1, precise=True).reshape(B, n_kv, n_rep * L, S)
-    # [B, n_kv, n_rep*L, Dv]
-    out = mx.quantized_matmul(p, *values, transpose=False, group_size=gs, bits=bits)
-    return out.reshape(B, n_q, L, -1)  # [B, n_q, L, Dv]
 
 
 # ----- save / load -------------------------------------------------------------------

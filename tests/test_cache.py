@@ -12,8 +12,8 @@ from mlx_compact.cache import (
     cache_nbytes,
     load_cache,
     save_cache,
-    scaled_dot_product_attention,
 )
+from mlx_compact.models.language import cache_attention
 
 B, HQ, HKV, D = 1, 4, 2, 64
 GS = 32  # quantization group size used in the small tests
@@ -52,7 +52,7 @@ def run(cache, q, k, v, chunks, pin_after=None):
     for n in chunks:
         mask = cache.make_mask(n)  # before the update
         keys, values = cache.update_and_fetch(k[:, :, t : t + n], v[:, :, t : t + n])
-        outs.append(scaled_dot_product_attention(q[:, :, t : t + n], keys, values, SCALE, mask, cache))
+        outs.append(cache_attention(q[:, :, t : t + n], keys, values, SCALE, mask, cache))  # what the model runs
         mx.eval(outs[-1])
         del keys, values
         t += n
@@ -295,7 +295,7 @@ def test_quantized_attention_masks(mask_kind):
         "bool2d": mx.array(rng.random((L, S)) > 0.3),
         "bool4d-per-head": mx.array(rng.random((B, HQ, L, S)) > 0.3),
     }[mask_kind]
-    out = scaled_dot_product_attention(q, keys, values, SCALE, mask, cache)
+    out = cache_attention(q, keys, values, SCALE, mask, cache)
     dk, dv = dequant(k, 8), dequant(v, 8)
     ref = mx.fast.scaled_dot_product_attention(q, dk, dv, scale=SCALE, mask=mask)
     np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-5, rtol=1e-4)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .vision import attend, rotate_half
+from .vision import attend, causal_mask, rotate_half
 
 
 def mrope_axes(head_dim: int, section, interleaved: bool) -> mx.array:
@@ -29,7 +29,12 @@ def mrope_axes(head_dim: int, section, interleaved: bool) -> mx.array:
 
 
 def quantized_attend(q, k, v, scale, mask, group_size: int, bits: int) -> mx.array:
-    """Attention with keys/values as (packed, scales, biases) tuples, via quantized matmuls."""
+    """Attention over a quantized cache, via quantized matmuls (no dequantized copy of K/V).
+
+    q: [B, H, L, d]; k, v: (packed, scales, biases) tuples of [B, Hkv, S, *] as a quantized cache's
+    ``update_and_fetch`` returns them; mask: None, "causal" or a bool / additive array broadcastable to
+    [B, H, L, S] ([L, S], [B, 1, L, S] or per head [B, H, L, S]).
+    """
     B, H, L, d = q.shape
     Hkv = k[0].shape[1]
     rep = H // Hkv
@@ -38,14 +43,23 @@ def quantized_attend(q, k, v, scale, mask, group_size: int, bits: int) -> mx.arr
     S = s.shape[-1]
     s = s.reshape(B, Hkv, rep, L, S)
     if isinstance(mask, str):
-        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))
-    if mask is not None and mask.ndim == 4:  # [B, 1, L, S] -> [B, 1, 1, L, S]
-        mask = mask[:, :, None]
+        mask = causal_mask(L, S)  # [L, S]
+    if mask is not None and mask.ndim == 4:  # [B, H | 1, L, S] -> [B, Hkv | 1, rep | 1, L, S]
+        mask = mask.reshape(mask.shape[0], min(mask.shape[1], Hkv), -1, *mask.shape[2:])
     if mask is not None:
-        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask
+        s = mx.where(mask, s, mx.finfo(s.dtype).min) if mask.dtype == mx.bool_ else s + mask
     p = mx.softmax(s, axis=-1, precise=True).reshape(B, Hkv, rep * L, S)
-    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, H, L, d)
+    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)  # [B, Hkv, rep*L, d]
+    return out.reshape(B, H, L, -1)
+
+
+def cache_attention(q, k, v, scale, mask, cache=None) -> mx.array:
+    """Attention over what ``cache.update_and_fetch`` returned (or over plain k, v without a cache): tuples
+    from a quantized cache go through `quantized_attend` with its group size and bits, arrays through `attend`.
+    What every LLM layer runs."""
+    if isinstance(k, tuple):
+        return quantized_attend(q, k, v, scale, mask, cache.group_size, cache.bits)
+    return attend(q, k, v, scale, mask)
 
 
 def biased_mask(mask, key_bias: mx.array, L: int, dtype) -> mx.array:
@@ -56,7 +70,7 @@ def biased_mask(mask, key_bias: mx.array, L: int, dtype) -> mx.array:
         return bias
     S = key_bias.shape[-1]
     if isinstance(mask, str):
-        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S] causal, bottom-right aligned
+        mask = causal_mask(L, S)  # [L, S]
     if mask.dtype != mx.bool_:
         return mask.astype(dtype) + bias
     return mx.where(mask, bias, mx.array(-mx.inf, dtype))  # [B, 1, L, S]
@@ -90,10 +104,7 @@ class Attention(nn.Module):
         k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(k, tuple):
-            out = quantized_attend(q, k, v, self.scale, mask, cache.group_size, cache.bits)
-        else:
-            out = attend(q, k, v, self.scale, mask)
+        out = cache_attention(q, k, v, self.scale, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -34,6 +34,12 @@ def fused_attention_available() -> bool:
     return mx.metal.is_available()
 
 
+def causal_mask(L: int, S: int) -> mx.array:
+    """Bool [L, S] (True = attend): L queries that are the last L of S keys each see every key up to their own
+    (bottom-right aligned, what ``"causal"`` means to MLX's fused attention). The one causal mask of the package."""
+    return mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S]
+
+
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     """Attention over [B, H, L, d] queries and [B, Hkv, S, d] keys/values (fused SDPA).
 
@@ -44,7 +50,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx
     if fused_attention_available() or L <= ATTENTION_CHUNK:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if isinstance(mask, str):
-        mask = mx.arange(S)[None] <= (mx.arange(L)[:, None] + (S - L))  # [L, S] causal, bottom-right aligned
+        mask = causal_mask(L, S)  # [L, S]
     outs = []
     for i in range(0, L, ATTENTION_CHUNK):
         m = None if mask is None or mask.shape[-2] == 1 else mask[..., i : i + ATTENTION_CHUNK, :]
