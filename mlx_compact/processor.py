@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .files import InputError, checkpoint_root, read_bytes, read_json, read_text
+from .models.config import token_ids
 from .template import render
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -255,16 +256,11 @@ class Processor:
         self.chat_template = chat_template  # the template's text
         self.chat_template_source = chat_template_source or "of the tokenizer"  # its file, for messages
 
-        def token_id(key: str, token: str) -> int:
-            value = config.get(key, text_cfg.get(key))
-            return int(value) if value is not None else int(tokenizer.convert_tokens_to_ids(token))
-
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
-        self.image_token_id = token_id("image_token_id", self.image_token)
-        self.video_token_id = token_id("video_token_id", self.video_token)
-        self.vision_start_token_id = token_id("vision_start_token_id", self.vision_start_token)
-        self.vision_end_token_id = token_id("vision_end_token_id", self.vision_end_token)
+        ids = token_ids(config)  # the model's own reading of them (models.config), so both always agree
+        self.image_token_id, self.video_token_id = ids["image_token_id"], ids["video_token_id"]
+        self.vision_start_token_id, self.vision_end_token_id = ids["vision_start_token_id"], ids["vision_end_token_id"]
         self.spatial_merge_size = int(vision_cfg.get("spatial_merge_size", self.image.merge_size))
         tps = vision_cfg.get("tokens_per_second", text_cfg.get("tokens_per_second", config.get("tokens_per_second")))
         self.tokens_per_second = float(tps) if tps is not None else 2.0

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .language import LanguageModel, dense_mlp
-from .rope_index import PER_FRAME_VIDEO, get_rope_index
+from .rope_index import PER_FRAME_VIDEO, get_rope_index, visual_runs
 from .vision import VisionOutput
 
 
@@ -17,17 +17,6 @@ def _grid_list(grid) -> List[tuple]:
     rows = grid.tolist() if hasattr(grid, "tolist") else grid
     return [tuple(int(v) for v in g) for g in rows]
 
-
-def _runs(ids: Sequence[int], token: int):
-    """(start, length) of every maximal run of ``token`` in ``ids``."""
-    runs, start = [], None
-    for i, t in enumerate(list(ids) + [None]):
-        if t == token and start is None:
-            start = i
-        elif t != token and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
 
 
 class WeightsError(ValueError):
@@ -174,10 +163,7 @@ class VLModel(nn.Module):
 
     def visual_runs(self, ids: Sequence[int]) -> List[tuple]:
         """(start, length, "image" | "video") of every visual block of ``ids``, in prompt order."""
-        c = self.config
-        runs = [(s, n, "image") for s, n in _runs(ids, c.image_token_id)]
-        runs += [(s, n, "video") for s, n in _runs(ids, c.video_token_id)]
-        return sorted(runs)
+        return visual_runs(ids, self.config.image_token_id, self.config.video_token_id)
 
     def visual_kinds(self, ids: Sequence[int]) -> List[str]:
         """"image" or "video" for each run of visual tokens, in prompt order."""

@@ -51,6 +51,15 @@ BOUNDS = {
 }
 
 
+# The special token ids: field -> (config.json keys, first wins; Qwen's id, used when config.json is silent)
+TOKEN_ID_KEYS = {
+    "image_token_id": (("image_token_id", "image_token_index"), 151655),
+    "video_token_id": (("video_token_id", "video_token_index"), 151656),
+    "vision_start_token_id": (("vision_start_token_id",), 151652),
+    "vision_end_token_id": (("vision_end_token_id",), 151653),
+}
+
+
 class ConfigError(ValueError):
     """The config.json is not one of a supported Qwen-VL model."""
 
@@ -114,10 +123,10 @@ class ModelConfig:
     model_type: str
     text: TextConfig
     vision: VisionConfig
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = TOKEN_ID_KEYS["image_token_id"][1]
+    video_token_id: int = TOKEN_ID_KEYS["video_token_id"][1]
+    vision_start_token_id: int = TOKEN_ID_KEYS["vision_start_token_id"][1]
+    vision_end_token_id: int = TOKEN_ID_KEYS["vision_end_token_id"][1]
     eos_token_id: list = field(default_factory=lambda: [151645])
     quantization: Optional[dict] = None
 
@@ -155,13 +164,20 @@ class ModelConfig:
             model_type=model_type,
             text=text,
             vision=vision,
-            image_token_id=top.whole("image_token_id", "image_token_index", default=151655, bounds=ids),
-            video_token_id=top.whole("video_token_id", "video_token_index", default=151656, bounds=ids),
-            vision_start_token_id=top.whole("vision_start_token_id", default=151652, bounds=ids),
-            vision_end_token_id=top.whole("vision_end_token_id", default=151653, bounds=ids),
+            **token_ids(raw, text.vocab_size),
             eos_token_id=eos,
             quantization=_quantization(raw),
         )
+
+
+def token_ids(raw: dict, vocab_size: Optional[int] = None) -> dict:
+    """The special token ids of a raw config.json, as `ModelConfig` fields (`TOKEN_ID_KEYS`): each read at the top
+    level, then in ``text_config``, under its name or an alias; Qwen's id when absent; checked to be a token id
+    (below ``vocab_size`` when given). The one reading of them: the model (`ModelConfig.from_dict`) and the
+    processor both use it, so the ids the processor writes are the ones the model looks for."""
+    top = _Fields("", ("", raw), ("text_config.", _object(raw, "text_config", "")))
+    bounds = (0, (vocab_size or BOUNDS["vocab_size"][1]) - 1)
+    return {name: top.whole(*keys, default=default, bounds=bounds) for name, (keys, default) in TOKEN_ID_KEYS.items()}
 
 
 _REQUIRED = object()

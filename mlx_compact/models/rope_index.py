@@ -9,8 +9,9 @@ writes each temporal patch of a video as its own block (timestamps in between ar
 
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-PER_FRAME_VIDEO = ("qwen3_vl", "qwen3_vl_moe")  # one block per temporal patch, after its timestamp
+from .config import MODEL_TYPES, QWEN3
+
+PER_FRAME_VIDEO = QWEN3  # the Qwen3-VL family: one block per temporal patch, after its timestamp
 
 
 class VisualSpan(NamedTuple):
@@ -22,6 +23,23 @@ class VisualSpan(NamedTuple):
     length: int  # number of visual tokens = t * h * w of `grid`
     grid: Tuple[int, int, int]  # merged (t, h, w) of this block
     t_index: Tuple[int, ...]  # temporal position offset of each of the t slices
+
+
+def visual_runs(input_ids: Sequence[int], image_token_id: int, video_token_id: int) -> List[Tuple[int, int, str]]:
+    """(start, length, "image" | "video") of every maximal run of image or video tokens, in prompt order.
+
+    The one place visual blocks are found in a token sequence: `visual_spans` (which checks them against the
+    grids) and the models' splice (which also takes compacted, shorter runs) both use it."""
+    kinds = {image_token_id: "image", video_token_id: "video"}
+    runs, start = [], None
+    ids = list(input_ids)
+    for i, t in enumerate(ids + [None]):
+        if start is not None and t != ids[start]:
+            runs.append((start, i - start, kinds[ids[start]]))
+            start = None
+        if start is None and t in kinds:
+            start = i
+    return runs
 
 
 def visual_spans(
@@ -57,16 +75,8 @@ def visual_spans(
             queues["video"] += [(i, step, (1, h, w)) for _ in range(t)]
         else:
             queues["video"].append((i, step, (t, h, w)))
-    kinds = {image_token_id: "image", video_token_id: "video"}
-
     spans = []
-    pos = 0
-    n = len(input_ids)
-    while pos < n:
-        kind = kinds.get(input_ids[pos])
-        if kind is None:
-            pos += 1
-            continue
+    for pos, n, kind in visual_runs(input_ids, image_token_id, video_token_id):
         if not queues[kind]:
             raise ValueError(f"more {kind} blocks in input_ids than {kind} grids")
         if pos == 0 or input_ids[pos - 1] != vision_start_token_id:
@@ -74,12 +84,10 @@ def visual_spans(
         item, step, (t, h, w) = queues[kind].pop(0)
         grid = (int(t), int(h) // m, int(w) // m)
         length = grid[0] * grid[1] * grid[2]
-        token = input_ids[pos]
-        if pos + length > n or any(input_ids[j] != token for j in range(pos, pos + length)):
-            raise ValueError(f"{kind} {item}: expected {length} consecutive {kind} tokens at index {pos}")
+        if n != length:
+            raise ValueError(f"{kind} {item}: expected {length} consecutive {kind} tokens at index {pos}, got {n}")
         t_index = tuple(int(ti * step) for ti in range(grid[0]))
         spans.append(VisualSpan(kind, item, pos, length, grid, t_index))
-        pos += length
     for kind, queue in queues.items():
         if queue:
             raise ValueError(f"{len(queue)} {kind} grid(s) have no {kind} tokens in input_ids")
