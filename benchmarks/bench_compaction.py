@@ -24,7 +24,7 @@ import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_compact import _blas
+from mlx_compact import _blas, memory
 from mlx_compact.compaction import ENCODER_METHODS, METHODS, Compaction, assemble, tower_hooks
 from mlx_compact.generate import make_cache, prefill, prepare_ids
 from mlx_compact.models import build_model
@@ -129,8 +129,7 @@ def llm(model, prep, repeats, decode):
 
 
 def kv_bytes(model, L):
-    t = model.config.text
-    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 4 * L  # float32 K and V
+    return memory.kv_bytes(model.config.text, L, dtype_bytes=4)  # float32 K and V
 
 
 def main():

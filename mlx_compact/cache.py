@@ -51,7 +51,6 @@ __all__ = [
     "load_cache",
     "read_cache_file",
     "SessionError",
-    "cache_nbytes",
 ]
 
 
@@ -626,16 +625,3 @@ def load_cache(path, layers=None, kv_heads=None, head_dim=None):
         caches.append(c)
     mx.eval([c.state for c in caches])
     return caches, info["metadata"]
-
-
-def cache_nbytes(layers, kv_heads, head_dim, tokens, dtype_bytes=2, bits=None, group_size=64):
-    """Exact KV bytes for `tokens` tokens (batch 1), as MLX stores them.
-
-    Float: ``2 * layers * kv_heads * head_dim * dtype_bytes`` per token. Quantized: packed
-    ``bits``-bit data plus one scale and one bias (``dtype_bytes`` each) per group.
-    """
-    if bits is None:
-        per_row = head_dim * dtype_bytes
-    else:
-        per_row = head_dim * bits // 8 + 2 * (head_dim // group_size) * dtype_bytes
-    return 2 * layers * kv_heads * tokens * per_row

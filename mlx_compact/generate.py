@@ -15,6 +15,7 @@ import numpy as np
 
 from .cache import FixedKVCache, KVCache
 from .memory import MemoryPlanError, fmt_bytes, plan, weights_bytes, wired_limit
+from .memory import kv_group_size as default_group_size
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
 from .images import ImageFile, open_image
@@ -153,11 +154,11 @@ def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] 
                kv_group_size: Optional[int] = None) -> list:
     """The default per-layer KV caches: growing, or fixed-size/rotating when ``max_kv_size`` is given
     (allocated once at its full size on the first write; ``kv_bits`` 8 or 4 quantizes it). Quantized
-    groups default to 64 values (32 when head_dim is not a multiple of 64)."""
+    groups default to `memory.kv_group_size` (64 values, 32 when head_dim is not a multiple of 64)."""
     check_cache_options(max_kv_size, kv_bits)
     hd = model.config.text.head_dim
     if kv_group_size is None:
-        kv_group_size = 64 if hd % 64 == 0 else 32
+        kv_group_size = default_group_size(hd)
     if kv_bits is not None and hd % kv_group_size:
         raise InputError(f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
                          f"this model's is {hd}")

@@ -49,12 +49,23 @@ def weights_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def kv_bytes(text_cfg, tokens: int, dtype_bytes: int = 2, bits: Optional[int] = None, group_size: int = 64) -> int:
-    """Exact KV bytes for ``tokens`` tokens: 2 x layers x kv_heads x head_dim x bytes per element."""
-    per = text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * text_cfg.head_dim
+def kv_group_size(head_dim: int) -> int:
+    """The quantization group of a quantized KV cache: 64 values, or 32 when head_dim is not a multiple of 64.
+    The one rule: `generate.make_cache` builds the caches with it and `plan` counts their bytes with it."""
+    return 64 if head_dim % 64 == 0 else 32
+
+
+def kv_bytes(text_cfg, tokens: int, dtype_bytes: int = 2, bits: Optional[int] = None,
+             group_size: Optional[int] = None) -> int:
+    """Exact KV bytes for ``tokens`` tokens (batch 1), as the caches store them: keys and values, per layer, kv
+    head and token, of ``head_dim`` elements of ``dtype_bytes`` each; quantized (``bits``), the packed ``bits``-bit
+    values plus one scale and one bias (``dtype_bytes`` each) per group of ``group_size`` (default `kv_group_size`).
+    ``text_cfg``: anything with ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim`` (a TextConfig)."""
+    rows = 2 * text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * tokens  # keys and values
+    hd = text_cfg.head_dim
     if bits is None:
-        return 2 * per * tokens * dtype_bytes
-    return 2 * tokens * (per * bits // 8 + per // group_size * 2 * dtype_bytes)
+        return rows * hd * dtype_bytes
+    return rows * (hd * bits // 8 + 2 * (hd // (group_size or kv_group_size(hd))) * dtype_bytes)
 
 
 def _attention_chunk() -> int:
@@ -218,15 +229,14 @@ def plan(
     visual = [kept_count(p // merge, keep) for p in patches_per_image]
     prompt = prompt_text_tokens + sum(visual)
     tokens = prompt + max_tokens
-    group = 64 if c.text.head_dim % 64 == 0 else 32  # make_cache's quantization group
     if max_kv_tokens is not None:
         tokens = min(tokens, max_kv_tokens)
-        kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits, group)
+        kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits)
         kv += 4 * max_kv_tokens if key_bias else 0  # a float32 bias per slot, kept once for all layers
         step = min(prefill_step, max_kv_tokens // 4 or 1, 512)  # FixedKVCache's max_chunk caps the chunk
         growth = 0
     else:
-        kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits, group)  # KVCache grows in 256 steps
+        kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits)  # KVCache grows in 256 steps
         kv += 4 * -(-tokens // 256) * 256 if key_bias else 0
         step = prefill_step
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are

@@ -2,6 +2,8 @@
 
 import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,10 +11,10 @@ import pytest
 from mlx_compact.cache import (
     FixedKVCache,
     KVCache,
-    cache_nbytes,
     load_cache,
     save_cache,
 )
+from mlx_compact.memory import kv_bytes
 from mlx_compact.models.language import cache_attention
 
 B, HQ, HKV, D = 1, 4, 2, 64
@@ -197,7 +199,7 @@ def _measure_alloc(bits):
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_nbytes_is_allocated_memory(bits):
     cache, grown = _measure_alloc(bits)
-    expected = cache_nbytes(1, 8, 128, 4096, dtype_bytes=4, bits=bits)
+    expected = kv_bytes(SimpleNamespace(num_hidden_layers=1, num_key_value_heads=8, head_dim=128), 4096, 4, bits)
     assert cache.nbytes == expected
     assert abs(grown - cache.nbytes) <= 0.01 * cache.nbytes, (grown, cache.nbytes)
     assert cache.used_bytes == cache.nbytes * 16 // 4096
@@ -239,10 +241,13 @@ def test_a_live_view_forces_a_copy():
     del held
 
 
-def test_cache_nbytes_formula():
-    assert cache_nbytes(28, 4, 128, 1000) == 2 * 28 * 4 * 128 * 2 * 1000
+def test_kv_bytes_formula():
+    cfg = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=4, head_dim=128)
+    assert kv_bytes(cfg, 1000) == 2 * 28 * 4 * 128 * 2 * 1000
     # notes: quantized = 2 x layers x kv_heads x head_dim x (bits/8 + 4/group_size) per token
-    assert cache_nbytes(28, 4, 128, 1000, bits=4) == 2 * 28 * 4 * 128 * (4 / 8 + 4 / 64) * 1000
+    assert kv_bytes(cfg, 1000, bits=4) == 2 * 28 * 4 * 128 * (4 / 8 + 4 / 64) * 1000
+    assert kv_bytes(SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=32), 10, bits=8) == \
+        2 * 2 * 2 * 10 * (32 + 2 * 2)  # head_dim 32: groups of kv_group_size(32) = 32, one scale and bias each
 
 
 @pytest.mark.parametrize("kind", ["kv", "fixed", "fixed-wrapped", "q8-wrapped", "empty"])

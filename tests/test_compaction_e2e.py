@@ -15,6 +15,7 @@ import pytest
 from mlx_compact.cache import KVCache
 from mlx_compact.compaction import Compaction, assemble, tower_hooks
 from mlx_compact.generate import _sampler, generate, generate_step, make_cache, prefill, prepare
+from mlx_compact.memory import kv_bytes
 from mlx_compact.models.vision import attend, patch_coords, rope_angles, segment_bounds
 from tiny_checkpoints import ARCHS
 
@@ -260,8 +261,6 @@ def test_generate_stats_report_compaction_and_smaller_kv(where, tiny_checkpoint,
     comp = prepare(model, proc, PROMPT, images, compaction=c)
     cache = make_cache(model)
     prefill(model, comp, cache)
-    cfg = model.config.text
-    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # float32 K and V, per layer
     assert all(layer.offset == len(comp.input_ids) for layer in cache)  # the cache holds L_compact rows only
     used = sum(layer.keys[:, :, : layer.offset].nbytes + layer.values[:, :, : layer.offset].nbytes for layer in cache)
-    assert used == cfg.num_hidden_layers * len(comp.input_ids) * per_token
+    assert used == kv_bytes(model.config.text, len(comp.input_ids), dtype_bytes=4)  # float32 K and V

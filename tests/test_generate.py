@@ -7,6 +7,7 @@ import pytest
 import mlx.core as mx
 from mlx_compact.loader import load
 from mlx_compact.generate import generate
+from mlx_compact.memory import kv_bytes
 from tiny_checkpoints import ARCHS
 
 STATS_KEYS = {
@@ -45,9 +46,7 @@ def test_stats_are_complete_and_consistent(tiny_checkpoint, image_wide):
     grid = proc(text=proc.build_prompt("hi", n_images=1), images=[image_wide])["grid_thw"][0]
     assert s["visual_tokens"] == [{"before": int(np.prod(grid)) // 4, "after": int(np.prod(grid)) // 4}]
     assert s["generation_tokens"] == len(result.tokens)
-    cfg = model.config.text
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # float32
-    assert s["kv_bytes_allocated"] >= s["prompt_tokens"] * per_token
+    assert s["kv_bytes_allocated"] >= kv_bytes(model.config.text, s["prompt_tokens"], dtype_bytes=4)  # float32
     assert set(s["ttft_s"]) == {"preprocess", "vision", "prefill"}
     assert all(v > 0 for v in s["ttft_s"].values())
     assert s["peak_memory_bytes"] > 0

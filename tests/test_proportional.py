@@ -17,6 +17,7 @@ from mlx_compact.chat import ChatSession
 from mlx_compact.compaction import Compaction
 from mlx_compact.generate import generate, pin_point, prefill, prepare
 from mlx_compact.loader import load
+from mlx_compact.memory import kv_group_size
 from tiny_checkpoints import ARCHS
 
 PROMPT = "how many shapes are there?"
@@ -62,9 +63,8 @@ def _decode(model, cache, first_logits, start_pos, tokens=None):
 
 
 def _fixed(model, max_tokens, bits, max_chunk):
-    hd = model.config.text.head_dim
-    return [FixedKVCache(max_tokens, bits=bits, group_size=64 if hd % 64 == 0 else 32, max_chunk=max_chunk)
-            for _ in model.layers]
+    group = kv_group_size(model.config.text.head_dim)  # make_cache's
+    return [FixedKVCache(max_tokens, bits=bits, group_size=group, max_chunk=max_chunk) for _ in model.layers]
 
 
 def _compare(model, prep, caches, tol):
