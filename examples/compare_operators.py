@@ -14,11 +14,12 @@ import argparse
 from PIL import Image, ImageDraw, ImageOps
 
 import mlx_compact  # import before mlx.core (it picks the BLAS on Linux)
+from mlx_compact.compaction import METHODS
 from mlx_compact.generate import prepare
 from mlx_compact.loader import DEFAULT_MODEL
 from mlx_compact.processor import to_rgb
 
-OPERATORS = ("none", "pool", "floor", "diversity", "saliency", "merge", "prompt", "random")
+OPERATORS = METHODS  # every compaction method, "none" first
 
 
 def kept_cells(model, processor, prompt, image, compaction, max_pixels=None):

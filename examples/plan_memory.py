@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 import mlx_compact  # import before mlx.core (it picks the BLAS on Linux)
-from mlx_compact.generate import image_patches
+from mlx_compact.generate import image_grids
 from mlx_compact.loader import DEFAULT_MODEL, load_model, resolve
 from mlx_compact.memory import fmt_bytes
 from mlx_compact.processor import Processor
@@ -49,9 +49,9 @@ def main(argv=None) -> None:
     macs = "".join(f"{str(gb) + ' GB Mac':>11}" for gb in args.macs)
     print(f"{'image':>10} {'keep':>5} {'visual':>7} {'KV':>10} {'peak':>10}{macs}")
     for size in args.sizes:
-        patches = image_patches(processor, [image_of(size)], args.max_pixels)
+        grids = image_grids(processor, [image_of(size)], args.max_pixels)
         for keep in args.keep:
-            plans = [mlx_compact.plan(model, patches, text_tokens, keep=keep, kv_bits=args.kv_bits,
+            plans = [mlx_compact.plan(model, grids, text_tokens, keep=keep, kv_bits=args.kv_bits,
                                       max_kv_tokens=None, max_tokens=args.max_tokens, budget=mac_budget(gb))
                      for gb in args.macs]
             q = plans[0]

@@ -22,6 +22,7 @@ import re
 import sys
 
 import mlx_compact  # noqa: F401  (loads OpenBLAS before mlx.core)
+from mlx_compact.compaction.types import METHOD_HELP
 from mlx_compact.files import InputError
 from mlx_compact.loader import DEFAULT_MODEL
 
@@ -36,16 +37,6 @@ class _NoTorchNotice(logging.Filter):
 
 
 logging.getLogger("transformers").addFilter(_NoTorchNotice())
-METHOD_HELP = {
-    "none": "keep every visual token",
-    "pool": "average 2x2 neighbours (keeps 1/4; ignores --keep)",
-    "floor": "an evenly spaced grid; fastest, ignores content",
-    "diversity": "a grid plus the most different tokens (default; all-rounder)",
-    "saliency": "what the vision tower attends to most, plus merged context",
-    "merge": "merge similar neighbours instead of dropping them",
-    "prompt": "the tokens closest to the question (one-shot, not for chat)",
-    "random": "a random subset (a baseline for comparisons)",
-}
 
 
 class UserError(InputError):

@@ -7,14 +7,14 @@ text chunks and finally the stats, ``generate`` collects everything into a ``Gen
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import FixedKVCache, KVCache
-from .memory import MemoryPlanError, fmt_bytes, plan, weights_bytes, wired_limit
+from .memory import MemoryPlanError, fmt_bytes, plan, planned_compaction, weights_bytes, wired_limit
 from .memory import kv_group_size as default_group_size
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
@@ -312,10 +312,18 @@ def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step
         next_pos += 1
 
 
+def image_grids(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[tuple]:
+    """The merged grid (1, h, w) each image becomes (what `plan` and `Compaction.kept` take), read from image
+    headers only (nothing decoded or allocated)."""
+    f = processor.image.factor
+    sizes = (processor.image_resized_size(*_hw(im), max_pixels=max_pixels) for im in images)
+    return [(1, h // f, w // f) for h, w in sizes]
+
+
 def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[int]:
     """Patches each image will become, read from image headers only (nothing decoded or allocated)."""
     merge = processor.image.merge_size**2
-    return [processor.image_size_tokens(*_hw(im), max_pixels=max_pixels) * merge for im in images]
+    return [t * h * w * merge for t, h, w in image_grids(processor, images, max_pixels)]
 
 
 def image_files(images: Sequence) -> list:
@@ -332,16 +340,18 @@ def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[
     return max(peaks)
 
 
-def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0,
+def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0, compaction=None,
              max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
              scales: Optional[Sequence[int]] = None, key_bias: bool = False, held: int = 0):
     """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
 
+    ``compaction`` (or ``keep`` < 1, shorthand for ``Compaction(keep=keep)``): the visual tokens are counted as
+    `Compaction.kept` of each image's grid, what the run keeps.
     ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``); ``held``: tokens
     the conversation's cache already holds."""
     images = image_files(images)
     text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32 + held
-    return plan(model, image_patches(processor, images, max_pixels), text_tokens, keep=keep,
+    return plan(model, image_grids(processor, images, max_pixels), text_tokens, compaction=compaction, keep=keep,
                 max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
                 budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales), key_bias=key_bias)
 
@@ -361,8 +371,13 @@ def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> Li
         mp = next((m for m in (int(current / 2**i) for i in range(1, 12)) if m >= 56 * 56 and fits(max_pixels=m)), None)
         if mp is not None:
             out.append({"max_pixels": mp})
-    keep = settings.get("keep", 1.0)
-    k = next((k for k in (0.5, 0.33, 0.25, 0.1) if k < keep and fits(keep=k)), None)
+    c = planned_compaction(settings.get("compaction"), settings.get("keep", 1.0))
+    keep = 1.0 if c.is_identity or c.tokens is not None else c.keep
+
+    def lower(k):  # the run's compaction at a lower keep
+        return Compaction(keep=k) if c.method == "none" else replace(c, keep=k, tokens=None)
+
+    k = next((k for k in (0.5, 0.33, 0.25, 0.1) if k < keep and fits(compaction=lower(k), keep=1.0)), None)
     if k is not None:
         out.append({"keep": k})
     if settings.get("kv_bits") is None:
@@ -389,8 +404,7 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
     if fit == "off":
         return max_pixels
     c = _active(model, compaction)
-    keep = 1.0 if c is None or c.is_identity or c.tokens is not None else c.keep
-    settings = dict(max_pixels=max_pixels, keep=keep, key_bias=c is not None and c.proportional and bool(images),
+    settings = dict(max_pixels=max_pixels, compaction=c, key_bias=c is not None and c.proportional and bool(images),
                     max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, held=held,
                     max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
     images = image_files(images)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
-from .compaction.types import kept_count
+from .compaction.types import Compaction, as_compaction
 
 
 def fmt_bytes(n: int) -> str:
@@ -197,11 +198,28 @@ class Plan:
         return "\n".join(lines)
 
 
+def planned_compaction(compaction=None, keep: float = 1.0) -> Compaction:
+    """The compaction a plan counts: ``compaction`` (a Compaction or spec), else ``keep`` < 1 as shorthand for
+    ``Compaction(keep=keep)``, else none."""
+    c = as_compaction(compaction)
+    if c is not None and keep != 1.0:
+        raise ValueError("give the plan a compaction or a keep, not both")
+    return c if c is not None else Compaction(keep=keep) if keep < 1.0 else Compaction.none()
+
+
+def _grid(block, merge: int) -> tuple:
+    """A visual block's merged grid (t, h, w); a patch count (shape unknown) is planned as one row of tokens."""
+    if isinstance(block, (int, np.integer)):
+        return (1, 1, int(block) // merge)
+    return tuple(int(g) for g in block)
+
+
 def plan(
     model,
-    patches_per_image: Sequence[int],
+    blocks: Sequence,
     prompt_text_tokens: int,
     *,
+    compaction=None,
     keep: float = 1.0,
     max_kv_tokens: Optional[int] = None,
     kv_bits: Optional[int] = None,
@@ -213,6 +231,12 @@ def plan(
     fused: Optional[bool] = None,
 ) -> Plan:
     """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
+
+    ``blocks``: one entry per visual block (an image; a video or, Qwen3-VL, one temporal slice of it): its merged
+    grid (t, h, w) as `generate.image_grids` gives it, or its patch count (shape unknown: planned as one row of
+    tokens, which makes pool's count an upper bound). ``compaction`` (a Compaction or spec; or ``keep`` < 1 for
+    ``Compaction(keep=keep)``): each block's visual tokens are `Compaction.kept` of its grid, exactly what the run
+    keeps (``tokens`` budgets, pool, in-encoder per-slice budgets included).
 
     Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
@@ -226,7 +250,10 @@ def plan(
     merge = c.vision.spatial_merge_size**2
     dtype_bytes = _dtype_bytes(model)
     fused = mx.metal.is_available() if fused is None else fused
-    visual = [kept_count(p // merge, keep) for p in patches_per_image]
+    grids = [_grid(b, merge) for b in blocks]
+    comp = planned_compaction(compaction, keep)
+    visual = [comp.kept(g) for g in grids]
+    patches = [t * h * w * merge for t, h, w in grids]
     prompt = prompt_text_tokens + sum(visual)
     tokens = prompt + max_tokens
     if max_kv_tokens is not None:
@@ -242,7 +269,7 @@ def plan(
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are
         # live until the concatenation is done
         growth = kv // max(c.text.num_hidden_layers, 1)
-    vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches_per_image), default=0)
+    vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches), default=0)
     ds = len(c.vision.deepstack_visual_indexes)
     # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
     prefill = growth + prefill_peak(c.text, min(step, prompt), min(prompt, tokens), dtype_bytes,

@@ -23,7 +23,8 @@ from PIL import Image
 
 from mlx_compact import cli
 from mlx_compact.compaction import Compaction
-from mlx_compact.generate import image_patches
+from mlx_compact.compaction import METHODS
+from mlx_compact.generate import image_grids
 from mlx_compact.loader import load
 from mlx_compact.memory import fmt_bytes, plan
 
@@ -226,7 +227,7 @@ def test_plan_json_equals_memory_plan_in_process(runs, loaded, files, tiny_check
     kw = dict(keep=0.5, max_kv_tokens=4096, max_tokens=64, budget=4 * 2**20)
     text = len(proc.tokenizer("")["input_ids"]) + 32
     decode = 8000 * 6000 * 4  # the largest decode: big.png's RGB pixels, 4 bytes each in Pillow
-    p = plan(model, image_patches(proc, paths, 200000), text, **kw, decode_bytes=decode)
+    p = plan(model, image_grids(proc, paths, 200000), text, **kw, decode_bytes=decode)
     for key in ("weights", "kv", "vision", "prefill", "decode", "peak", "budget", "tokens", "visual_tokens", "fits"):
         assert got[key] == getattr(p, key), key
     assert [(i["width"], i["height"]) for i in got["images"]] == [(8000, 6000), Image.open(paths[1]).size]
@@ -234,7 +235,7 @@ def test_plan_json_equals_memory_plan_in_process(runs, loaded, files, tiny_check
 
     # without the big PNG, the same budget is missed by the vision and KV peaks, which settings can shrink
     paths = paths[1:]
-    kw["budget"] = plan(model, image_patches(proc, paths, 200000), text, **kw).peak - 1
+    kw["budget"] = plan(model, image_grids(proc, paths, 200000), text, **kw).peak - 1
     got = json.loads(_run(["plan", "--model", tiny_checkpoint("qwen2_vl"), "--image", paths[0], "--keep", "0.5",
                            "--max-kv-tokens", "4096", "--max-pixels", "200000", "--max-tokens", "64",
                            "--memory-budget", str(kw["budget"]), "--json"]).stdout)
@@ -248,7 +249,7 @@ def test_plan_json_equals_memory_plan_in_process(runs, loaded, files, tiny_check
             name, cast = change[flag]
             new[name] = cast(value)
         mp = new.pop("mp")
-        assert plan(model, image_patches(proc, paths, mp), text, **new).fits, advice
+        assert plan(model, image_grids(proc, paths, mp), text, **new).fits, advice
 
 
 def test_plan_text_reads_headers_only_and_names_each_figure(tiny_checkpoint, loaded, files, capsys, monkeypatch):
@@ -256,7 +257,7 @@ def test_plan_text_reads_headers_only_and_names_each_figure(tiny_checkpoint, loa
     code, out, _ = _main(argv, capsys, monkeypatch)  # big.png's pixel data is cut short: plan never decodes it
     assert code == 0
     model, proc = loaded["qwen2_vl"]
-    p = plan(model, image_patches(proc, [str(files / "big.png")]), len(proc.tokenizer("")["input_ids"]) + 32,
+    p = plan(model, image_grids(proc, [str(files / "big.png")]), len(proc.tokenizer("")["input_ids"]) + 32,
              budget=8 * 2**30)
     for name, value in (("weights", p.weights), ("KV cache", p.kv), ("vision peak", p.vision),
                         ("prefill peak", p.prefill), ("device budget", p.budget)):
@@ -308,7 +309,7 @@ def test_example_compare_operators_prints_a_table_and_draws_kept_patches(tiny_ch
     _example("compare_operators").main(["--model", str(tiny_checkpoint("qwen2_vl")), "--image",
                                         str(files / "photo.jpg"), "--max-tokens", "2", "--out", str(png)])
     out = capsys.readouterr().out
-    for name in ("none", "pool", "floor", "diversity", "saliency", "merge", "prompt", "random"):
+    for name in METHODS:
         assert any(line.split()[:1] == [name] for line in out.splitlines()), name
     with Image.open(png) as im:
         assert im.width > 320 and im.height > 0  # a sheet of panels

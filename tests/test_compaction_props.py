@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_compact.compaction import METHODS, Compaction, VisualTokens, compact, compact_many
+from mlx_compact.compaction import (ENCODER_METHODS, METHODS, Compaction, VisualTokens, compact, compact_many,
+                                    unit_selector)
 
 D = 8
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -54,20 +55,11 @@ compactions = st.builds(
 )
 
 
-def expected_count(tokens, c):
-    t, h, w = tokens.grid
-    if c.is_identity:
-        return tokens.n
-    if c.method == "pool":
-        return t * ((h + 1) // 2) * ((w + 1) // 2)
-    return c.budget(tokens.n)
-
-
 def check_invariants(tokens, c, out):
     n = tokens.n
     src = np.array(out.source)
     assert out.source.dtype == mx.int32
-    assert out.k == len(src) == expected_count(tokens, c) == c.kept(tokens.grid)  # what planners count
+    assert out.k == len(src) == c.kept(tokens.grid)  # what compact returned is what the planners count
     assert out.features.shape == (out.k, D)
     assert np.all(np.diff(src) > 0) and src[0] >= 0 and src[-1] < n  # sorted unique sources
     pos = np.array(tokens.positions)
@@ -93,6 +85,25 @@ def check_invariants(tokens, c, out):
 def test_every_operator_keeps_exactly_k_sorted_sources_and_original_positions(grid, c, kind, mxpos):
     tokens = make_tokens(grid, kind, mx_positions=mxpos)
     check_invariants(tokens, c, compact(tokens, c))
+
+
+@SETTINGS
+@given(grid=grids, method=st.sampled_from(ENCODER_METHODS), keep=st.floats(0.01, 1.0),
+       tokens=st.one_of(st.none(), st.integers(1, 60)), floor_stride=st.sampled_from([None, 1, 3]),
+       proportional=st.booleans(), seed=st.integers(0, 3))
+def test_in_encoder_selection_keeps_what_kept_counts(grid, method, keep, tokens, floor_stride, proportional, seed):
+    """The vision tower's unit selector (each temporal slice its own budget) keeps `Compaction.kept` units."""
+    c = Compaction(method, keep=keep, tokens=tokens, floor_stride=floor_stride, where="encoder",
+                   proportional=proportional)
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(grid))
+    units = mx.array(rng.normal(size=(n, 4, D)).astype(np.float32))  # [U, 4, D] hidden states of the merge units
+    attention = mx.array(rng.random(n).astype(np.float32))  # [U]
+    picked = unit_selector(c)(units, grid, attention)
+    kept = picked[0] if proportional else picked
+    assert len(kept) == len(np.unique(kept)) == c.kept(grid)
+    if proportional:
+        assert len(picked[1]) == len(kept)
 
 
 @SETTINGS

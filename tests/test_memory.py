@@ -1,5 +1,6 @@
 """Memory accounting: exact KV bytes, device budget, and a plan that refuses before allocating."""
 
+import importlib
 import json
 
 import pytest
@@ -7,8 +8,12 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_compact.cache import FixedKVCache
+from mlx_compact.compaction import Compaction
+from mlx_compact.loader import load
 from mlx_compact.memory import Plan, device_budget, kv_bytes, plan, weights_bytes
 from mlx_compact.models import build_model
+
+gen = importlib.import_module("mlx_compact.generate")  # the module (mlx_compact.generate is also a function's name)
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +21,11 @@ def model(tiny_checkpoint):
     m = build_model(json.loads((tiny_checkpoint("qwen3_vl") / "config.json").read_text()))
     mx.eval(m.parameters())
     return m
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tiny_checkpoint):
+    return load(str(tiny_checkpoint("qwen2_vl")))  # a full-attention vision tower: in-encoder compaction too
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
@@ -39,10 +49,38 @@ def test_device_budget_reports_positive_available_memory():
 
 
 def test_plan_grows_with_image_size_and_refuses_a_small_budget(model):
-    small = plan(model, [64], 20)
-    big = plan(model, [4096], 20)
+    small = plan(model, [(1, 4, 4)], 20)  # merged grids: 16 and 1024 visual tokens
+    big = plan(model, [(1, 32, 32)], 20)
     assert big.vision > small.vision and big.kv > small.kv
-    compact = plan(model, [4096], 20, keep=0.25)
+    assert plan(model, [4096], 20).vision == big.vision  # a patch count plans the same image, shape unknown
+    compact = plan(model, [(1, 32, 32)], 20, keep=0.25)
     assert compact.kv < big.kv and compact.visual_tokens == [256]
-    tight = plan(model, [4096], 20, budget=big.weights + 1)
+    tight = plan(model, [(1, 32, 32)], 20, budget=big.weights + 1)
     assert isinstance(tight, Plan) and not tight.fits and "NO" in tight.summary()
+
+
+COMPACTIONS = [
+    None,
+    Compaction(keep=0.33),
+    Compaction(tokens=5),  # an absolute budget (the plan once counted it as no compaction)
+    Compaction(tokens=10_000),  # larger than an image: all kept
+    Compaction("pool"),  # ceil(h/2) * ceil(w/2), whatever keep says
+    Compaction("merge", keep=0.4),
+    Compaction("floor", keep=0.3, where="encoder"),
+    Compaction("diversity", tokens=7, where="encoder"),
+]
+
+
+@pytest.mark.parametrize("c", COMPACTIONS, ids=str)
+def test_the_plan_counts_the_visual_tokens_the_run_keeps(c, qwen2_vl, images, monkeypatch):
+    """check_memory's plan (what generate refuses or fits by) counts exactly the visual tokens generate keeps."""
+    model, proc = qwen2_vl
+    plans = []
+    planned = gen.plan
+    monkeypatch.setattr(gen, "plan", lambda *a, **k: plans.append(planned(*a, **k)) or plans[-1])
+    r = gen.generate(model, proc, "describe", images, max_tokens=1, compaction=c)
+    kept = [v["after"] for v in r.stats["visual_tokens"]]
+    assert plans and all(p.visual_tokens == kept for p in plans), (kept, [p.visual_tokens for p in plans])
+    grids = gen.image_grids(proc, images)
+    assert kept == [(c or Compaction.none()).kept(g) for g in grids]
+    assert gen.plan_run(model, proc, "describe", images, compaction=c).visual_tokens == kept

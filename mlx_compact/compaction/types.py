@@ -7,7 +7,17 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-METHODS = ("none", "pool", "floor", "diversity", "saliency", "merge", "prompt", "random")
+METHOD_HELP = {  # every method, with the line the command line shows for it
+    "none": "keep every visual token",
+    "pool": "average 2x2 neighbours (keeps 1/4; ignores --keep)",
+    "floor": "an evenly spaced grid; fastest, ignores content",
+    "diversity": "a grid plus the most different tokens (default; all-rounder)",
+    "saliency": "what the vision tower attends to most, plus merged context",
+    "merge": "merge similar neighbours instead of dropping them",
+    "prompt": "the tokens closest to the question (one-shot, not for chat)",
+    "random": "a random subset (a baseline for comparisons)",
+}
+METHODS = tuple(METHOD_HELP)  # ("none", "pool", "floor", "diversity", "saliency", "merge", "prompt", "random")
 ENCODER_METHODS = ("floor", "diversity", "saliency", "random")  # prompt-free unit selectors
 WHERE = ("post", "encoder")
 PROPORTIONAL_BY_DEFAULT = ("diversity", "merge", "pool")  # post-merger: measured to win on every family
@@ -201,12 +211,19 @@ class Compaction:
         return self.method == "prompt" or (self.method == "merge" and self.prompt_weighted)
 
     def budget(self, n: int) -> int:
-        """Tokens kept out of n: `tokens` if given, else round(keep * n); at least 1, at most n."""
-        return kept_count(n, self.keep, self.tokens)
+        """Tokens kept out of n by a budgeted selector: `tokens` if given, else round(keep * n) (halves up);
+        at least 1, at most n (0 of 0)."""
+        if n <= 0:
+            return 0
+        k = self.tokens if self.tokens is not None else int(np.floor(self.keep * n + 0.5))
+        return max(1, min(int(k), n))
 
     def kept(self, grid) -> int:
-        """Visual tokens an image (or video) with merged grid (t, h, w) becomes (for planning)."""
-        t, h, w = grid
+        """Visual tokens one visual block with merged grid (t, h, w) becomes: exactly what `compact` returns
+        (post-merger) or the vision tower keeps (``where="encoder"``: each temporal slice its own budget), for
+        every method, ``keep`` or ``tokens``. The one count: the memory plan, the cache-size check and the
+        tests use it."""
+        t, h, w = (int(g) for g in grid)
         if self.is_identity:
             return t * h * w
         if self.method == "pool":
@@ -215,13 +232,6 @@ class Compaction:
             return t * self.budget(h * w)  # each temporal slice gets its own budget
         return self.budget(t * h * w)
 
-
-def kept_count(n: int, keep: Optional[float] = 1.0, tokens: Optional[int] = None) -> int:
-    """Tokens kept out of n: `tokens` if given, else round(keep * n) (halves up); at least 1, at most n."""
-    if n <= 0:
-        return 0
-    k = tokens if tokens is not None else int(np.floor(keep * n + 0.5))
-    return max(1, min(int(k), n))
 
 
 def as_compaction(spec) -> Optional[Compaction]:
