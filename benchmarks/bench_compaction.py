@@ -119,10 +119,10 @@ def llm(model, prep, repeats, decode):
     t_pre, (cache, logits) = timed(run, repeats)
     tok = mx.argmax(logits, axis=-1)
     embed = model.language_model.model.embed_tokens
-    L = prep.embeds.shape[1]
+    start = int(prep.positions.max().item()) + 1  # decode step n sits at max(prompt positions) + 1 + n
     t = time.perf_counter()
     for n in range(decode):
-        pos = mx.full((3, 1, 1), L + n + prep.rope_delta, dtype=mx.int32)
+        pos = mx.full((3, 1, 1), start + n, dtype=mx.int32)
         tok = mx.argmax(model.language_model(embed(tok.reshape(1, 1)), pos, cache=cache)[:, -1], axis=-1)
         mx.eval(tok)
     return t_pre, decode / (time.perf_counter() - t) if decode else 0.0

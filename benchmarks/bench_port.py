@@ -96,9 +96,9 @@ class Ours:
         m = self.model
         visual, ds = m.split_visual(out, self.grid)
         embeds, deepstack = m.splice(self.ids, visual, ds if ds and ds[0] else None)
-        positions, delta = m.positions(self.ids, self.grid)
+        positions, _ = m.positions(self.ids, self.grid)
         mx.eval(embeds, deepstack)
-        return Prepared(self.ids, embeds, mx.array(positions)[:, None, :], delta, deepstack, [], 0.0, 0.0)
+        return Prepared(self.ids, embeds, mx.array(positions)[:, None, :], deepstack, [], 0.0, 0.0)
 
     def generate(self, prep, step):
         """Yield token ids (int) with mlx_compact's own loop (prefill chunks of `step`)."""
@@ -112,10 +112,10 @@ class Ours:
         cache = make_cache(self.model)
         logits = prefill(self.model, prep, cache, step)
         out = [logits - mx.logsumexp(logits, axis=-1, keepdims=True)]
-        L = prep.embeds.shape[1]
+        start = int(prep.positions.max().item()) + 1  # decode step n sits at max(prompt positions) + 1 + n
         embed = self.model.language_model.model.embed_tokens
         for n, tok in enumerate(tokens):
-            pos = mx.full((3, 1, 1), L + n + prep.rope_delta, dtype=mx.int32)
+            pos = mx.full((3, 1, 1), start + n, dtype=mx.int32)
             lg = self.model.language_model(embed(mx.array([[tok]])), pos, cache=cache)[:, -1, :]
             out.append(lg - mx.logsumexp(lg, axis=-1, keepdims=True))
         mx.eval(out)

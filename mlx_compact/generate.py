@@ -39,7 +39,6 @@ class Prepared:
     input_ids: List[int]
     embeds: mx.array  # [1, L, D]
     positions: mx.array  # [3, 1, L]
-    rope_delta: int
     deepstack: Optional[List[mx.array]]  # each [1, L, D]
     visual_tokens: List[dict]
     preprocess_s: float
@@ -85,22 +84,19 @@ def check_prompt(processor, prompt: str) -> None:
                          "structure rather than text; remove it (images are given separately)")
 
 
-def set_default_compaction(model, compaction) -> None:
-    """Make ``compaction`` (a Compaction, a dict, a "method[:keep[:where]]" string, or None) the model's default:
-    ``generate`` / ``stream_generate`` / ``prepare`` use it when they are not given one."""
-    model.default_compaction = as_compaction(compaction)
-
-
 def _active(model, compaction) -> Optional[Compaction]:
-    return as_compaction(compaction) if compaction is not None else getattr(model, "default_compaction", None)
+    """The compaction a call runs with: its own ``compaction`` (a Compaction or spec), else the model's explicit
+    default ``model.default_compaction`` (declared by `models.base.VLModel`, None unless ``load(compaction=...)``
+    or the caller set it), else None: nothing is compacted. The one place the runtime reads the default."""
+    return as_compaction(compaction) if compaction is not None else model.default_compaction
 
 
 def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, compaction=None,
                 prompt_ids=None, preprocess_s: float = 0.0) -> Prepared:
     """Run the vision tower on token ids + patchified images, compact, splice and compute positions.
 
-    ``grid``: the processor's (t, h, w) per image. ``compaction``: a Compaction (or spec; see
-    ``set_default_compaction``); None uses the model's default, and without one nothing is compacted.
+    ``grid``: the processor's (t, h, w) per image. ``compaction``: a Compaction (or spec); None uses the
+    model's ``default_compaction``, and without one nothing is compacted.
     ``prompt_ids``: the question's token ids for prompt-aware operators.
     """
     c = _active(model, compaction)
@@ -128,7 +124,7 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
     bias = None
     if a.mass is not None and (a.mass != 1).any():  # all masses 1: the unbiased computation, bit for bit
         bias = mx.log(mx.array(a.mass))[None]  # [1, L]
-    return Prepared(a.input_ids, a.embeds, a.positions, a.rope_delta, a.deepstack, a.visual_tokens,
+    return Prepared(a.input_ids, a.embeds, a.positions, a.deepstack, a.visual_tokens,
                     preprocess_s, t2 - t1, t3 - t2, a.kept, c, key_bias=bias)
 
 
@@ -537,8 +533,8 @@ def stream_generate(
 
     ``images``: paths, PIL images or uint8 arrays. ``sampler`` / ``logits_processors``: as mlx-lm's (else
     ``temperature`` / ``top_p``). ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses
-    the model's default (``load(compaction=...)``); the prefill and the KV cache then only see the compact
-    sequence. ``prompt_cache`` (from `make_prompt_cache`): the conversation to continue; this call prefills
+    ``model.default_compaction`` (``load(compaction=...)`` sets it); the prefill and the KV cache then only see
+    the compact sequence. ``prompt_cache`` (from `make_prompt_cache`): the conversation to continue; this call prefills
     only its own turn, at the positions where the cache left off, and images already in it are never
     encoded again; without one, a fresh cache (``max_kv_size`` slots, ``kv_bits``; growing by default) is
     used. A fixed-size cache pins the system prompt and images and rotates the rest. Every run is planned

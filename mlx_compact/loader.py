@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .compaction.types import as_compaction
 from .files import InputError, checked_file, checkpoint_root, plain_name, read_json, safetensors_header
 from .models import build_model
 from .models.base import WeightsError
@@ -47,17 +48,15 @@ def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = 
     the CPU backend, the checkpoint's own dtype on Metal. Quantized weights stay packed.
     revision: a branch, tag or commit of the hub repo.
     compaction: the model's default visual-token compaction (a ``Compaction``, or a spec such as
-    ``"diversity:0.33"``), used by ``generate`` and ``ChatSession`` when they are not given one.
+    ``"diversity:0.33"``), set as ``model.default_compaction`` (declared by `models.base.VLModel`), which
+    ``generate``, ``stream_generate`` and ``ChatSession`` use when they are not given one.
     memory_budget: bytes the weights may take (default: what this device allows); checked from the
     safetensors headers before anything is allocated.
     Raises `LoadError` with a message naming the problem.
     """
     path = resolve(path_or_repo, revision=revision)
     model = load_model(path, dtype=dtype, memory_budget=memory_budget)
-    if compaction is not None:
-        from .generate import set_default_compaction
-
-        set_default_compaction(model, compaction)
+    model.default_compaction = as_compaction(compaction)
     from .processor import Processor  # imported here: the processor pulls in the tokenizer stack
 
     return model, Processor.from_pretrained(path)

@@ -54,13 +54,14 @@ def loaded(tiny_checkpoint, images):
     return get
 
 
-def run(model, embeds, positions, deepstack, delta, steps, tokens=None, mask=None, keep_keys=None):
+def run(model, embeds, positions, deepstack, steps, tokens=None, mask=None, keep_keys=None):
     """Prefill then `steps` cached decode steps; returns (prefill logits [L, V], decode logits [steps, V], tokens).
 
-    Decode step n sits at position L + n + delta; with `tokens` they are fed instead of the greedy ones.
+    Decode step n sits at position max(positions) + 1 + n (generate_step's rule); with `tokens` they are fed
+    instead of the greedy ones.
     mask / keep_keys ([L] bool): the masked-full reference (dropped keys stay masked while decoding).
     """
-    L = embeds.shape[1]
+    start = int(positions.max().item()) + 1
     cache = [KVCache() for _ in model.layers]
     logits = model.language_model(embeds, positions, cache=cache, deepstack=deepstack, mask=mask)[0]  # [L, V]
     out, fed, tok = [], [], mx.argmax(logits[-1])
@@ -69,7 +70,7 @@ def run(model, embeds, positions, deepstack, delta, steps, tokens=None, mask=Non
         tok = mx.array(tokens[n]) if tokens is not None else tok
         fed.append(int(tok.item()))
         m = None if keep_keys is None else mx.array(np.r_[keep_keys, np.ones(n + 1, bool)])[None]  # [1, S]
-        pos = mx.full((3, 1, 1), L + n + delta, dtype=mx.int32)
+        pos = mx.full((3, 1, 1), start + n, dtype=mx.int32)
         step = model.language_model(embed(tok.reshape(1, 1)), pos, cache=cache, mask=m)[0, -1]  # [V]
         out.append(step)
         tok = mx.argmax(step)
@@ -95,10 +96,10 @@ def masked_full(model, full, comp, merged: bool):
 def check_masked_full(model, full, comp, merged=False, steps=6):
     full_pos = np.array(full.positions)[:, 0]  # [3, L]
     np.testing.assert_array_equal(np.array(comp.positions)[:, 0], full_pos[:, comp.kept])  # gathered, not renumbered
-    assert comp.embeds.shape[1] + comp.rope_delta == full_pos.max() + 1  # decode step n at max + 1 + n
-    c_logits, c_dec, toks = run(model, comp.embeds, comp.positions, comp.deepstack, comp.rope_delta, steps)
+    assert np.array(comp.positions).max() == full_pos.max()  # so decode step n sits at max + 1 + n in both
+    c_logits, c_dec, toks = run(model, comp.embeds, comp.positions, comp.deepstack, steps)
     embeds, ds, mask, keep = masked_full(model, full, comp, merged)
-    f_logits, f_dec, _ = run(model, embeds, full.positions, ds, full.rope_delta, steps, toks, mask, keep)
+    f_logits, f_dec, _ = run(model, embeds, full.positions, ds, steps, toks, mask, keep)
     scale = float(mx.abs(f_logits).max())
     np.testing.assert_allclose(np.array(c_logits), np.array(f_logits[mx.array(comp.kept)]), atol=1e-4 * scale)
     np.testing.assert_allclose(np.array(c_dec), np.array(f_dec), atol=1e-4 * scale)
@@ -108,9 +109,9 @@ def check_masked_full(model, full, comp, merged=False, steps=6):
 def test_keep_one_reproduces_uncompacted_prefill_and_32_decode_steps(arch, loaded, images):
     model, proc, full = loaded(arch)
     same = prepare(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=1.0))
-    assert same.input_ids == full.input_ids and same.rope_delta == full.rope_delta
-    a_logits, a_dec, a_tok = run(model, full.embeds, full.positions, full.deepstack, full.rope_delta, 32)
-    b_logits, b_dec, b_tok = run(model, same.embeds, same.positions, same.deepstack, same.rope_delta, 32)
+    assert same.input_ids == full.input_ids and np.array_equal(np.array(same.positions), np.array(full.positions))
+    a_logits, a_dec, a_tok = run(model, full.embeds, full.positions, full.deepstack, 32)
+    b_logits, b_dec, b_tok = run(model, same.embeds, same.positions, same.deepstack, 32)
     assert a_tok == b_tok
     np.testing.assert_allclose(np.array(a_logits), np.array(b_logits), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.array(a_dec), np.array(b_dec), rtol=1e-6, atol=1e-6)
@@ -180,9 +181,9 @@ def test_causality_later_compact_token_leaves_earlier_outputs(arch, loaded, imag
     ids = np.array(comp.input_ids)
     vis = np.flatnonzero(ids == model.config.image_token_id)
     j = int(vis[len(vis) // 2])  # a compact visual token in the middle
-    base = run(model, comp.embeds, comp.positions, comp.deepstack, comp.rope_delta, 0)[0]
+    base = run(model, comp.embeds, comp.positions, comp.deepstack, 0)[0]
     changed = comp.embeds.at[:, j].add(1.0)
-    other = run(model, changed, comp.positions, comp.deepstack, comp.rope_delta, 0)[0]
+    other = run(model, changed, comp.positions, comp.deepstack, 0)[0]
     np.testing.assert_array_equal(np.array(base[:j]), np.array(other[:j]))
     assert not np.allclose(np.array(base[j:]), np.array(other[j:]))
 

@@ -5,6 +5,7 @@ import pytest
 
 import mlx.core as mx
 from mlx_compact.chat import ChatSession
+from mlx_compact.compaction import Compaction
 from mlx_compact.generate import check_memory, generate, image_patches, make_cache, pin_point, prefill, prepare
 from mlx_compact.loader import load
 from mlx_compact.memory import MemoryPlanError, plan, weights_bytes
@@ -182,6 +183,8 @@ def test_long_chat_keeps_the_image_pinned_and_memory_fixed(loaded, image_wide):
 
 def test_load_sets_a_default_compaction_used_by_generate_and_chat(tiny_checkpoint, images):
     model, proc = load(str(tiny_checkpoint("qwen2_vl")), compaction="diversity:0.5")
+    assert model.default_compaction == Compaction("diversity", keep=0.5)  # explicit, declared by VLModel
+    assert load(str(tiny_checkpoint("qwen2_vl")))[0].default_compaction is None
     r = generate(model, proc, "describe", images, max_tokens=3)
     assert all(v["after"] < v["before"] for v in r.stats["visual_tokens"])
     turn = ChatSession(model, proc).ask("describe", images, max_tokens=3)

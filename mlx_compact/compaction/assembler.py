@@ -1,8 +1,9 @@
 """The assembler: compact visual blocks, shortened ids, gathered M-RoPE positions, one splice.
 
 Position rule: positions come from the UNCOMPACTED prompt; the compact sequence takes the columns of the rows it
-keeps (text never shifts), and `rope_delta = max(full positions) + 1 - L_compact`, so decode step n sits at
-max + 1 + n exactly as in the uncompacted run. DeepStack rows are compacted with the features' index map.
+keeps (text never shifts). The text after the last visual block is never dropped, so the compact positions keep
+the uncompacted maximum, and decode step n sits at max + 1 + n (`generate_step`) exactly as in the uncompacted
+run. DeepStack rows are compacted with the features' index map.
 """
 
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ class Assembled:
     input_ids: List[int]  # [Lc] each run of visual tokens shortened to its block's K
     embeds: mx.array  # [1, Lc, D]
     positions: mx.array  # [3, 1, Lc] full-sequence M-RoPE ids of the kept rows
-    rope_delta: int  # max(full positions) + 1 - Lc
     deepstack: Optional[List[mx.array]]  # each [1, Lc, D] (Qwen3-VL), else None
     kept: np.ndarray  # [Lc] row of the uncompacted sequence each compact row comes from (merged: its representative)
     visual: List[CompactVisual]  # one per visual block, in prompt order
@@ -110,8 +110,7 @@ def assemble(
     has_ds = any(cv.deepstack for cv in visual)
     embeds, ds_dense = model.splice(new_ids, [cv.features for cv in visual], [cv.deepstack for cv in visual] if has_ds else None)
     pos = P[:, rows]  # [3, Lc] text keeps its full-sequence positions
-    delta = int(P.max()) + 1 - len(new_ids) if len(ids) else 0
     mass = None
     if any(cv.mass is not None for cv in visual):
         mass = np.concatenate(masses + [np.ones(len(ids) - prev, np.float32)])  # [Lc]
-    return Assembled(new_ids, embeds, mx.array(pos)[:, None, :], delta, ds_dense, rows, visual, counts, mass)
+    return Assembled(new_ids, embeds, mx.array(pos)[:, None, :], ds_dense, rows, visual, counts, mass)

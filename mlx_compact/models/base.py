@@ -27,10 +27,14 @@ class VLModel(nn.Module):
     """A Qwen-VL model: ``vision_tower`` and ``language_model``, parameter names as mlx-vlm's.
 
     ``tower_class``: the vision tower; ``text_mlp``: the MLP of each LLM layer (``(cfg, layer) -> module``).
+    ``default_compaction``: the visual-token compaction (an `mlx_compact.compaction.Compaction`) that the
+    runtime (``generate``, ``stream_generate``, ``prepare``, ``ChatSession``) applies when a call gives none;
+    None (no compaction) unless ``load(compaction=...)`` or the caller sets it. The model itself never reads it.
     """
 
     tower_class = None
     text_mlp = staticmethod(dense_mlp)
+    default_compaction = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
