@@ -15,7 +15,8 @@ from .compaction import Compaction  # noqa: E402
 from .generate import GenerationResponse, GenerationResult, PromptCache, generate, make_prompt_cache, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 from .memory import MemoryPlanError, plan  # noqa: E402
+from .video import load_video  # noqa: E402
 
 __all__ = ["load", "generate", "stream_generate", "make_prompt_cache", "PromptCache", "GenerationResponse",
            "GenerationResult", "ChatSession", "Compaction", "plan",
-           "MemoryPlanError", "__version__"]
+           "MemoryPlanError", "load_video", "__version__"]

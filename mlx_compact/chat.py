@@ -49,26 +49,29 @@ class ChatSession:
     def turns(self) -> int:
         return self.cache.turns
 
-    def turn_text(self, prompt: str, n_images: int = 0) -> str:
-        """The text the next turn adds to the conversation (before images are expanded)."""
-        return turn_text(self.processor, self.cache, prompt, n_images, self.system_prompt)
+    def turn_text(self, prompt: str, n_images: int = 0, n_videos: int = 0) -> str:
+        """The text the next turn adds to the conversation (before images and videos are expanded)."""
+        return turn_text(self.processor, self.cache, prompt, n_images, self.system_prompt, n_videos)
 
-    def stream(self, prompt: str, images: Sequence = (), *, max_tokens: int = 256, **kwargs) -> Iterator[GenerationResponse]:
+    def stream(self, prompt: str, images: Sequence = (), *, videos: Sequence = (), max_tokens: int = 256,
+               **kwargs) -> Iterator[GenerationResponse]:
         """Yield the reply as ``GenerationResponse``s (see ``stream_generate``; ``sampler``, ``temperature``,
-        ``top_p``, ``seed``, ``logits_processors``, ``progress`` pass through). Stopping early (closing the
-        generator, Ctrl-C) keeps the part of the reply produced so far."""
+        ``top_p``, ``seed``, ``logits_processors``, ``progress`` pass through). ``videos``: video files, folders
+        of frames or lists of images, encoded once in this turn (``fps`` / ``max_frames``: their sampling, see
+        `mlx_compact.video`). Stopping early (closing the generator, Ctrl-C) keeps the part of the reply
+        produced so far."""
         kwargs = {"max_pixels": self.max_pixels, "memory_budget": self.memory_budget, "fit": self.fit, **kwargs}
-        for r in stream_generate(self.model, self.processor, prompt, images, max_tokens=max_tokens,
+        for r in stream_generate(self.model, self.processor, prompt, images, videos=videos, max_tokens=max_tokens,
                                  compaction=self.compaction, prompt_cache=self.cache, system_prompt=self.system_prompt,
                                  prefill_step_size=self.prefill_step_size, **kwargs):
             if r.stats is not None:
                 self.last_stats = r.stats
             yield r
 
-    def ask(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
+    def ask(self, prompt: str, images: Sequence = (), *, videos: Sequence = (), **kwargs) -> GenerationResult:
         """One turn: the reply as a ``GenerationResult`` (``.text``, ``.tokens``, ``.stats``)."""
         tokens, text = [], ""
-        for r in self.stream(prompt, images, **kwargs):
+        for r in self.stream(prompt, images, videos=videos, **kwargs):
             text += r.text
             if r.finish_reason != "stop" and r.token is not None:
                 tokens.append(r.token)

@@ -1,7 +1,7 @@
 """The `mlx-compact` command.
 
-    mlx-compact generate --prompt TEXT [--image PATH ...] [options]   answer one prompt about images
-    mlx-compact chat [--image PATH ...] [options]                     a conversation that keeps its cache
+    mlx-compact generate --prompt TEXT [--image PATH ...] [--video PATH ...] [options]   answer one prompt
+    mlx-compact chat [--image PATH ...] [--video PATH ...] [options]   a conversation that keeps its cache
     mlx-compact plan --image PATH ... [options]                       the memory plan, without running
     mlx-compact convert --hf-path SRC --mlx-path DST [options]        Hugging Face checkpoint -> MLX
 
@@ -96,6 +96,16 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"fps must be a number > 0 (frames per second, e.g. 2 or 0.5), got {text!r}")
+    return value
+
+
 def _top_p(text: str) -> float:
     try:
         value = float(text)
@@ -136,6 +146,23 @@ def _add_images(p, required: bool = False, what: str = "the first question") -> 
                         "1 megapixel). Each 28x28 pixel block (32x32 on Qwen3-VL) becomes one visual token, so a "
                         "12 MP photo can cost thousands of tokens: fewer pixels = less memory and a faster first "
                         "token, but less fine detail. Default: the model's own limit")
+
+
+def _add_videos(p, what: str = "the first question") -> None:
+    g = p.add_argument_group(
+        "video",
+        "A video is read as frames sampled from it, two frames to a grid of visual tokens (the model's\n"
+        "temporal patch): more frames or bigger frames cost more tokens, memory and time.")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help=f"a video for {what}: a video file (MP4, MOV, MKV, WebM, ...; needs PyAV: pip install "
+                        "'mlx-compact[video]') or a folder of frames (its image files in name order, nothing "
+                        "extra needed); repeat for several")
+    g.add_argument("--fps", type=_fps, default=None, metavar="F",
+                   help="frames per second taken from a video file (default 2, as mlx-vlm and Qwen's own tools; "
+                        "a short clip still gets 4 frames); for a folder, the rate its frames were taken at "
+                        "(default 2)")
+    g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+                   help="take at most N frames from each video, evenly spaced (default 768)")
 
 
 def _add_compaction(p, post_only: bool = False) -> None:
@@ -303,14 +330,15 @@ def _print_stats(stats: dict, mode: str, text=None) -> None:
 def add_generate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
-        help="answer one prompt about one or more images",
-        description="Answer one prompt about one or more images and stream the answer to stdout. The memory "
+        help="answer one prompt about one or more images or videos",
+        description="Answer one prompt about one or more images or videos and stream the answer to stdout. The memory "
         "plan is checked first: a run that would not fit is refused (or scaled down with --fit auto) "
         "before anything is allocated.",
     )
     _add_model(p)
     p.add_argument("--prompt", required=True, help="the question or instruction")
     _add_images(p, what="the prompt")
+    _add_videos(p, what="the prompt")
     _add_compaction(p)
     _add_cache(p)
     _add_sampling(p)
@@ -319,15 +347,24 @@ def add_generate_parser(subparsers) -> None:
     p.set_defaults(run=run_generate)
 
 
+def _read_video(path: str, args):
+    """A video planned from its metadata (`mlx_compact.video.open_video`): decoded after the memory plan."""
+    from mlx_compact.video import open_video
+
+    return open_video(path, args.fps, args.max_frames, budget=args.memory_budget)
+
+
 def _load_checked(args):
-    """Check the options and images, then load the model: (model, processor, compaction, images)."""
+    """Check the options, images and videos, then load the model: (model, processor, compaction, images,
+    videos)."""
     from mlx_compact.loader import load
 
     _check_cache_args(args)
     c = _compaction(args)
     images = [_read_image(p) for p in args.image]
+    videos = [_read_video(p, args) for p in args.video]
     model, processor = load(args.model, memory_budget=args.memory_budget)
-    return model, processor, c, images
+    return model, processor, c, images, videos
 
 
 def _answer(responses, mode: str) -> None:
@@ -349,8 +386,8 @@ def _answer(responses, mode: str) -> None:
 def run_generate(args) -> int:
     from mlx_compact.generate import stream_generate
 
-    model, processor, c, images = _load_checked(args)
-    _answer(stream_generate(model, processor, args.prompt, images, max_tokens=args.max_tokens,
+    model, processor, c, images, videos = _load_checked(args)
+    _answer(stream_generate(model, processor, args.prompt, images, videos=videos, max_tokens=args.max_tokens,
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_pixels=args.max_pixels, compaction=c, max_kv_size=args.max_kv_tokens,
                             kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit,
@@ -362,6 +399,7 @@ def run_generate(args) -> int:
 
 CHAT_HELP = """commands:
   /image PATH   attach an image to the next question (repeat for several)
+  /video PATH   attach a video (a file, or a folder of frames) to the next question
   /keep R       keep this share of visual tokens (0 < R <= 1) for images added from now on
   /stats        statistics of the last answer
   /reset        forget the conversation (and free its cache)
@@ -377,11 +415,12 @@ def add_chat_parser(subparsers) -> None:
         help="a multi-turn conversation about images that keeps its cache across turns",
         description="Chat with a Qwen-VL model. Images are encoded once, in the turn that brings them, and the "
         "conversation's cache is kept: a follow-up question costs only its own tokens. Type /help for the "
-        "commands (/image, /keep, /stats, /reset, /save, /load, /quit). From a pipe, each input line is one "
+        "commands (/image, /video, /keep, /stats, /reset, /save, /load, /quit). From a pipe, each input line is one "
         "question and no prompts are printed.",
     )
     _add_model(p)
     _add_images(p)
+    _add_videos(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="the system prompt (default: the model's own)")
     _add_compaction(p)
     _add_cache(p)
@@ -394,8 +433,9 @@ def add_chat_parser(subparsers) -> None:
 class _Chat:
     """The chat loop's state: a ChatSession, the images waiting for the next question, the options."""
 
-    def __init__(self, args, session, images):
+    def __init__(self, args, session, images, videos=()):
         self.args, self.session, self.pending = args, session, list(images)
+        self.pending_videos = list(videos)
 
     def command(self, line: str) -> bool:
         """Run a /command; return False to leave."""
@@ -411,6 +451,12 @@ class _Chat:
                 raise UserError("/image needs a file path")
             self.pending.append(_read_image(arg))
             _say(f"image {arg} attached to the next question")
+        elif name == "/video":
+            if not arg:
+                raise UserError("/video needs a video file or a folder of frames")
+            video = _read_video(arg, self.args)
+            self.pending_videos.append(video)
+            _say(f"video {arg} ({video.num_frames} frames at {video.fps:g} per second) attached to the next question")
         elif name == "/keep":
             try:
                 keep = _keep(arg)
@@ -424,7 +470,7 @@ class _Chat:
             _print_stats(s.last_stats, self.args.stats)
         elif name == "/reset":
             s.reset()
-            self.pending = []
+            self.pending, self.pending_videos = [], []
             _say("conversation reset")
         elif name in ("/save", "/load"):
             if not arg:
@@ -444,12 +490,15 @@ class _Chat:
     def ask(self, question: str) -> None:
         a, turns = self.args, self.session.turns
         images, self.pending = self.pending, []
+        videos, self.pending_videos = self.pending_videos, []
         try:
-            _answer(self.session.stream(question, images, max_tokens=a.max_tokens, temperature=a.temperature,
-                                        top_p=a.top_p, progress=_prefill_progress()), a.stats)
+            _answer(self.session.stream(question, images, videos=videos, max_tokens=a.max_tokens,
+                                        temperature=a.temperature, top_p=a.top_p, progress=_prefill_progress()),
+                    a.stats)
         except BaseException:
             if self.session.turns == turns:  # refused before the conversation changed: keep the images
                 self.pending = images + self.pending
+                self.pending_videos = videos + self.pending_videos
             raise
 
 
@@ -480,13 +529,13 @@ def run_chat(args) -> int:
     from mlx_compact.generate import set_seed
     from mlx_compact.memory import MemoryPlanError
 
-    model, processor, c, images = _load_checked(args)
+    model, processor, c, images, videos = _load_checked(args)
     if args.seed is not None:
         set_seed(args.seed)
     session = ChatSession(model, processor, system_prompt=args.system, compaction=c, max_kv_size=args.max_kv_tokens,
                           kv_bits=args.kv_bits, max_pixels=args.max_pixels, memory_budget=args.memory_budget,
                           fit=args.fit)
-    chat = _Chat(args, session, images)
+    chat = _Chat(args, session, images, videos)
     interactive = sys.stdin.isatty()
     if interactive:
         _say(f"chatting with {args.model or DEFAULT_MODEL}; /help lists the commands, Ctrl-D leaves")

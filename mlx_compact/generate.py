@@ -19,6 +19,8 @@ from .memory import kv_group_size as default_group_size
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
 from .images import ImageFile, open_image
+from .models.rope_index import PER_FRAME_VIDEO
+from .video import open_videos
 
 
 @dataclass
@@ -92,30 +94,35 @@ def _active(model, compaction) -> Optional[Compaction]:
 
 
 def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, compaction=None,
-                prompt_ids=None, preprocess_s: float = 0.0) -> Prepared:
-    """Run the vision tower on token ids + patchified images, compact, splice and compute positions.
+                prompt_ids=None, preprocess_s: float = 0.0, pixel_values_videos=None, video_grid=(),
+                second_per_grid_ts=None) -> Prepared:
+    """Run the vision tower on token ids + patchified images / videos, compact, splice and compute positions.
 
-    ``grid``: the processor's (t, h, w) per image. ``compaction``: a Compaction (or spec); None uses the
-    model's ``default_compaction``, and without one nothing is compacted.
+    ``grid``: the processor's (t, h, w) per image; ``pixel_values_videos`` / ``video_grid`` /
+    ``second_per_grid_ts``: the processor's for videos (a Qwen3-VL video is one block per temporal slice,
+    each compacted with its own budget; a Qwen2/2.5-VL video is one block). ``compaction``: a Compaction (or
+    spec); None uses the model's ``default_compaction``, and without one nothing is compacted.
     ``prompt_ids``: the question's token ids for prompt-aware operators.
     """
     c = _active(model, compaction)
     ids = [int(i) for i in input_ids]
     grid = [tuple(int(v) for v in g) for g in grid]
+    video_grid = [tuple(int(v) for v in g) for g in video_grid]
     t1 = time.perf_counter()
-    visual, ds, attention, units, unit_mass = [], None, None, None, None
-    if grid:
-        out = model.encode(mx.array(pixel_values), grid, **tower_hooks(model, c))
-        mx.eval(out.features, out.deepstack)
-        visual, ds = model.split_visual(out, grid)
-        units, unit_mass = out.units, out.unit_mass
-        if out.attention is not None:
-            sizes = np.cumsum([t * h * w // model.config.vision.spatial_merge_size**2 for t, h, w in grid])[:-1]
-            attention = mx.split(out.attention, sizes.tolist())
+    encoded = {kind: iter(_encode_blocks(model, pv, g, c, kind == "video" and model.model_type in PER_FRAME_VIDEO))
+               for kind, pv, g in (("image", pixel_values, grid), ("video", pixel_values_videos, video_grid)) if g}
+    kinds = model.visual_kinds(ids)
+    if any(kinds.count(k) and k not in encoded for k in ("image", "video")):
+        raise ValueError(f"the prompt has {len(kinds)} visual blocks but their pixels were not given")
+    blocks = [next(encoded[k], None) for k in kinds]
+    if None in blocks or any(next(it, None) is not None for it in encoded.values()):
+        raise ValueError(f"the prompt has {len(kinds)} visual blocks, which do not match the images / videos encoded")
+    visual, ds, attention, units, unit_mass, merged = (list(x) for x in zip(*blocks)) if blocks else ([],) * 6
+    attention = None if all(a is None for a in attention) else attention
+    if not units or units[0] is None:
+        units = unit_mass = None
     t2 = time.perf_counter()
-    positions, _ = model.positions(ids, grid)
-    m = model.config.vision.spatial_merge_size
-    merged = [(t, h // m, w // m) for t, h, w in grid]
+    positions, _ = model.positions(ids, grid, video_grid, second_per_grid_ts)
     a = assemble(model, ids, visual, positions, merged, c, deepstack=ds if ds and ds[0] else None,
                  attention=attention, kept=units, unit_mass=unit_mass, prompt_ids=prompt_ids)
     if c is not None:
@@ -126,6 +133,39 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
         bias = mx.log(mx.array(a.mass))[None]  # [1, L]
     return Prepared(a.input_ids, a.embeds, a.positions, a.deepstack, a.visual_tokens,
                     preprocess_s, t2 - t1, t3 - t2, a.kept, c, key_bias=bias)
+
+
+def _encode_blocks(model, pixel_values, grid: list, c, per_frame: bool) -> list:
+    """The vision tower on one kind of visual input: per block (an image, a video, or with ``per_frame`` one
+    temporal slice of a video) (features [n, D], DeepStack list, attention received or None, kept units or
+    None, their mass or None, merged grid)."""
+    out = model.encode(mx.array(pixel_values), grid, **tower_hooks(model, c))
+    mx.eval(out.features, out.deepstack)
+    feats, ds = model.split_visual(out, grid, per_frame)
+    m = model.config.vision.spatial_merge_size
+    if per_frame:
+        merged = [(1, h // m, w // m) for t, h, w in grid for _ in range(t)]
+    else:
+        merged = [(t, h // m, w // m) for t, h, w in grid]
+    n = len(merged)
+    attention = [None] * n
+    if out.attention is not None:
+        sizes = np.cumsum([t * h * w for t, h, w in merged])[:-1].tolist()
+        attention = mx.split(out.attention, sizes) if sizes else [out.attention]
+    units, masses = [None] * n, [None] * n
+    if out.units is not None and per_frame:  # kept units of each slice, local to it
+        units, masses = [], []
+        for j, (t, h, w) in enumerate(grid):
+            u, per = np.array(out.units[j]), (h // m) * (w // m)
+            mass = None if out.unit_mass is None else np.array(out.unit_mass[j])
+            for s in range(t):
+                sel = (u >= s * per) & (u < (s + 1) * per)
+                units.append(u[sel] - s * per)
+                masses.append(None if mass is None else mass[sel])
+    elif out.units is not None:
+        units = list(out.units)
+        masses = list(out.unit_mass) if out.unit_mass is not None else masses
+    return list(zip(feats, ds, attention, units, masses, merged))
 
 
 def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True,
@@ -322,6 +362,36 @@ def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None)
     return [t * h * w * merge for t, h, w in image_grids(processor, images, max_pixels)]
 
 
+def video_grids(processor, videos: Sequence) -> List[tuple]:
+    """The merged grid (t, h, w) each video becomes, one block per video (its vision tower runs all its slices at
+    once), from its metadata only (`mlx_compact.video.Video`s or what `open_video` takes; nothing decoded)."""
+    v = processor.video
+    out = []
+    for video in open_videos(videos, factor=v.temporal_patch_size):
+        h, w = processor.video_resized_size(video.num_frames, video.height, video.width)
+        out.append((-(-video.num_frames // v.temporal_patch_size), h // v.factor, w // v.factor))
+    return out
+
+
+def video_patches(processor, videos: Sequence) -> List[int]:
+    """Patches each video will become, from its metadata only (nothing decoded or allocated)."""
+    merge = processor.video.merge_size**2
+    return [t * h * w * merge for t, h, w in video_grids(processor, videos)]
+
+
+def video_decode_bytes(processor, videos: Sequence) -> int:
+    """Peak bytes of decoding and preprocessing the videos (all are held for the processor): their frames in
+    RGB, and float32 copies of their resized frames (each video's normalized stack and patches while it is
+    processed, every video's patches and their concatenation at the end)."""
+    v = processor.video
+    frames, patches = [], []
+    for video in open_videos(videos, factor=v.temporal_patch_size):
+        h, w = processor.video_resized_size(video.num_frames, video.height, video.width)
+        frames.append(video.decode_bytes())
+        patches.append(-(-video.num_frames // v.temporal_patch_size) * v.temporal_patch_size * 3 * h * w * 4)
+    return sum(frames) + 2 * sum(patches) + 2 * max(patches, default=0)
+
+
 def image_files(images: Sequence) -> list:
     """Paths become `ImageFile`s (headers read, nothing decoded); other images are kept as they are."""
     return [open_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
@@ -338,18 +408,24 @@ def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[
 
 def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0, compaction=None,
              max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
-             scales: Optional[Sequence[int]] = None, key_bias: bool = False, held: int = 0):
+             scales: Optional[Sequence[int]] = None, key_bias: bool = False, held: int = 0, videos: Sequence = ()):
     """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
 
     ``compaction`` (or ``keep`` < 1, shorthand for ``Compaction(keep=keep)``): the visual tokens are counted as
     `Compaction.kept` of each image's grid, what the run keeps.
     ``scales``: the JPEG decode reduction of each image (default: each ImageFile's ``scale``); ``held``: tokens
-    the conversation's cache already holds."""
+    the conversation's cache already holds. ``videos``: planned from their metadata (`mlx_compact.video`), each
+    one block (`video_grids`), with 8 text tokens per temporal slice (Qwen3-VL's timestamps)."""
     images = image_files(images)
+    videos = open_videos(videos or (), factor=processor.video.temporal_patch_size)
     text_tokens = len(processor.tokenizer(prompt)["input_ids"]) + 32 + held
-    return plan(model, image_grids(processor, images, max_pixels), text_tokens, compaction=compaction, keep=keep,
-                max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens, prefill_step=prefill_step,
-                budget=budget, decode_bytes=decode_bytes(processor, images, max_pixels, scales), key_bias=key_bias)
+    text_tokens += sum(8 * -(-v.num_frames // processor.video.temporal_patch_size) for v in videos)
+    decode = decode_bytes(processor, images, max_pixels, scales)
+    if videos:
+        decode = max(decode, video_decode_bytes(processor, videos))
+    return plan(model, image_grids(processor, images, max_pixels) + video_grids(processor, videos), text_tokens,
+                compaction=compaction, keep=keep, max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens,
+                prefill_step=prefill_step, budget=budget, decode_bytes=decode, key_bias=key_bias)
 
 
 def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> List[dict]:
@@ -386,13 +462,14 @@ def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> Li
 
 def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=None, compaction=None,
                  max_kv_tokens=None, kv_bits=None, max_tokens=256, prefill_step=512, budget=None,
-                 fit: str = "refuse", held: int = 0):
+                 fit: str = "refuse", held: int = 0, videos: Sequence = ()):
     """Plan the run before anything is allocated. Returns the (possibly lowered) max_pixels.
 
     Every run is planned, text-only ones too (weights, the KV cache asked for, the prompt). Image files
     (paths or `ImageFile`s) are planned from their headers, with the pixels their decoding holds; a JPEG
     whose full decode would not fit is decoded at 1/2 to 1/8 of its size (never below what the model
-    sees): its ``ImageFile.scale`` is set here.
+    sees): its ``ImageFile.scale`` is set here. ``videos`` (`mlx_compact.video.Video`s) are planned from
+    their metadata: their frames are never shrunk here (take fewer: ``fps`` / ``max_frames``).
 
     ``fit="refuse"`` raises ``MemoryPlanError`` naming what would fit; ``"auto"`` lowers max_pixels until
     the plan fits (and refuses if nothing does); ``"off"`` skips the check.
@@ -400,8 +477,8 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
     if fit == "off":
         return max_pixels
     c = _active(model, compaction)
-    settings = dict(max_pixels=max_pixels, compaction=c, key_bias=c is not None and c.proportional and bool(images),
-                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, held=held,
+    settings = dict(max_pixels=max_pixels, compaction=c, key_bias=c is not None and c.proportional and bool(images or videos),
+                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, held=held, videos=videos,
                     max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
     images = image_files(images)
     p = plan_run(model, processor, prompt, images, **settings)
@@ -416,8 +493,10 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
         return smaller
     f = fmt_bytes
     tips = ", ".join(" ".join(f"{k}={v}" for k, v in a.items()) for a in advice)
-    if not tips and p.decode > max(p.vision, p.kv + p.prefill):
+    if not tips and not videos and p.decode > max(p.vision, p.kv + p.prefill):
         tips = "nothing at these settings: decoding the largest image alone takes most of it; use a smaller image"
+    if videos:
+        tips = ", ".join(t for t in (tips, "fewer video frames (fps / max_frames, --fps / --max-frames)") if t)
     raise MemoryPlanError(
         f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, image decode {f(p.decode)}, "
         f"vision peak {f(p.vision)}, prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "
@@ -528,10 +607,16 @@ def stream_generate(
     memory_budget: Optional[int] = None,
     fit: str = "refuse",
     progress: Optional[Callable[[int, int], None]] = None,
+    videos: Sequence = (),
+    fps: Optional[float] = None,
+    max_frames: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield a `GenerationResponse` per generated token; the last one has ``finish_reason`` and ``stats``.
 
-    ``images``: paths, PIL images or uint8 arrays. ``sampler`` / ``logits_processors``: as mlx-lm's (else
+    ``images``: paths, PIL images or uint8 arrays. ``videos``: each a video file (PyAV), a folder of frames
+    or a list of images, sampled at ``fps`` (default 2) up to ``max_frames`` (default 768; see
+    `mlx_compact.video`); they follow the images in the turn, and a Qwen3-VL video is compacted per temporal
+    slice (one ``stats["visual_tokens"]`` entry each). ``sampler`` / ``logits_processors``: as mlx-lm's (else
     ``temperature`` / ``top_p``). ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses
     ``model.default_compaction`` (``load(compaction=...)`` sets it); the prefill and the KV cache then only see
     the compact sequence. ``prompt_cache`` (from `make_prompt_cache`): the conversation to continue; this call prefills
@@ -558,23 +643,36 @@ def stream_generate(
         raise InputError("max_kv_size / kv_bits are the prompt cache's own: make the cache with them instead")
     images = image_files(images or [])
     t0 = time.perf_counter()
+    videos = open_videos([videos] if isinstance(videos, (str, os.PathLike)) else list(videos or []), fps, max_frames,
+                         factor=processor.video.temporal_patch_size, budget=memory_budget)
     asked = max_pixels
     max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=c,
                               max_kv_tokens=cache.max_kv_size, kv_bits=cache.kv_bits, max_tokens=max_tokens,
-                              prefill_step=prefill_step_size, budget=memory_budget, fit=fit, held=cache.offset)
-    text = turn_text(processor, cache, prompt, len(images), system_prompt)
-    inputs = processor(text=text, images=images or None, max_pixels=max_pixels)
+                              prefill_step=prefill_step_size, budget=memory_budget, fit=fit, held=cache.offset,
+                              videos=videos)
+    text = turn_text(processor, cache, prompt, len(images), system_prompt, n_videos=len(videos))
+    frames = [v.decode() for v in videos]
+    inputs = processor(text=text, images=images or None, videos=frames or None, max_pixels=max_pixels,
+                       video_fps=[v.fps for v in videos])
+    del frames  # the patches hold what the model needs
     ids = [int(i) for i in inputs["input_ids"][0]]
     grid = [tuple(int(v) for v in g) for g in inputs["grid_thw"]] if images else []
+    video_grid = [tuple(int(v) for v in g) for g in inputs["video_grid_thw"]] if videos else []
     m = model.config.vision.spatial_merge_size
     merged = [(t, h // m, w // m) for t, h, w in grid]
+    if model.model_type in PER_FRAME_VIDEO:  # a block per temporal slice
+        merged += [(1, h // m, w // m) for t, h, w in video_grid for _ in range(t)]
+    else:
+        merged += [(t, h // m, w // m) for t, h, w in video_grid]
     check_fits_cache(len(ids) + sum((c.kept(g) if c is not None else g[0] * g[1] * g[2]) - g[0] * g[1] * g[2]
                                     for g in merged), cache)
     prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] if c is not None else None
     mx.reset_peak_memory()
     prep = prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=c, prompt_ids=prompt_ids,
-                       preprocess_s=time.perf_counter() - t0)
-    prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)], default=0)
+                       preprocess_s=time.perf_counter() - t0, pixel_values_videos=inputs.get("pixel_values_videos"),
+                       video_grid=video_grid, second_per_grid_ts=inputs.get("second_per_grid_ts"))
+    prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)]
+                            + [sum(v.decoded_bytes for v in videos)], default=0)
     prep.positions = prep.positions + cache.position  # this turn continues the conversation's positions
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pin = pin_point(model, cache, prep.input_ids, cache.turns == 0, im_end)
@@ -607,7 +705,7 @@ def stream_generate(
         cache.turns += 1
         answer = processor.decode(tokens)
         cache.text += text + processor.decode(tokens + ([tok] if cache.closed else []), skip_special_tokens=False)
-        cache.messages += [{"role": "user", "content": _content(prompt, len(images))},
+        cache.messages += [{"role": "user", "content": _content(prompt, len(images), len(videos))},
                            {"role": "assistant", "content": answer}]
     stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
     stats["finish_reason"] = finish
@@ -616,8 +714,8 @@ def stream_generate(
     yield GenerationResponse(answer[len(out):], tok, logprobs, len(prep.input_ids), len(tokens), finish, stats)
 
 
-def _content(prompt: str, n_images: int) -> list:
-    return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+def _content(prompt: str, n_images: int, n_videos: int = 0) -> list:
+    return [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
 
 
 def _trim(cache: list, n: int) -> bool:

@@ -4,7 +4,7 @@ Matches transformers 5.23's PIL image processor (`Qwen2VLImageProcessorPil`, wha
 picks when torchvision is absent): `smart_resize`, PIL bicubic on uint8, x/255, normalize, patchify
 with the frame repeated `temporal_patch_size` times, rows block-major over merge units.
 
-Videos are lists of frames, used as given (no frame sampling). They are resized with PIL too;
+Videos are lists of frames, used as given (`mlx_compact.video` samples them from files). They are resized with PIL too;
 transformers resizes video frames with torchvision, whose bicubic can differ by one uint8 level.
 Qwen3-VL videos get per-frame timestamps `<{t:.1f} seconds>` computed from `video_fps`.
 """
@@ -367,13 +367,13 @@ class Processor:
     # ------------------------------------------------------------ main entry
 
     def __call__(self, text, images=None, videos=None, *, min_pixels=None, max_pixels=None,
-                 video_fps: float = 2.0) -> dict:
+                 video_fps=2.0) -> dict:
         """Tokenize one prompt and process its images / videos.
 
         `text` holds one `<|image_pad|>` per image and one `<|video_pad|>` per video (as the chat
         template renders them); each is expanded to the number of merged tokens of its image/video.
         `min_pixels` / `max_pixels` override the image budget; `video_fps` is the rate the frames
-        were sampled at (Qwen2.5-VL temporal positions, Qwen3-VL timestamps).
+        were sampled at (Qwen2.5-VL temporal positions, Qwen3-VL timestamps): one number, or one per video.
 
         Returns a dict of numpy arrays: `input_ids` int32 [1, L]; with images `pixel_values` float32
         [N, C*T*P*P] and `grid_thw` int32 [n, 3]; with videos `pixel_values_videos`, `video_grid_thw`
@@ -391,6 +391,10 @@ class Processor:
             if text.count(token) != len(items):
                 raise ValueError(f"the text has {text.count(token)} {token} placeholder(s) but {len(items)} "
                                  f"{what}(s) were given; use build_prompt / apply_chat_template to make the text")
+        fps = list(video_fps) if isinstance(video_fps, (list, tuple)) else [video_fps] * len(videos)
+        if len(fps) != len(videos) or not all(isinstance(f, (int, float, np.number)) and math.isfinite(f) and f > 0
+                                              for f in fps):
+            raise ValueError(f"video_fps must be a number > 0, or a list of one per video, got {video_fps!r}")
 
         out = {}
         if images:
@@ -398,17 +402,17 @@ class Processor:
                 images, min_pixels=min_pixels, max_pixels=max_pixels)
         if videos:
             out["pixel_values_videos"], out["video_grid_thw"] = self.preprocess_videos(videos)
-            out["second_per_grid_ts"] = [self.video.temporal_patch_size / video_fps] * len(videos)
+            out["second_per_grid_ts"] = [self.video.temporal_patch_size / f for f in fps]
 
         merge = self.image.merge_size**2
         parts = []
         image_iter = iter(out.get("grid_thw", []))
-        video_iter = iter(zip(out.get("video_grid_thw", []), [len(v) for v in videos]))
+        video_iter = iter(zip(out.get("video_grid_thw", []), [len(v) for v in videos], fps))
         for piece in _split_keep(text, (self.image_token, self.video_token)):
             if piece == self.image_token:
                 parts.append(self.image_token * (int(np.prod(next(image_iter))) // merge))
             elif piece == self.video_token:
-                parts.append(self._video_placeholder(*next(video_iter), video_fps))
+                parts.append(self._video_placeholder(*next(video_iter)))
             else:
                 parts.append(piece)
         ids = self.tokenizer("".join(parts), add_special_tokens=False)["input_ids"]

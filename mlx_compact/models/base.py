@@ -137,8 +137,10 @@ class VLModel(nn.Module):
         pixel_values_videos: Optional[mx.array] = None,
         video_grid_thw=None,
         cache=None,
+        second_per_grid_ts=None,
     ) -> mx.array:
-        """Full-sequence logits [B, L, V] for token ids [B, L] with optional images and videos."""
+        """Full-sequence logits [B, L, V] for token ids [B, L] with optional images and videos
+        (``second_per_grid_ts``: the processor's, for Qwen2.5-VL's video positions; default 1 s per grid)."""
         input_ids = mx.array(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
@@ -161,7 +163,7 @@ class VLModel(nn.Module):
                 taken[kind] += 1
             h, deepstack = self.splice(ids, visual, vds if vds and vds[0] else None)
             embeds.append(h)
-            positions.append(mx.array(self.positions(ids, grids["image"], grids["video"])[0]))
+            positions.append(mx.array(self.positions(ids, grids["image"], grids["video"], second_per_grid_ts)[0]))
         positions = mx.stack(positions, axis=1)  # [3, B, L]
         return self.language_model(mx.concatenate(embeds), positions, cache=cache, deepstack=deepstack)
 
