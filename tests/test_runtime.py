@@ -98,7 +98,11 @@ def test_a_prompt_longer_than_the_cache_is_refused_and_a_long_answer_slides(load
     assert r.stats["kv_bytes_allocated"] == r.stats["kv_bytes_used"]
 
 
-@pytest.mark.parametrize("bits,floor", [(8, 0.99), (4, 0.0)])
+# Measured here (deterministic: fixed tokens, CPU float32): 8-bit 0.9961, 4-bit 0.9416 top-1 agreement. The
+# floors leave room for other platforms' rounding near ties (0.85: 0.09 below the 4-bit figure), not for a
+# broken cache: a 4-bit cache read without its quantization biases measured 0.21, one that keeps only its
+# last 64 of the ~290 tokens 0.52.
+@pytest.mark.parametrize("bits,floor", [(8, 0.99), (4, 0.85)])
 def test_quantized_kv_agrees_with_float_over_256_steps(bits, floor, loaded, image_wide, capsys):
     model, proc = loaded("qwen3_vl")
     prep = prepare(model, proc, "what is in the picture", [image_wide])

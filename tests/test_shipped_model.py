@@ -3,7 +3,14 @@
 The questions are regenerated from the seed (`training.scenes.eval_questions("test", PER_FAMILY)`), never
 stored. The issue's goal is >= 0.90 on every family, and that is the floor asserted for each.
 
-Measured on this exact question set (100 a family, 500 questions; float16 shipped weights, our loader +
+The test asks the first 20 questions of each family: 100 questions, ~5 s with OpenBLAS and ~20 s with MLX's
+bundled reference BLAS on 2 shared CPU cores (all 500 took 21 s and 106 s). The list is a prefix of the
+100-a-family one measured below (`eval_questions` fills the families in a fixed order), on which the model
+answers every question right, so these 100 are answered 1.00 on every family too. With 20 a family a floor
+of 0.90 still allows 2 misses, and guessing (at most 0.60 a family, below) reaches 18 of 20 with a
+probability below 0.01.
+
+Measured on the 100-a-family question set (500 questions; float16 shipped weights, our loader +
 greedy generate; transformers fp32 on the unconverted checkpoint gives the same numbers), against guessing
 on the same questions: the majority answer of the family and the best answer for the exact question text
 (both learned on 300 val questions a family), and the same model shown a blank image of the scene's size
@@ -33,7 +40,7 @@ import mlx_compact
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = Path(mlx_compact.__file__).parent / "assets" / "qwen3-vl-tiny"
-PER_FAMILY = 100  # 5 families -> 500 questions, ~30 s
+PER_FAMILY = 20  # 5 families -> 100 questions (the first 20 of each family of the measured 100)
 FLOORS = {f: 0.90 for f in ("colour", "count", "where", "read", "exists")}
 OVERALL_FLOOR = 0.95
 EXAMPLE = ("test", 6)  # the scene behind example.png (README's main command)
