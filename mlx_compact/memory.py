@@ -15,6 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .compaction.types import Compaction, as_compaction
+from .models.rope_index import PER_FRAME_VIDEO
 
 
 def fmt_bytes(n: int) -> str:
@@ -235,8 +236,8 @@ def plan(
     ``blocks``: one entry per visual block (an image; a video or, Qwen3-VL, one temporal slice of it): its merged
     grid (t, h, w) as `generate.image_grids` gives it, or its patch count (shape unknown: planned as one row of
     tokens, which makes pool's count an upper bound). ``compaction`` (a Compaction or spec; or ``keep`` < 1 for
-    ``Compaction(keep=keep)``): each block's visual tokens are `Compaction.kept` of its grid, exactly what the run
-    keeps (``tokens`` budgets, pool, in-encoder per-slice budgets included).
+    ``Compaction(keep=keep)``): each block's visual tokens are `Compaction.kept` of its grid (per temporal slice for
+    a Qwen3-VL video), exactly what the run keeps (``tokens`` budgets, pool, in-encoder per-slice budgets included).
 
     Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
@@ -252,7 +253,8 @@ def plan(
     fused = mx.metal.is_available() if fused is None else fused
     grids = [_grid(b, merge) for b in blocks]
     comp = planned_compaction(compaction, keep)
-    visual = [comp.kept(g) for g in grids]
+    per_frame = c.model_type in PER_FRAME_VIDEO  # a Qwen3-VL video is compacted one temporal slice at a time
+    visual = [comp.kept(g, per_frame) for g in grids]
     patches = [t * h * w * merge for t, h, w in grids]
     prompt = prompt_text_tokens + sum(visual)
     tokens = prompt + max_tokens

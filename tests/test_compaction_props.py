@@ -87,6 +87,15 @@ def test_every_operator_keeps_exactly_k_sorted_sources_and_original_positions(gr
     check_invariants(tokens, c, compact(tokens, c))
 
 
+@settings(max_examples=30, deadline=None)
+@given(grid=st.tuples(st.integers(2, 4), st.integers(1, 9), st.integers(1, 9)), c=compactions)
+def test_a_video_compacted_a_slice_at_a_time_keeps_what_kept_counts(grid, c):
+    """Qwen3-VL: each temporal slice of a video is a block of its own, with its own budget."""
+    t, h, w = grid
+    slices = [make_tokens((1, h, w), seed=s) for s in range(t)]
+    assert sum(out.k for out in compact_many(slices, c)) == c.kept(grid, per_frame=True)
+
+
 @SETTINGS
 @given(grid=grids, method=st.sampled_from(ENCODER_METHODS), keep=st.floats(0.01, 1.0),
        tokens=st.one_of(st.none(), st.integers(1, 60)), floor_stride=st.sampled_from([None, 1, 3]),

@@ -23,6 +23,24 @@ def model(tiny_checkpoint):
     return m
 
 
+def _name(c) -> str:
+    return "none" if c is None else f"{c.method}:{c.tokens or c.keep}:{c.where}"
+
+
+@pytest.mark.parametrize("c", [Compaction(keep=0.33), Compaction(tokens=3), Compaction("pool")], ids=_name)
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])  # a video is one block / one block per temporal slice
+def test_the_plan_counts_the_visual_tokens_of_a_video_the_run_keeps(arch, c, tiny_checkpoint, image_wide,
+                                                                   video_frames, monkeypatch):
+    model, proc = load(str(tiny_checkpoint(arch)))
+    plans = []
+    planned = gen.plan
+    monkeypatch.setattr(gen, "plan", lambda *a, **k: plans.append(planned(*a, **k)) or plans[-1])
+    r = gen.generate(model, proc, "describe", [image_wide], videos=[video_frames], max_tokens=1, compaction=c)
+    kept = [v["after"] for v in r.stats["visual_tokens"]]  # the image, then the video (Qwen3-VL: each slice)
+    assert len(kept) == (3 if arch == "qwen3_vl" else 2)  # 4 frames: 2 temporal slices
+    assert plans and all(sum(p.visual_tokens) == sum(kept) for p in plans), (kept, [p.visual_tokens for p in plans])
+
+
 @pytest.fixture(scope="module")
 def qwen2_vl(tiny_checkpoint):
     return load(str(tiny_checkpoint("qwen2_vl")))  # a full-attention vision tower: in-encoder compaction too
@@ -71,7 +89,7 @@ COMPACTIONS = [
 ]
 
 
-@pytest.mark.parametrize("c", COMPACTIONS, ids=str)
+@pytest.mark.parametrize("c", COMPACTIONS, ids=_name)
 def test_the_plan_counts_the_visual_tokens_the_run_keeps(c, qwen2_vl, images, monkeypatch):
     """check_memory's plan (what generate refuses or fits by) counts exactly the visual tokens generate keeps."""
     model, proc = qwen2_vl

@@ -218,12 +218,15 @@ class Compaction:
         k = self.tokens if self.tokens is not None else int(np.floor(self.keep * n + 0.5))
         return max(1, min(int(k), n))
 
-    def kept(self, grid) -> int:
+    def kept(self, grid, per_frame: bool = False) -> int:
         """Visual tokens one visual block with merged grid (t, h, w) becomes: exactly what `compact` returns
         (post-merger) or the vision tower keeps (``where="encoder"``: each temporal slice its own budget), for
-        every method, ``keep`` or ``tokens``. The one count: the memory plan, the cache-size check and the
-        tests use it."""
+        every method, ``keep`` or ``tokens``. ``per_frame``: the block is a video whose temporal slices are
+        compacted as blocks of their own (Qwen3-VL): t times the count of one (1, h, w) slice. The one count:
+        the memory plan, the cache-size check and the tests use it."""
         t, h, w = (int(g) for g in grid)
+        if per_frame and t > 1:
+            return t * self.kept((1, h, w))
         if self.is_identity:
             return t * h * w
         if self.method == "pool":
