@@ -36,6 +36,7 @@ import json
 import os
 import stat
 import tempfile
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 
-def _no_window(window_size):
+def _no_window(window_size: Optional[int]) -> None:
     if window_size is not None:
         raise ValueError("window_size is not supported; FixedKVCache has its own window")
 
@@ -65,12 +66,12 @@ class KVCache:
     step = 256
     meta_state = ()
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.keys = self.values = None  # [B, H, capacity, D]
         self.bias = None  # [B, capacity] float32 key bias, allocated by the first biased update
         self.offset = 0
 
-    def update_and_fetch(self, keys, values):
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         """Append keys/values [B, H, L, D]; return all held [B, H, offset, D]."""
         prev, L = self.offset, keys.shape[2]
         if self.keys is None or prev + L > self.keys.shape[2]:
@@ -86,7 +87,7 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.state
 
-    def update_bias(self, bias, n):
+    def update_bias(self, bias: Optional[mx.array], n: int) -> Optional[mx.array]:
         """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`; return
         the bias of every key held after it [B, offset + n], or None when no bias was ever given.
 
@@ -104,11 +105,11 @@ class KVCache:
         return self.bias[:, : prev + n]
 
     @property
-    def key_bias(self):
+    def key_bias(self) -> Optional[mx.array]:
         """[B, offset] key bias of the held tokens, or None when none was given."""
         return None if self.bias is None else self.bias[:, : self.offset]
 
-    def make_mask(self, n, return_array=False, window_size=None):
+    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
         """Mask for the next `n` queries; call before `update_and_fetch`."""
         _no_window(window_size)
         return causal_mask(n, self.offset + n) if return_array else None if n == 1 else "causal"
@@ -131,27 +132,27 @@ class KVCache:
         self.bias = None if bias is None else mx.array(bias, dtype=mx.float32)
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes allocated (the buffers grow in steps of 256 tokens)."""
         if self.keys is None:
             return 0
         return self.keys.nbytes + self.values.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     @property
-    def used_bytes(self):
+    def used_bytes(self) -> int:
         """Bytes of the tokens held."""
         return 0 if self.keys is None else self.nbytes * self.offset // self.keys.shape[2]
 
-    def size(self):
+    def size(self) -> int:
         return self.offset
 
-    def empty(self):
+    def empty(self) -> bool:
         return self.keys is None
 
-    def is_trimmable(self):
+    def is_trimmable(self) -> bool:
         return True
 
-    def trim(self, n):
+    def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
         return n
@@ -178,7 +179,8 @@ class FixedKVCache:
     Token ``t`` lives in slot ``t`` if ``t < pinned``, else in ``pinned + (t - pinned) % ring``.
     """
 
-    def __init__(self, max_tokens, pinned=None, bits=None, group_size=64, max_chunk=None):
+    def __init__(self, max_tokens: int, pinned: Optional[int] = None, bits: Optional[int] = None,
+                 group_size: int = 64, max_chunk: Optional[int] = None) -> None:
         if bits not in (None, 4, 8):
             raise ValueError(f"bits must be None, 4 or 8, got {bits}")
         self.max_tokens = int(max_tokens)
@@ -194,7 +196,7 @@ class FixedKVCache:
     # ----- configuration -------------------------------------------------------------
 
     @property
-    def bits(self):
+    def bits(self) -> int:
         """Quantization bits; absent (AttributeError) on a float cache, so that
         ``hasattr(cache, "bits")`` dispatch (mlx-lm) picks the float attention."""
         if self._bits is None:
@@ -202,21 +204,21 @@ class FixedKVCache:
         return self._bits
 
     @property
-    def max_chunk(self):
+    def max_chunk(self) -> int:
         """Largest chunk one `update_and_fetch` may write once the ring is full."""
         return self._max_chunk
 
     @property
-    def ring(self):
+    def ring(self) -> int:
         """Slots for unpinned tokens."""
         return self.max_tokens - self.pinned
 
     @property
-    def window(self):
+    def window(self) -> int:
         """How many most recent unpinned tokens each query attends to."""
         return self.ring - self._max_chunk + 1
 
-    def pin(self, n=None):
+    def pin(self, n: Optional[int] = None) -> None:
         """Pin the first `n` tokens (default: every token written so far).
 
         Only possible while nothing has been overwritten (``offset <= max_tokens``), and
@@ -235,14 +237,14 @@ class FixedKVCache:
 
     # ----- protocol ------------------------------------------------------------------
 
-    def size(self):
+    def size(self) -> int:
         """Number of tokens held."""
         return min(self.offset, self.max_tokens)
 
-    def empty(self):
+    def empty(self) -> bool:
         return self.keys is None
 
-    def _runs(self, start, L):
+    def _runs(self, start: int, L: int) -> list:
         """(slot, chunk_index, length) runs for tokens start .. start+L-1."""
         runs, t, end = [], start, start + L
         while t < end:
@@ -253,7 +255,7 @@ class FixedKVCache:
             t += n
         return runs
 
-    def update_and_fetch(self, keys, values):
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         """Write keys/values [B, H, L, D] in place; return every key/value held.
 
         Returns views ``[B, H, size, D]`` in slot order (not time order once the ring has
@@ -280,7 +282,7 @@ class FixedKVCache:
         self.offset += L
         return self.state
 
-    def update_bias(self, bias, n):
+    def update_bias(self, bias: Optional[mx.array], n: int) -> Optional[mx.array]:
         """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`, into
         their slots (pinned and rotated with them); return the held slots' bias [B, size after], or None
         when no bias was ever given. Allocated once, at ``max_tokens`` slots (see `KVCache.update_bias`)."""
@@ -293,7 +295,7 @@ class FixedKVCache:
         return self.bias[:, : min(self.offset + n, self.max_tokens)]
 
     @property
-    def key_bias(self):
+    def key_bias(self) -> Optional[mx.array]:
         """[B, size] key bias of the held slots (slot order, like `state`), or None when none was given."""
         return None if self.bias is None else self.bias[:, : self.size()]
 
@@ -306,7 +308,7 @@ class FixedKVCache:
             self.bias = mx.zeros((bias.shape[0], self.max_tokens), mx.float32)
             self.bias[:, : bias.shape[1]] = bias
 
-    def make_mask(self, n, return_array=False, window_size=None):
+    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
         """Mask for the next `n` queries; call BEFORE `update_and_fetch` of those tokens.
 
         Returns ``None`` (all returned keys visible), ``"causal"``, or a bool array
@@ -377,22 +379,22 @@ class FixedKVCache:
         self.keys = self.values = self.bias = None
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes allocated (the full buffers)."""
         if self.keys is None:
             return 0
         return sum(x.nbytes for x in self.keys + self.values) + (0 if self.bias is None else self.bias.nbytes)
 
     @property
-    def used_bytes(self):
+    def used_bytes(self) -> int:
         """Bytes the held tokens occupy."""
         return self.nbytes * self.size() // self.max_tokens
 
-    def is_trimmable(self):
+    def is_trimmable(self) -> bool:
         """Trimming is possible until something has been overwritten."""
         return self.offset <= self.max_tokens
 
-    def trim(self, n):
+    def trim(self, n: int) -> int:
         """Forget the last `n` tokens (only while `is_trimmable()`); return how many.
 
         The pinned count is unchanged: re-written tokens below it land in pinned slots.
@@ -417,7 +419,7 @@ class SessionError(InputError):
     """A session file that is not one of this library, is corrupt, or does not fit this model or chat."""
 
 
-def save_cache(path, caches, metadata=None):
+def save_cache(path: Union[str, os.PathLike], caches: Sequence, metadata: Optional[dict] = None) -> None:
     """Save a chat session's caches (one per layer) and a JSON-able `metadata` dict.
 
     `path` should end in ``.safetensors``. Only the held tokens are written; the caches
@@ -449,7 +451,7 @@ def save_cache(path, caches, metadata=None):
         raise
 
 
-def _save_folder(path):
+def _save_folder(path: str) -> str:
     """The folder `path` is saved in, once sure that saving there overwrites no other kind of file."""
     if not path or path.endswith(os.sep):
         raise SessionError(f"cannot save to {path!r}: give a file name")
@@ -474,7 +476,7 @@ def _save_folder(path):
     return folder
 
 
-def read_cache_file(path) -> dict:
+def read_cache_file(path: Union[str, os.PathLike]) -> dict:
     """Check a file written by `save_cache` from its header alone (nothing is allocated); describe it.
 
     Returns a dict: ``class`` (the caches' class name, the same for every layer), ``meta`` (FixedKVCache's
@@ -587,7 +589,8 @@ def _layout(keys, cls, meta, corrupt):
     return dict(batch=batch, kv_heads=kv_heads, head_dim=head_dim, dtype=float_dtype)
 
 
-def load_cache(path, layers=None, kv_heads=None, head_dim=None):
+def load_cache(path: Union[str, os.PathLike], layers: Optional[int] = None, kv_heads: Optional[int] = None,
+               head_dim: Optional[int] = None) -> tuple:
     """Load what `save_cache` wrote; return ``(caches, metadata)``.
 
     The file is checked from its header first (`read_cache_file`): against the model when `layers`,
