@@ -214,6 +214,12 @@ def _add_sampling(p, top_p_seed: bool = True) -> None:
         g.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
                        help="with --temperature > 0, sample only from the likeliest words whose probabilities "
                             "add up to P (e.g. 0.9); default 1.0 (all words)")
+        g.add_argument("--top-k", type=int, default=0, metavar="K",
+                       help="with --temperature > 0, sample only from the K likeliest words (default 0: off)")
+        g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                       help="with --temperature > 0, drop words less likely than P times the likeliest (default 0: off)")
+        g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                       help="make recently used words less likely (e.g. 1.1; default: off)")
         g.add_argument("--seed", type=int, default=None, metavar="S",
                        help="random seed (any whole number), so that a sampled answer can be repeated")
 
@@ -388,7 +394,8 @@ def run_generate(args) -> int:
 
     model, processor, c, images, videos = _load_checked(args)
     _answer(stream_generate(model, processor, args.prompt, images, videos=videos, max_tokens=args.max_tokens,
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed,
                             max_pixels=args.max_pixels, compaction=c, max_kv_size=args.max_kv_tokens,
                             kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit,
                             progress=_prefill_progress()), args.stats)
@@ -493,7 +500,8 @@ class _Chat:
         videos, self.pending_videos = self.pending_videos, []
         try:
             _answer(self.session.stream(question, images, videos=videos, max_tokens=a.max_tokens,
-                                        temperature=a.temperature, top_p=a.top_p, progress=_prefill_progress()),
+                                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                                        repetition_penalty=a.repetition_penalty, progress=_prefill_progress()),
                     a.stats)
         except BaseException:
             if self.session.turns == turns:  # refused before the conversation changed: keep the images

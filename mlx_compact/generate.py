@@ -52,12 +52,12 @@ class Prepared:
     decode_bytes: int = 0  # the largest image file's decoded pixels
 
 
-def _sampler(temperature: float, top_p: float = 1.0) -> Callable[[mx.array], mx.array]:
+def _sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
     if temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     from mlx_lm.sample_utils import make_sampler
 
-    return make_sampler(temp=temperature, top_p=top_p)
+    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
 def set_seed(value: int) -> None:
@@ -575,14 +575,29 @@ def check_fits_cache(n: int, cache: list) -> None:
             "--max-pixels) or a shorter prompt")
 
 
-def _sampling(sampler, temperature: float, top_p: float):
+def _sampling(sampler, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0):
     if sampler is not None:
         return sampler
     if not (math.isfinite(temperature) and temperature >= 0):
         raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    return _sampler(temperature, top_p)
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise InputError(f"top_k must be a whole number >= 0 (0: off), got {top_k}")
+    if not 0.0 <= min_p < 1.0:
+        raise InputError(f"min_p must be in [0, 1) (0: off), got {min_p}")
+    return _sampler(temperature, top_p, top_k, min_p)
+
+
+def _processors(logits_processors, repetition_penalty: Optional[float]):
+    """The caller's logits processors, plus mlx-lm's repetition penalty when asked for."""
+    if repetition_penalty is None:
+        return logits_processors
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise InputError(f"repetition_penalty must be a finite number > 0 (1: off), got {repetition_penalty}")
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return list(logits_processors or []) + make_logits_processors(repetition_penalty=repetition_penalty)
 
 
 def stream_generate(
@@ -596,6 +611,9 @@ def stream_generate(
     logits_processors=None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
     seed: Optional[int] = None,
     max_pixels: Optional[int] = None,
     compaction=None,
@@ -617,7 +635,7 @@ def stream_generate(
     or a list of images, sampled at ``fps`` (default 2) up to ``max_frames`` (default 768; see
     `mlx_compact.video`); they follow the images in the turn, and a Qwen3-VL video is compacted per temporal
     slice (one ``stats["visual_tokens"]`` entry each). ``sampler`` / ``logits_processors``: as mlx-lm's (else
-    ``temperature`` / ``top_p``). ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses
+    ``temperature`` / ``top_p`` / ``top_k`` / ``min_p``; ``repetition_penalty`` adds mlx-lm's processor). ``compaction``: a ``Compaction`` (or spec) for the visual tokens; None uses
     ``model.default_compaction`` (``load(compaction=...)`` sets it); the prefill and the KV cache then only see
     the compact sequence. ``prompt_cache`` (from `make_prompt_cache`): the conversation to continue; this call prefills
     only its own turn, at the positions where the cache left off, and images already in it are never
@@ -629,7 +647,8 @@ def stream_generate(
     check_prompt(processor, prompt)
     if max_tokens < 1:
         raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
-    sampler = _sampling(sampler, temperature, top_p)
+    sampler = _sampling(sampler, temperature, top_p, top_k, min_p)
+    logits_processors = _processors(logits_processors, repetition_penalty)
     c = _active(model, compaction)
     try:
         tower_hooks(model, c)
