@@ -1,7 +1,8 @@
 """The memory planner's estimate against the measured peak, at real widths and reduced depth.
 
-Random float32 weights at Qwen2.5-VL-3B and Qwen3-VL-2B widths (``--llm-layers`` / ``--vit-layers``
-deep; the vocabulary, so the tied embedding / lm_head, at full size). A processor is built around a
+Random float32 weights at Qwen2.5-VL-3B, Qwen3-VL-2B and Qwen3-VL-30B-A3B widths (``--llm-layers`` /
+``--vit-layers`` deep; the vocabulary, so the embedding / lm_head, at full size; the MoE's 128 experts per
+layer all resident, as the plan counts them: 2.4 GiB per layer in float32). A processor is built around a
 tiny byte-level tokenizer (the tests' one) with the model's token ids remapped to its special tokens,
 so ``mlx_compact.generate`` runs end to end on a real image size with the checkpoints' pixel budgets.
 
@@ -19,7 +20,7 @@ For each image size:
 Then a refusal: ``generate(..., memory_budget=weights + 16 MiB)`` must raise ``MemoryPlanError``
 before the vision tower is called (the encoder is replaced by one that fails the check).
 
-    python benchmarks/bench_memory.py [--models qwen2_5_vl,qwen3_vl] [--sizes 640x480,1280x720,1920x1080]
+    python benchmarks/bench_memory.py [--models qwen2_5_vl,qwen3_vl,qwen3_vl_moe] [--sizes 640x480,1280x720,1920x1080]
                                       [--llm-layers 2] [--vit-layers 2] [--max-tokens 4] [--stages]
 
 Prints a table and writes benchmarks/results/bench_memory.json.
@@ -45,7 +46,7 @@ from mlx_compact import _blas  # noqa: E402
 from mlx_compact.generate import (  # noqa: E402
     _sampler, generate, generate_step, image_patches, make_cache, pin_point, prepare,
 )
-from mlx_compact.memory import MemoryPlanError, fmt_bytes, plan, weights_bytes  # noqa: E402
+from mlx_compact.memory import MemoryPlanError, device_budget, fmt_bytes, plan, weights_bytes  # noqa: E402
 from mlx_compact.processor import CLIP_MEAN, CLIP_STD, Processor  # noqa: E402
 
 TARGET = 0.15  # |estimate / measured - 1| on the whole peak
@@ -59,6 +60,7 @@ PIXELS = {
                  "size": {"shortest_edge": 65536, "longest_edge": 16777216},
                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
 }
+PIXELS["qwen3_vl_moe"] = PIXELS["qwen3_vl"]  # Qwen3-VL-30B-A3B ships Qwen3-VL's preprocessor config
 
 
 def tiny_token_ids(cfg: dict) -> dict:
@@ -111,7 +113,9 @@ def settle():
 def measure_generate(model, proc, image, max_tokens: int) -> dict:
     """Whole-run peak of generate() (includes the weights) and the part above the memory active before."""
     base = settle()
-    r = generate(model, proc, PROMPT, [image], max_tokens=max_tokens, fit="refuse")
+    # the OS's available memory excludes the weights already loaded, which the plan counts: add them back
+    budget = device_budget()["available"] + mx.get_active_memory()
+    r = generate(model, proc, PROMPT, [image], max_tokens=max_tokens, fit="refuse", memory_budget=budget)
     mx.synchronize()
     peak = mx.get_peak_memory()
     return {"base": base, "peak": peak, "above_base": peak - base, "prompt_tokens": r.stats["prompt_tokens"],

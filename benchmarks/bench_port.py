@@ -1,7 +1,11 @@
 """Our uncompacted Qwen-VL path against mlx-vlm, side by side, same weights, one process.
 
-Random float32 weights at real widths (Qwen2.5-VL-3B, Qwen3-VL-2B) and reduced depth are
-generated once and loaded into both our model and mlx-vlm's. A 1280x720 image is preprocessed
+Random float32 weights at real widths (Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-VL-30B-A3B) and reduced depth are
+generated once and loaded into both our model and mlx-vlm's. Qwen3-VL-30B-A3B goes through files: a
+checkpoint in the Qwen release's layout and config dialect (fused experts [E, H, 2I]) is written, converted
+by ``convert.convert`` (mlx-vlm's layout), and that one directory is loaded by both libraries
+(``mlx_compact.loader.load_model``, ``mlx_vlm.utils.load_model``); every tensor mlx-vlm read is checked equal
+to ours, then both models share one copy (kept under --ckpt-dir, reused by the next run). A 1280x720 image is preprocessed
 once (smart_resize + patchify as the checkpoints' processors do) and fed to both. Measured for
 both, alternating ours / mlx-vlm, best of --repeats:
 
@@ -15,11 +19,12 @@ both, alternating ours / mlx-vlm, best of --repeats:
 A correctness check compares vision features, DeepStack features, the first token's log-probs and
 teacher-forced decode log-probs between the two, so the comparison is apples to apples.
 
-    python benchmarks/bench_port.py [--models qwen2_5_vl,qwen3_vl] [--llm-layers 4] [--vit-layers 4]
-                                    [--decode 16] [--repeats 3] [--prefill-step 512|default]
+    python benchmarks/bench_port.py [--models qwen2_5_vl,qwen3_vl,qwen3_vl_moe] [--llm-layers 4] [--vit-layers 4]
+                                    [--decode 16] [--repeats 3] [--prefill-step 512|default] [--ckpt-dir DIR]
 
-Prints a table (ratio = mlx-vlm time / our time, > 1 means we are faster; memory: theirs / ours)
-and writes benchmarks/results/bench_port.json.
+Prints a table (ratio = mlx-vlm time / our time, > 1 means we are faster; memory: theirs / ours; times are
+the best of the repeats, and the median and the spread (max / min - 1) of each side follow it) and writes
+benchmarks/results/bench_port.json.
 """
 
 import argparse
@@ -48,7 +53,7 @@ def make_image_rows(model_type: str, seed: int = 0):
     """A random 1280x720 RGB image through smart_resize + normalize + patchify: rows, grid."""
     from PIL import Image
 
-    qwen3 = model_type == "qwen3_vl"
+    qwen3 = model_type.startswith("qwen3_vl")
     patch = 16 if qwen3 else 14
     pix = _PixelConfig(
         {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
@@ -142,7 +147,7 @@ class Theirs:
     def __init__(self, model, rows, grid, ids):
         self.model, self.rows, self.ids = model, mx.array(rows), mx.array([ids])
         self.grid = mx.array([grid])
-        self.qwen3 = model.config.model_type == "qwen3_vl"
+        self.qwen3 = model.config.model_type.startswith("qwen3_vl")
 
     def vision(self):
         out = self.model.vision_tower(self.rows, self.grid)
@@ -169,6 +174,132 @@ class Theirs:
         for tok, logprobs in gen:
             self.logprobs.append(logprobs)
             yield int(tok)
+
+
+# ----- Qwen3-VL-MoE: one converted directory, loaded by both -----------------------------------
+
+SHARD_BYTES = 2 << 30
+
+
+def _release_name(name: str, v: mx.array):
+    """Our parameter name and value -> the Qwen release's (transformers 4.57) name and value."""
+    if name.startswith("vision_tower."):
+        name = "model.visual." + name[len("vision_tower."):]
+        if name.endswith("patch_embed.proj.weight"):
+            v = v.transpose(0, 4, 1, 2, 3)  # [O, T, P, P, C] -> torch [O, C, T, P, P]
+    elif name.startswith("language_model.model."):
+        name = "model.language_model." + name[len("language_model.model."):]
+    elif name.startswith("language_model.lm_head."):
+        name = name[len("language_model."):]
+    return name, v
+
+
+def write_release_checkpoint(cfg: dict, path: Path, seed: int) -> None:
+    """Random weights (`common.iter_random_weights` on our model) saved as the Qwen release saves them:
+    fused experts ``mlp.experts.gate_up_proj`` [E, H, 2I] (gate first) and ``down_proj`` [E, I, H], shards of
+    ~2 GiB with an index, the release-dialect config.json."""
+    import json
+
+    model = common.build_ours(cfg)  # parameters unevaluated: nothing allocated
+    path.mkdir(parents=True, exist_ok=True)
+    shard, size, shards, pending = {}, 0, [], {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            mx.save_safetensors(str(path / name), shard, metadata={"format": "pt"})
+            shards.append((name, list(shard)))
+            shard, size = {}, 0
+
+    for name, v in common.iter_random_weights(model, seed):
+        if ".switch_mlp." in name:
+            prefix, proj = name.split(".switch_mlp.")
+            proj = proj.split(".")[0]
+            if proj == "down_proj":
+                out = {prefix + ".experts.down_proj": v.swapaxes(1, 2)}  # [E, H, I] -> [E, I, H]
+            else:
+                pending.setdefault(prefix, {})[proj] = v
+                if len(pending[prefix]) < 2:
+                    continue
+                gu = pending.pop(prefix)
+                out = {prefix + ".experts.gate_up_proj":
+                       mx.concatenate([gu["gate_proj"], gu["up_proj"]], axis=1).swapaxes(1, 2)}  # [E, H, 2I]
+            out = {_release_name(k, w)[0]: mx.contiguous(w) for k, w in out.items()}
+        else:
+            out = dict([_release_name(name, v)])
+        for k, w in out.items():
+            mx.eval(w)
+            shard[k] = w
+            size += w.nbytes
+        del out, v
+        if size >= SHARD_BYTES and not pending:
+            flush()
+    flush()
+    n = len(shards)
+    weight_map = {}
+    for i, (name, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (path / name).rename(path / final)
+        weight_map.update({k: final for k in keys})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def converted_checkpoint(model_type: str, cfg: dict, args) -> Path:
+    """The directory our converter wrote from a release-layout random checkpoint (made once per config/seed)."""
+    import hashlib
+    import json
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from convert.convert import convert
+
+    key = hashlib.sha256(json.dumps([cfg, args.seed, common._POOL_SIZE], sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(args.ckpt_dir).expanduser() / f"{model_type}-{args.llm_layers}l-{args.vit_layers}v-{key}"
+    dst = root / "mlx"
+    if (dst / "config.json").exists():
+        return dst
+    src = root / "release"
+    shutil.rmtree(src, ignore_errors=True)
+    t = time.perf_counter()
+    write_release_checkpoint(cfg, src, args.seed)
+    print(f"  wrote the release-layout checkpoint {src} in {time.perf_counter() - t:.0f}s", flush=True)
+    gc.collect()
+    t = time.perf_counter()
+    convert(src, dst, dtype="float32", force=True, progress=False)
+    print(f"  converted it with convert.convert into {dst} in {time.perf_counter() - t:.0f}s", flush=True)
+    shutil.rmtree(src, ignore_errors=True)
+    gc.collect()
+    mx.clear_cache()
+    return dst
+
+
+def load_both(path: Path):
+    """Our model and mlx-vlm's from one converted directory. mlx-vlm's is loaded lazily and every tensor it
+    read is checked equal to ours, one at a time, then replaced by ours, so the two share one copy."""
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import load_model as vlm_load_model
+
+    from mlx_compact.loader import load_model
+
+    ours = load_model(path, dtype=mx.float32)
+    theirs = vlm_load_model(path, lazy=True)
+    own = dict(tree_flatten(ours.parameters()))
+    shared = []
+    for k, v in tree_flatten(theirs.parameters()):
+        if k not in own:
+            raise RuntimeError(f"mlx-vlm has a parameter {k} that ours lacks")
+        if v.shape != own[k].shape or v.dtype != own[k].dtype or not mx.array_equal(v, own[k]).item():
+            raise RuntimeError(f"{k}: mlx-vlm read {v.shape} {v.dtype}, ours {own[k].shape} {own[k].dtype}, "
+                               f"or the values differ")
+        shared.append((k, own[k]))
+        del v
+    if len(shared) != len(own):
+        raise RuntimeError(f"ours has {len(own) - len(shared)} parameters mlx-vlm lacks")
+    theirs.load_weights(shared, strict=True)
+    theirs.eval()
+    return ours, theirs, own
 
 
 # ----- measurement --------------------------------------------------------------------------
@@ -205,9 +336,12 @@ def bench_model(model_type, args):
     print(f"\n=== {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
           flush=True)
     t = time.perf_counter()
-    ours_m, theirs_m = common.build_ours(cfg), common.build_mlx_vlm(cfg)
-    weights = common.random_weights(ours_m, seed=args.seed)
-    common.load_same_weights([ours_m, theirs_m], weights)
+    if model_type == "qwen3_vl_moe":  # through files: our converter's output, read by both
+        ours_m, theirs_m, weights = load_both(converted_checkpoint(model_type, cfg, args))
+    else:
+        ours_m, theirs_m = common.build_ours(cfg), common.build_mlx_vlm(cfg)
+        weights = common.random_weights(ours_m, seed=args.seed)
+        common.load_same_weights([ours_m, theirs_m], weights)
     rows, grid, hw = make_image_rows(model_type, args.seed)
     ids = make_prompt(cfg, grid, args.seed)
     n_visual = grid[0] * grid[1] * grid[2] // 4
@@ -287,6 +421,9 @@ def bench_model(model_type, args):
             "vision_s": min(s["vision_s"]),
             "prefill_s": min(s["prefill_s"]),
             "decode_tok_s": max(s["decode_tps"]),
+            "median": {"vision_s": float(np.median(s["vision_s"])), "prefill_s": float(np.median(s["prefill_s"])),
+                       "decode_tok_s": float(np.median(s["decode_tps"]))},
+            "spread": {k: max(s[k]) / min(s[k]) - 1 for k in ("vision_s", "prefill_s", "decode_tps")},
             "vision_peak_mib": max(s["vision_peak"]) / common.MiB,
             "generate_peak_mib": max(s["generate_peak"]) / common.MiB,
             "runs": s,
@@ -330,6 +467,24 @@ def table(results, args):
             flag = "" if ratio is None else ("" if ratio >= TARGET else "  <-- below 0.95x")
             rstr = "" if ratio is None else f"{ratio:6.2f}x"
             rows.append(f"{r['model']:14s} {name:20s} {a:10.2f} {b:10.2f} {rstr:>8s}{flag}")
+    for r in results:
+        o, t = r["summary"]["ours"], r["summary"]["mlx-vlm"]
+        mo, mt = o["median"], t["median"]
+        rows.append(
+            f"{r['model']:14s} medians: vision {mo['vision_s']:.2f} vs {mt['vision_s']:.2f} s "
+            f"({mt['vision_s'] / mo['vision_s']:.2f}x), prefill {mo['prefill_s']:.2f} vs {mt['prefill_s']:.2f} s "
+            f"({mt['prefill_s'] / mo['prefill_s']:.2f}x), decode {mo['decode_tok_s']:.2f} vs {mt['decode_tok_s']:.2f} "
+            f"tok/s ({mo['decode_tok_s'] / mt['decode_tok_s']:.2f}x); spread (max/min - 1) ours / mlx-vlm: "
+            + ", ".join(f"{k.split('_')[0]} {100 * o['spread'][k]:.0f}% / {100 * t['spread'][k]:.0f}%"
+                        for k in ("vision_s", "prefill_s", "decode_tps")))
+    for r in results:
+        o, t = r["summary"]["ours"].get("cpu_median", {}), r["summary"]["mlx-vlm"].get("cpu_median", {})
+        if all(k in o and k in t for k in CPU_KEYS):
+            rows.append(
+                f"{r['model']:14s} CPU-time medians: vision {o['vision_cpu_s']:.2f} vs {t['vision_cpu_s']:.2f} s "
+                f"({t['vision_cpu_s'] / o['vision_cpu_s']:.2f}x), prefill {o['prefill_cpu_s']:.2f} vs "
+                f"{t['prefill_cpu_s']:.2f} s ({t['prefill_cpu_s'] / o['prefill_cpu_s']:.2f}x), decode "
+                f"{o['decode_cpu_tps']:.2f} vs {t['decode_cpu_tps']:.2f} tok/s ({o['decode_cpu_tps'] / t['decode_cpu_tps']:.2f}x)")
     head = f"{'model':14s} {'figure':20s} {'ours':>10s} {'mlx-vlm':>10s} {'ratio':>8s}"
     note = ("ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
             "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
@@ -349,6 +504,8 @@ def main():
     p.add_argument("--check-steps", type=int, default=3, help="teacher-forced decode steps compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_port.json")
+    p.add_argument("--ckpt-dir", default="/tmp/mlx-compact-bench",
+                   help="where the Qwen3-VL-MoE checkpoints (release layout, then converted) are written and kept")
     args = p.parse_args()
 
     env = common.environment()

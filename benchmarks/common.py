@@ -125,8 +125,28 @@ def qwen3_vl_2b_config(llm_layers: int = 4, vit_layers: int = 4) -> dict:
     }
 
 
-CONFIGS = {"qwen2_5_vl": qwen2_5_vl_3b_config, "qwen3_vl": qwen3_vl_2b_config}
-NAMES = {"qwen2_5_vl": "Qwen2.5-VL-3B", "qwen3_vl": "Qwen3-VL-2B"}
+def qwen3_vl_moe_30b_a3b_config(llm_layers: int = 4, vit_layers: int = 4) -> dict:
+    """Qwen3-VL-30B-A3B widths in its release dialect (transformers 4.57: ``num_experts``, ``rope_theta`` and
+    ``rope_scaling`` in text_config, vision model_type "qwen3_vl_moe", which mlx-vlm reads) at reduced depth.
+
+    LLM: hidden 2048, 32 query / 4 KV heads of 128, every layer sparse: 128 experts of width 768, top 8, no
+    shared expert; untied lm_head. Vision: 1152 wide, 16 heads, MLP 4304 -> 2048; the release's DeepStack
+    taps [8, 16, 24] of 27 blocks spread over the reduced depth as for Qwen3-VL-2B.
+    """
+    cfg = qwen3_vl_2b_config(llm_layers, vit_layers)
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    cfg.update(model_type="qwen3_vl_moe", architectures=["Qwen3VLMoeForConditionalGeneration"],
+               tie_word_embeddings=False, transformers_version="4.57.0.dev0")
+    text.update(model_type="qwen3_vl_moe_text", num_attention_heads=32, num_key_value_heads=4,
+                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False)
+    vision.update(model_type="qwen3_vl_moe", hidden_size=1152, intermediate_size=4304)
+    return cfg
+
+
+CONFIGS = {"qwen2_5_vl": qwen2_5_vl_3b_config, "qwen3_vl": qwen3_vl_2b_config,
+           "qwen3_vl_moe": qwen3_vl_moe_30b_a3b_config}
+NAMES = {"qwen2_5_vl": "Qwen2.5-VL-3B", "qwen3_vl": "Qwen3-VL-2B", "qwen3_vl_moe": "Qwen3-VL-30B-A3B"}
 
 # ----- models and weights -------------------------------------------------------------------
 
@@ -162,6 +182,8 @@ def _init_std(name: str, shape) -> float:
         return None
     if "embed_tokens" in name or "pos_embed" in name:
         return 0.02
+    if ".switch_mlp." in name:  # stacked experts [E, out, in]: each expert's own fan-in
+        return shape[-1] ** -0.5
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
     return fan_in**-0.5
 
@@ -176,18 +198,23 @@ def random_weights(model, seed: int = 0, dtype=mx.float32) -> dict:
     prime-length pool of standard normals, tiled from a random offset and scaled (norm scales:
     1 + 0.05 * noise). Every tensor is its own materialized buffer, so memory traffic is real.
     """
+    return dict(iter_random_weights(model, seed, dtype))
+
+
+def iter_random_weights(model, seed: int = 0, dtype=mx.float32):
+    """`random_weights` one (name, array) at a time, in the same order with the same values, so a caller can
+    write them out without holding them all."""
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal(2 * _POOL_SIZE, dtype=np.float32)
-    out = {}
     for name, p in tree_flatten(model.parameters()):
         std = _init_std(name, p.shape)
         n = int(np.prod(p.shape))
         off = int(rng.integers(0, _POOL_SIZE))
         w = np.resize(pool[off : off + _POOL_SIZE], n).reshape(p.shape)
         w = (1.0 + 0.05 * w) if std is None else (std * w)
-        out[name] = mx.array(w.astype(np.float32, copy=False)).astype(dtype)
-        mx.eval(out[name])
-    return out
+        out = mx.array(w.astype(np.float32, copy=False)).astype(dtype)
+        mx.eval(out)
+        yield name, out
 
 
 def load_same_weights(models, weights: dict):

@@ -128,11 +128,12 @@ def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: Optional[
 
 
 def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fused: bool = False,
-                 prompt_tokens: int = 0, deepstack: int = 0) -> int:
+                 prompt_tokens: int = 0, deepstack: int = 0, moe_grouped: Optional[bool] = None) -> int:
     """Peak activation bytes of one prefill chunk of ``tokens`` queries over ``context`` keys.
 
     ``prompt_tokens`` / ``deepstack``: the whole prompt's embeddings [L, D] and DeepStack features
-    (``deepstack`` of [L, D]) are held through the prefill.
+    (``deepstack`` of [L, D]) are held through the prefill. ``moe_grouped``: whether MoE experts may run
+    grouped (the CPU backend; see `moe_mlp_peak`); default: whether this device is the CPU.
     """
     D, H, Hkv, hd = text_cfg.hidden_size, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.head_dim
     T, S, b = tokens, context, dtype_bytes
@@ -146,21 +147,39 @@ def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fuse
     mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
     if text_cfg.num_experts:  # MoE layers (and dense ones unless every layer is sparse)
         dense = text_cfg.sparse_layers < text_cfg.num_hidden_layers
-        mlp = max(mlp if dense else 0, moe_mlp_peak(text_cfg, T, b))
+        mlp = max(mlp if dense else 0, moe_mlp_peak(text_cfg, T, b, grouped=None if moe_grouped is None
+                                                    else moe_grouped and _moe_groups(text_cfg, T)))
     logits = text_cfg.vocab_size * 4  # the last row only (generate computes lm_head on it alone)
     return held + rope + max(attn_rows + scores, mlp) + logits
 
 
-def moe_mlp_peak(text_cfg, tokens: int, dtype_bytes: int = 4) -> int:
+def _moe_groups(text_cfg, tokens: int) -> bool:
+    """Whether a chunk of ``tokens`` runs its experts grouped on the CPU (``models.qwen3_vl_moe``)."""
+    from .models import qwen3_vl_moe
+
+    return tokens * text_cfg.num_experts_per_tok >= qwen3_vl_moe.GROUPED_MIN_ROWS
+
+
+def moe_mlp_peak(text_cfg, tokens: int, dtype_bytes: int = 4, grouped: Optional[bool] = None) -> int:
     """Peak activation bytes of a sparse-MoE MLP (Qwen3-VL-MoE) on ``tokens`` tokens, an upper bound.
 
-    h and its norm [T, D]; the router's logits [T, E] and, in float32, their softmax, its negation and the
-    argpartition indices; per routed row (T * k of them, top-k): the sorted input copy, the experts' output,
-    its unsorted copy and the weighted product [., D], and gate, up and SwiGLU [., I_moe]. Every expert's
-    weights are resident whichever are routed to: they are in `weights_bytes`.
+    Both paths: h and its norm [T, D]; the router's logits [T, E] and, in float32, their softmax, its negation
+    and the argpartition indices. Per routed row (T * k of them, top-k):
+    - ``SwitchGLU`` (Metal, and decode): the sorted input copy, the experts' output, its unsorted copy and the
+      weighted product [., D], and gate, up and SwiGLU [., I_moe] for every row at once;
+    - grouped (the CPU backend's long chunks, `models.qwen3_vl_moe.grouped_switch_glu`): the sorted input
+      copy, the experts' outputs and their concatenation [., D] (then the unsorted copy and the weighted
+      product replace the first two), and gate, up and SwiGLU [n, I_moe] of one expert and the next one's
+      (an expert has at most T rows): 3 x [min(2T, Tk), I_moe].
+    ``grouped`` None: whether this device is the CPU and the chunk is long enough. Every expert's weights are
+    resident whichever are routed to: they are in `weights_bytes`.
     """
     T, D, b = tokens, text_cfg.hidden_size, dtype_bytes
     E, k, inter = text_cfg.num_experts, text_cfg.num_experts_per_tok, text_cfg.moe_intermediate_size
+    if grouped is None:
+        grouped = not mx.metal.is_available() and _moe_groups(text_cfg, T)
+    if grouped:
+        return 2 * T * D * b + T * E * (b + 12) + 3 * T * k * D * b + 3 * min(2 * T, T * k) * inter * b
     return 2 * T * D * b + T * E * (b + 12) + T * k * (4 * D + 3 * inter) * b
 
 
@@ -276,7 +295,7 @@ def plan(
     # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
     prefill = growth + prefill_peak(c.text, min(step, prompt), min(prompt, tokens), dtype_bytes,
                                     fused and kv_bits is None,
-                                    prompt_tokens=prompt, deepstack=ds)
+                                    prompt_tokens=prompt, deepstack=ds, moe_grouped=not fused)
     return Plan(
         weights=weights_bytes(model),
         kv=kv,

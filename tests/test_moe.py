@@ -22,7 +22,8 @@ from mlx_compact.generate import make_cache, prefill, prepare_ids
 from mlx_compact.loader import LoadError, load_model
 from mlx_compact.models import build_model
 from mlx_compact.models.config import ConfigError
-from mlx_compact.models.qwen3_vl_moe import SparseMoeBlock
+from mlx_compact.models import qwen3_vl_moe as moe_module
+from mlx_compact.models.qwen3_vl_moe import SparseMoeBlock, grouped_switch_glu
 from safetensors.numpy import load_file, save_file
 from test_loader import copy_checkpoint
 from test_parity import pixel_rows, prompt_ids, rel_err, run_reference
@@ -95,12 +96,30 @@ def test_sparse_layers_follow_the_config(ours):
     assert moe.switch_mlp.gate_proj.weight.shape == (6, 64, 96) and moe.switch_mlp.down_proj.weight.shape == (6, 96, 64)
 
 
-def test_moe_block_matches_transformers(ours, ref):
+@pytest.mark.parametrize("path", ["switch", "grouped"])
+def test_moe_block_matches_transformers(ours, ref, monkeypatch, path):
+    """Both expert paths: mlx-lm's SwitchGLU (decode, Metal) and the CPU's grouped one (long chunks)."""
+    monkeypatch.setattr(moe_module, "GROUPED_MIN_ROWS", 1 if path == "grouped" else 10**9)
     x = np.random.default_rng(5).standard_normal((1, 37, MOE_SIZES["odd"]["hidden_size"])).astype(np.float32)
     block = ref.model.language_model.layers[0].mlp
     with torch.no_grad():
         theirs = block(torch.tensor(x)).numpy()
     assert rel_err(ours().layers[0].mlp(mx.array(x)), theirs) < TOL, "MoE block"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_grouped_experts_equal_switch_glu(ours, quantized):
+    """`grouped_switch_glu` gives SwitchGLU's output ([B, L, k, D], same (token, slot) order), float or quantized."""
+    import mlx.nn as nn
+
+    block = copy.deepcopy(ours().layers[0].mlp)
+    if quantized:
+        nn.quantize(block, group_size=32, bits=4)
+    x = mx.array(np.random.default_rng(6).standard_normal((2, 41, MOE_SIZES["odd"]["hidden_size"])).astype(np.float32))
+    experts = mx.argpartition(-block.gate(x), kth=1, axis=-1)[..., :2]
+    a, b = block.switch_mlp(x, experts), grouped_switch_glu(block.switch_mlp, x, experts)
+    assert a.shape == b.shape == (2, 41, 2, MOE_SIZES["odd"]["hidden_size"])
+    assert rel_err(b, a) < 1e-6
 
 
 def test_vision_features_and_deepstack_match(ours, ref, cfg):
