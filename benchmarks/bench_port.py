@@ -477,14 +477,6 @@ def table(results, args):
             f"tok/s ({mo['decode_tok_s'] / mt['decode_tok_s']:.2f}x); spread (max/min - 1) ours / mlx-vlm: "
             + ", ".join(f"{k.split('_')[0]} {100 * o['spread'][k]:.0f}% / {100 * t['spread'][k]:.0f}%"
                         for k in ("vision_s", "prefill_s", "decode_tps")))
-    for r in results:
-        o, t = r["summary"]["ours"].get("cpu_median", {}), r["summary"]["mlx-vlm"].get("cpu_median", {})
-        if all(k in o and k in t for k in CPU_KEYS):
-            rows.append(
-                f"{r['model']:14s} CPU-time medians: vision {o['vision_cpu_s']:.2f} vs {t['vision_cpu_s']:.2f} s "
-                f"({t['vision_cpu_s'] / o['vision_cpu_s']:.2f}x), prefill {o['prefill_cpu_s']:.2f} vs "
-                f"{t['prefill_cpu_s']:.2f} s ({t['prefill_cpu_s'] / o['prefill_cpu_s']:.2f}x), decode "
-                f"{o['decode_cpu_tps']:.2f} vs {t['decode_cpu_tps']:.2f} tok/s ({o['decode_cpu_tps'] / t['decode_cpu_tps']:.2f}x)")
     head = f"{'model':14s} {'figure':20s} {'ours':>10s} {'mlx-vlm':>10s} {'ratio':>8s}"
     note = ("ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
             "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
