@@ -76,6 +76,13 @@ def biased_mask(mask, key_bias: mx.array, L: int, dtype) -> mx.array:
     return mx.where(mask, bias, mx.array(-mx.inf, dtype))  # [B, 1, L, S]
 
 
+def last_row_mask(mask):
+    """The mask (None, "causal" or an array [..., L | 1, S]) of the last of L queries only."""
+    if mask is None or isinstance(mask, str):  # "causal" is bottom-right aligned: the last query sees every key
+        return None
+    return mask[..., -1:, :] if mask.ndim >= 2 and mask.shape[-2] > 1 else mask
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -91,21 +98,27 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None) -> mx.array:
+    def __call__(self, x, cos, sin, mask=None, cache=None, last_only: bool = False) -> mx.array:
+        """``last_only``: keys/values (and the cache) for every row, the query and output for the last row only."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)  # [B, L, H, hd]
+        if last_only:
+            cos_q, sin_q, mask = cos[..., -1:, :], sin[..., -1:, :], last_row_mask(mask)
+        q = self.q_proj(x[:, -1:] if last_only else x).reshape(B, 1 if last_only else L, self.n_heads, -1)  # [B, Lq, H, hd]
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)  # [B, Hkv, L, hd]
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.transpose(0, 2, 1, 3)
         k = k.transpose(0, 2, 1, 3)
-        q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
+        if last_only:
+            q = (q.astype(mx.float32) * cos_q + rotate_half(q.astype(mx.float32)) * sin_q).astype(x.dtype)
+        else:
+            q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
         k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = cache_attention(q, k, v, self.scale, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -132,8 +145,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x, cos, sin, mask=None, cache=None, last_only: bool = False):
+        """``last_only``: every row into the cache, the output [B, 1, D] for the last row only."""
+        r = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, last_only)
+        x = (x[:, -1:] if last_only else x) + r
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,9 +216,11 @@ class LanguageModel(nn.Module):
         if key_bias is not None:
             mask = biased_mask(mask, key_bias, L, h.dtype)
         for i, (layer, c) in enumerate(zip(layers, cache)):
-            h = layer(h, cos, sin, mask, c)
+            # last_only: the last layer's attention output and MLP are needed for the last row only
+            last = last_only and i == len(layers) - 1
+            h = layer(h, cos, sin, mask, c, last)
             if deepstack is not None and i < len(deepstack):
-                h = h + deepstack[i]
+                h = h + (deepstack[i][:, -1:] if last else deepstack[i])
         h = self.model.norm(h[:, -1:] if last_only else h)
         if self.cfg.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
