@@ -312,8 +312,10 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
 
 
 def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step_size: int = 512,
-                  pin: Optional[int] = None, progress=None, logits_processors=None) -> Iterator[tuple]:
-    """Yield ``(token id, logprobs [V])`` forever (the caller stops), as mlx-lm's ``generate_step``.
+                  pin: Optional[int] = None, progress=None, logits_processors=None,
+                  max_tokens: Optional[int] = None) -> Iterator[tuple]:
+    """Yield ``(token id, logprobs [V])`` forever (the caller stops), as mlx-lm's ``generate_step``; with
+    ``max_tokens``, that many and no step is computed past the last.
 
     ``sampler(logprobs [1, V]) -> [1]`` (default greedy; mlx-lm's ``make_sampler`` makes others);
     ``logits_processors``: mlx-lm's ``(tokens so far [T], logits [1, V]) -> logits`` (``make_logits_processors``).
@@ -338,7 +340,8 @@ def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step
     next_pos = int(prep.positions.max().item()) + 1
     token, logprobs = sample(logits)
     mx.async_eval(token, logprobs)
-    while True:
+    n = 1  # tokens sampled
+    while max_tokens is None or n < max_tokens:
         pos = mx.full((3, 1, 1), next_pos, dtype=mx.int32)
         next_logits = model.language_model(embed(token.reshape(1, 1)), pos, cache=cache)
         next_token, next_logprobs = sample(next_logits[:, -1, :])
@@ -346,6 +349,8 @@ def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step
         yield int(token.item()), logprobs[0]
         token, logprobs = next_token, next_logprobs
         next_pos += 1
+        n += 1
+    yield int(token.item()), logprobs[0]
 
 
 def image_grids(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[tuple]:
@@ -700,9 +705,13 @@ def stream_generate(
     tokens, out, t_first, fed, tok, logprobs, finish = [], "", None, 0, None, None, "length"
     try:
         with wired_limit():
-            steps = generate_step(model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors)
+            # a cache made here is dropped after the call: the last token need not go into it (no step past it)
+            limit = max_tokens if prompt_cache is None else None
+            steps = generate_step(model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors,
+                                  limit)
             for tok, logprobs in steps:
-                fed += 1  # generate_step has written `tok` into the cache before yielding it
+                # generate_step has written `tok` into the cache before yielding it (all but the last of `limit`)
+                fed += 1 if limit is None or fed + 1 < limit else 0
                 if t_first is None:
                     t_first = time.perf_counter()
                 if tok in eos:
