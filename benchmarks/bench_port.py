@@ -25,6 +25,13 @@ teacher-forced decode log-probs between the two, so the comparison is apples to 
 Prints a table (ratio = mlx-vlm time / our time, > 1 means we are faster; memory: theirs / ours; times are
 the best of the repeats, and the median and the spread (max / min - 1) of each side follow it) and writes
 benchmarks/results/bench_port.json.
+
+``--e2e`` instead times both libraries end to end through their public API, each with its defaults, on one
+converted directory (`write_e2e_checkpoint`): ``mlx_compact.load`` + ``mlx_compact.stream_generate`` against
+``mlx_vlm.load`` + ``mlx_vlm.stream_generate`` (what each library's ``generate`` loops over), alternating after
+one warm-up each: time to the first token, prompt tok/s and decode tok/s; writes
+benchmarks/results/bench_port_e2e.json. Both modes also give each figure in process CPU time, which leaves out
+what other processes time-sharing the core add (the wall-clock figures include it).
 """
 
 import argparse
@@ -45,6 +52,7 @@ from mlx_compact.processor import CLIP_MEAN, CLIP_STD, _PixelConfig, smart_resiz
 IMAGE_HW = (720, 1280)  # height, width
 OUR_DEFAULT_STEP = 512  # mlx_compact.generate.prefill default
 TARGET = 0.95
+CPU_KEYS = ("vision_cpu_s", "prefill_cpu_s", "decode_cpu_tps")  # process CPU time, beside the wall-clock figures
 
 # ----- inputs -------------------------------------------------------------------------------
 
@@ -307,7 +315,9 @@ def load_both(path: Path):
 
 def run_vision(side):
     with common.Peak() as pk:
+        c = time.process_time()
         t, out = common.timed(side.vision)
+        side.cpu = {"vision_cpu_s": time.process_time() - c}  # CPU time: what time-sharing the core adds is left out
     return t, pk.delta, out
 
 
@@ -315,14 +325,15 @@ def run_generate(side, args_, n_decode):
     """One generation: (prefill s = time to first token, decode tok/s, peak delta, tokens)."""
     tokens = []
     with common.Peak() as pk:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen = side.generate(*args_)
         tokens.append(next(gen))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(n_decode):
             tokens.append(next(gen))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         gen.close()
+    side.cpu = {"prefill_cpu_s": c1 - c0, "decode_cpu_tps": n_decode / (c2 - c1)}  # as run_vision's
     return t1 - t0, n_decode / (t2 - t1), pk.delta, tokens
 
 
@@ -366,6 +377,7 @@ def bench_model(model_type, args):
             t, peak, out = run_vision(side)
             res[side.name]["vision_s"].append(t)
             res[side.name]["vision_peak"].append(peak)
+            res[side.name].setdefault("vision_cpu_s", []).append(side.cpu["vision_cpu_s"])
             outs[side.name] = out
             print(f"  vision  {side.name:8s} {t:7.2f}s  peak +{peak / common.MiB:7.0f} MiB", flush=True)
 
@@ -393,6 +405,8 @@ def bench_model(model_type, args):
             res[side.name]["prefill_s"].append(tp)
             res[side.name]["decode_tps"].append(tps)
             res[side.name]["generate_peak"].append(peak)
+            for k, v in side.cpu.items():
+                res[side.name].setdefault(k, []).append(v)
             toks[side.name] = tk
             print(f"  prefill {side.name:8s} {tp:7.2f}s  decode {tps:6.2f} tok/s  peak +{peak / common.MiB:7.0f} MiB",
                   flush=True)
@@ -428,6 +442,7 @@ def bench_model(model_type, args):
             "generate_peak_mib": max(s["generate_peak"]) / common.MiB,
             "runs": s,
         }
+        summary[name]["cpu_median"] = {k: float(np.median(s[k])) for k in CPU_KEYS if s.get(k)}
     out = {
         "model": common.NAMES[model_type],
         "model_type": model_type,
@@ -477,11 +492,212 @@ def table(results, args):
             f"tok/s ({mo['decode_tok_s'] / mt['decode_tok_s']:.2f}x); spread (max/min - 1) ours / mlx-vlm: "
             + ", ".join(f"{k.split('_')[0]} {100 * o['spread'][k]:.0f}% / {100 * t['spread'][k]:.0f}%"
                         for k in ("vision_s", "prefill_s", "decode_tps")))
+    for r in results:
+        o, t = r["summary"]["ours"].get("cpu_median", {}), r["summary"]["mlx-vlm"].get("cpu_median", {})
+        if all(k in o and k in t for k in CPU_KEYS):
+            rows.append(
+                f"{r['model']:14s} CPU-time medians: vision {o['vision_cpu_s']:.2f} vs {t['vision_cpu_s']:.2f} s "
+                f"({t['vision_cpu_s'] / o['vision_cpu_s']:.2f}x), prefill {o['prefill_cpu_s']:.2f} vs "
+                f"{t['prefill_cpu_s']:.2f} s ({t['prefill_cpu_s'] / o['prefill_cpu_s']:.2f}x), decode "
+                f"{o['decode_cpu_tps']:.2f} vs {t['decode_cpu_tps']:.2f} tok/s ({o['decode_cpu_tps'] / t['decode_cpu_tps']:.2f}x)")
     head = f"{'model':14s} {'figure':20s} {'ours':>10s} {'mlx-vlm':>10s} {'ratio':>8s}"
     note = ("ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
             "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
             "  prefill includes embedding, final norm and lm_head).")
     return "\n".join([head, "-" * len(head)] + rows + [note])
+
+
+# ----- end to end: each library's public load + generate on one converted directory -------------
+
+TINY = Path(__file__).resolve().parent.parent / "mlx_compact" / "assets" / "qwen3-vl-tiny"
+E2E_PROMPT = "what colour is the circle at the top left ?"  # words of the tiny model's vocabulary
+E2E_IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4}
+
+
+def write_e2e_checkpoint(model_type: str, args, path: Path) -> Path:
+    """A converted directory as ``convert`` writes one (`convert.save_weights`: mlx-vlm's layout, float32;
+    config.json through `convert._mlx_config`) at real widths and reduced depth, with random weights as in
+    the side-by-side mode; the tokenizer, chat template and generation config of the shipped tiny model (a
+    word-level vocabulary of 65 ids, 0-7 special) and the release's image preprocessing for the model (patch
+    size, mean/std; the pixel bounds of `make_image_rows`), plus the 1280x720 image as image.png.
+
+    The embedding rows (tied with the output head) of ids outside that vocabulary and of its special tokens
+    are zero, so every greedy token is a word both tokenizers decode and none ends the reply: both libraries
+    generate exactly the tokens asked for.
+    """
+    import json
+    import shutil
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from convert.convert import _mlx_config, save_config, save_weights
+    from mlx_compact.processor import CLIP_MEAN, CLIP_STD
+
+    if (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = common.CONFIGS[model_type](args.llm_layers, args.vit_layers)
+    cfg.update(E2E_IDS, eos_token_id=2)
+    if "text_config" in cfg:
+        cfg["text_config"]["eos_token_id"] = 2
+    model = common.build_ours(cfg)
+    weights = common.random_weights(model, seed=args.seed)
+    name = "language_model.model.embed_tokens.weight"
+    words = len(json.loads((TINY / "tokenizer.json").read_text())["model"]["vocab"])
+    rows = mx.arange(weights[name].shape[0])[:, None]
+    weights[name] = mx.where((rows >= 8) & (rows < words), weights[name], 0.0)
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    save_weights(path, model, progress=False)
+    save_config(_mlx_config(cfg, model), path / "config.json")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(TINY / f, path / f)
+    qwen3 = model_type.startswith("qwen3_vl")
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28}
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5] * 3 if qwen3 else list(CLIP_MEAN), "image_std": [0.5] * 3 if qwen3 else list(CLIP_STD),
+        "merge_size": 2, "patch_size": 16 if qwen3 else 14, "temporal_patch_size": 2, "resample": 3,
+        "rescale_factor": 1 / 255, **pixels,
+        "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+    }, indent=2))
+    rng = np.random.default_rng(args.seed)  # the image of make_image_rows
+    small = rng.integers(0, 256, (IMAGE_HW[0] // 16, IMAGE_HW[1] // 16, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((IMAGE_HW[1], IMAGE_HW[0]), Image.Resampling.BILINEAR).save(path / "image.png")
+    return path
+
+
+def e2e_run(name: str, model, processor, image: str, max_tokens: int, peak: bool = True) -> dict:
+    """One public streaming generation with the library's defaults, timed from the call: time to the first
+    token (image load, preprocessing, vision, prefill), decode tokens/s after it, total; the library's own
+    figures. ``generate`` in both libraries is a loop over this ``stream_generate``."""
+    import mlx_vlm
+
+    import mlx_compact
+
+    with common.Peak() as pk:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if name == "ours":
+            gen = mlx_compact.stream_generate(model, processor, E2E_PROMPT, [image], max_tokens=max_tokens)
+        else:
+            from mlx_vlm.prompt_utils import apply_chat_template
+
+            prompt = apply_chat_template(processor, model.config, E2E_PROMPT, num_images=1)
+            gen = mlx_vlm.stream_generate(model, processor, prompt, image=[image], max_tokens=max_tokens)
+        t_first, text, last = None, "", None
+        for r in gen:
+            if t_first is None:
+                t_first, c_first = time.perf_counter(), time.process_time()
+            text += r.text
+            last = r
+        t_end, c_end = time.perf_counter(), time.process_time()
+    if name == "ours":
+        n, prompt_tokens = last.stats["generation_tokens"], last.stats["prompt_tokens"]
+        own = {"ttft_s": last.stats["ttft_s"], "decode_tok_s": last.stats["decode_tokens_per_s"]}
+    else:
+        n, prompt_tokens = last.generation_tokens, last.prompt_tokens
+        own = {"prompt_tok_s": last.prompt_tps, "generation_tok_s": last.generation_tps}
+    return {"ttft_s": t_first - t0, "decode_tok_s": (n - 1) / (t_end - t_first) if n > 1 else None,
+            "total_s": t_end - t0, "prompt_tokens": prompt_tokens, "generated_tokens": n,
+            "prompt_tok_s": prompt_tokens / (t_first - t0), "peak_mib": pk.delta / common.MiB, "text": text,
+            "cpu_ttft_s": c_first - c0, "cpu_decode_tok_s": (n - 1) / (c_end - c_first) if n > 1 else None,
+            "own_report": own}
+
+
+def bench_e2e(model_type: str, args) -> dict:
+    """Both libraries' public ``load`` and streaming ``generate`` on one converted directory, each with its
+    defaults (ours: float32 on the CPU, prefill chunks of 512; mlx-vlm: the stored dtype, chunks of 2048),
+    alternating ours / mlx-vlm after one untimed warm-up generation each."""
+    import shutil
+    import tempfile
+
+    import mlx_vlm
+
+    import mlx_compact
+
+    print(f"\n=== e2e: {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
+          flush=True)
+    keep = args.e2e_dir is not None
+    root = Path(args.e2e_dir) if keep else Path(tempfile.mkdtemp(prefix="mlx-compact-e2e-"))
+    path = root / f"{model_type}-{args.llm_layers}l-{args.vit_layers}v-s{args.seed}"
+    try:
+        t = time.perf_counter()
+        write_e2e_checkpoint(model_type, args, path)
+        print(f"converted directory {path} ready in {time.perf_counter() - t:.1f}s", flush=True)
+        t = time.perf_counter()
+        sides = {"ours": mlx_compact.load(str(path))}
+        load_s = {"ours": time.perf_counter() - t}
+        t = time.perf_counter()
+        sides["mlx-vlm"] = mlx_vlm.load(str(path))
+        load_s["mlx-vlm"] = time.perf_counter() - t
+        dtypes = {k: str(m.language_model.model.embed_tokens.weight.dtype) for k, (m, _) in sides.items()}
+        print(f"load: ours {load_s['ours']:.1f}s, mlx-vlm {load_s['mlx-vlm']:.1f}s; dtypes {dtypes}", flush=True)
+        image, n_tok = str(path / "image.png"), args.decode + 1
+        for name, (m, pr) in sides.items():  # warm-up (first-call costs), untimed
+            e2e_run(name, m, pr, image, 2)
+        runs = {k: [] for k in sides}
+        for r in range(args.repeats):
+            for name in (("ours", "mlx-vlm") if r % 2 == 0 else ("mlx-vlm", "ours")):
+                m, pr = sides[name]
+                res = e2e_run(name, m, pr, image, n_tok)
+                gc.collect()
+                runs[name].append(res)
+                print(f"  e2e {name:8s} TTFT {res['ttft_s']:6.2f}s ({res['prompt_tok_s']:6.1f} prompt tok/s)  "
+                      f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f}s  "
+                      f"peak +{res['peak_mib']:6.0f} MiB", flush=True)
+    finally:
+        sides = None
+        gc.collect()
+        mx.clear_cache()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    texts = {k: v[-1]["text"] for k, v in runs.items()}
+    prompts = {k: v[-1]["prompt_tokens"] for k, v in runs.items()}
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {}
+        for k in ("ttft_s", "prompt_tok_s", "decode_tok_s", "total_s", "peak_mib", "cpu_ttft_s", "cpu_decode_tok_s"):
+            xs = [x[k] for x in rs]
+            summary[name][k] = {"median": float(np.median(xs)), "min": min(xs), "max": max(xs)}
+    check = {"prompt_tokens_equal": prompts["ours"] == prompts["mlx-vlm"], "prompt_tokens": prompts["ours"],
+             "texts_equal": texts["ours"] == texts["mlx-vlm"], "texts": texts}
+    print(f"  check: prompt tokens {prompts}, same text: {check['texts_equal']}", flush=True)
+    return {"model": common.NAMES[model_type], "model_type": model_type, "llm_layers": args.llm_layers,
+            "vit_layers": args.vit_layers, "generated_tokens": n_tok, "load_s": load_s, "dtypes": dtypes,
+            "check": check, "summary": summary, "runs": runs}
+
+
+def e2e_table(results) -> str:
+    """Medians (min-max) of each side; ratio of the medians, > 1 = we are faster."""
+    head = f"{'model':14s} {'figure':16s} {'ours':>22s} {'mlx-vlm':>22s} {'ratio':>7s}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        for k, label, higher in (("ttft_s", "TTFT s", False), ("prompt_tok_s", "prompt tok/s", True),
+                                 ("decode_tok_s", "decode tok/s", True), ("total_s", "total s", False),
+                                 ("cpu_ttft_s", "CPU TTFT s", False), ("cpu_decode_tok_s", "CPU decode tok/s", True)):
+            o, t = r["summary"]["ours"][k], r["summary"]["mlx-vlm"][k]
+            ratio = o["median"] / t["median"] if higher else t["median"] / o["median"]
+            cells = [f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" for x in (o, t)]
+            rows.append(f"{r['model']:14s} {label:16s} {cells[0]:>22s} {cells[1]:>22s} {ratio:6.2f}x")
+    rows.append("TTFT: from the stream_generate call to the first token (image load, preprocessing, vision, prefill);\n"
+                "prompt tok/s: prompt tokens / TTFT; decode: tokens after the first / their time; CPU: the same with the\n"
+                "process's CPU time (time-sharing of the core left out). Medians (min-max); ratio > 1 = we are faster.")
+    return "\n".join(rows)
+
+
+def main_e2e(args, env) -> None:
+    t0 = time.perf_counter()
+    results = [bench_e2e(m.strip(), args) for m in args.models.split(",") if m.strip()]
+    print()
+    print(e2e_table(results))
+    total = time.perf_counter() - t0
+    print(f"total {total:.0f}s")
+    out = "bench_port_e2e.json" if args.out == "bench_port.json" else args.out
+    path = common.write_json(out, {"environment": env, "args": vars(args), "total_s": total, "results": results})
+    print(f"wrote {path}")
 
 
 def main():
@@ -494,6 +710,10 @@ def main():
     p.add_argument("--prefill-step", default=str(OUR_DEFAULT_STEP),
                    help="chunk for both, or 'default' (ours 512, mlx-vlm 2048)")
     p.add_argument("--check-steps", type=int, default=3, help="teacher-forced decode steps compared")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end instead: both libraries' public load + stream_generate with their defaults on one "
+                        "converted directory (writes bench_port_e2e.json)")
+    p.add_argument("--e2e-dir", default=None, help="keep (and reuse) the --e2e converted directories here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_port.json")
     p.add_argument("--ckpt-dir", default="/tmp/mlx-compact-bench",
@@ -503,6 +723,8 @@ def main():
     env = common.environment()
     print(f"MLX {env['mlx']} on {env['device']} ({env['device_info'].get('device_name', '?')}), "
           f"BLAS: {env['blas']}, mlx-vlm {env['mlx_vlm']}, {env['cpus']} CPUs, float32")
+    if args.e2e:
+        return main_e2e(args, env)
     t0 = time.perf_counter()
     results = [bench_model(m.strip(), args) for m in args.models.split(",") if m.strip()]
     print()
