@@ -15,10 +15,10 @@ import os
 import platform
 import time
 
-import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 import mlx.core as mx
 from mlx_lm.models import cache as lm_cache
 
+import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from mlx_compact import _blas
 from mlx_compact.cache import FixedKVCache
 from mlx_compact.models.language import cache_attention
@@ -112,8 +112,10 @@ def main():
             print(f"{kind:<24}{ctx:>9}{ms:>15.2f}{nbytes / 2**20:>14.1f}", flush=True)
 
     every = max(1, args.decode // 20)
-    print(f"\nactive memory (MiB above start, {args.layers} layers) every {every} tokens of a "
-          f"{args.decode}-token decode; fixed/rotating capacity {args.capacity}")
+    print(
+        f"\nactive memory (MiB above start, {args.layers} layers) every {every} tokens of a "
+        f"{args.decode}-token decode; fixed/rotating capacity {args.capacity}"
+    )
     memory = {}
     for kind in KINDS:
         memory[kind] = memory_over_decode(kind, args.decode, args.capacity, args.layers, every)

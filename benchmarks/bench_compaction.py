@@ -20,10 +20,10 @@ import os
 import platform
 import time
 
-import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
+import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from mlx_compact import _blas, memory
 from mlx_compact.compaction import ENCODER_METHODS, METHODS, Compaction, assemble, tower_hooks
 from mlx_compact.generate import make_cache, prefill, prepare_ids
@@ -34,21 +34,54 @@ IMAGE_HW = (1080, 1920)
 TEXT = dict(vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768, bos_token_id=0, eos_token_id=1)
 MODELS = {
     "qwen2_5_vl": dict(  # Qwen2.5-VL-3B widths
-        text=dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        vision=dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
-                    tokens_per_second=2, hidden_act="silu"),
+        text=dict(
+            hidden_size=2048,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            intermediate_size=11008,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=112,
+            tokens_per_second=2,
+            hidden_act="silu",
+        ),
         real=dict(vit=32, llm=36, fullatt=[7, 15, 23, 31]),
     ),
     "qwen3_vl": dict(  # Qwen3-VL-2B widths
-        text=dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  intermediate_size=6144,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True}),
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=2304,
-                    hidden_act="gelu_pytorch_tanh"),
+        text=dict(
+            hidden_size=2048,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=6144,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            num_position_embeddings=2304,
+            hidden_act="gelu_pytorch_tanh",
+        ),
         real=dict(vit=24, llm=28, deepstack=[5, 11, 17]),
     ),
 }
@@ -169,12 +202,25 @@ def main():
         base = assemble(model, ids, blocks, positions, merged, None, deepstack=ds)
         base_pre, base_dec = llm(model, base, a.repeats, a.decode)
         n = base.visual_tokens[0]["before"]
-        row0 = dict(model=arch, op="none", keep=1.0, mode="-", visual_tokens=n, prompt_tokens=len(base.input_ids),
-                    kv_bytes=kv_bytes(model, len(base.input_ids)), vision_s=vis, compaction_s=0.0, prefill_s=base_pre,
-                    ttft_s=vis + base_pre, decode_tok_s=base_dec)
+        row0 = dict(
+            model=arch,
+            op="none",
+            keep=1.0,
+            mode="-",
+            visual_tokens=n,
+            prompt_tokens=len(base.input_ids),
+            kv_bytes=kv_bytes(model, len(base.input_ids)),
+            vision_s=vis,
+            compaction_s=0.0,
+            prefill_s=base_pre,
+            ttft_s=vis + base_pre,
+            decode_tok_s=base_dec,
+        )
         rows.append(row0)
-        print(f"{arch}: image {IMAGE_HW[1]}x{IMAGE_HW[0]} -> patch grid {grid[0]}, {n} visual tokens, prompt "
-              f"{len(ids)}; per LLM layer prefill {base_pre / a.llm_layers:.2f} s, per ViT block {vis / a.vit_blocks:.2f} s")
+        print(
+            f"{arch}: image {IMAGE_HW[1]}x{IMAGE_HW[0]} -> patch grid {grid[0]}, {n} visual tokens, prompt "
+            f"{len(ids)}; per LLM layer prefill {base_pre / a.llm_layers:.2f} s, per ViT block {vis / a.vit_blocks:.2f} s"
+        )
         attention = None
         for mode in a.modes.split(","):
             for op in a.ops.split(","):
@@ -192,8 +238,17 @@ def main():
                             probe = attention_s
 
                         def run():
-                            r = assemble(model, ids, blocks, positions, merged, c, deepstack=ds,
-                                         attention=attention if op == "saliency" else None, prompt_ids=question)
+                            r = assemble(
+                                model,
+                                ids,
+                                blocks,
+                                positions,
+                                merged,
+                                c,
+                                deepstack=ds,
+                                attention=attention if op == "saliency" else None,
+                                prompt_ids=question,
+                            )
                             mx.eval(r.embeds, r.deepstack)
                             return r
 
@@ -209,10 +264,22 @@ def main():
                         _, (p, sel_s) = timed(run, a.repeats)
                         v_s, comp_s = p.vision_s - sel_s, sel_s + p.compaction_s
                     pre, dec = llm(model, p, a.repeats, a.decode)
-                    rows.append(dict(model=arch, op=op, keep=keep, mode=mode, visual_tokens=p.visual_tokens[0]["after"],
-                                     prompt_tokens=len(p.input_ids), kv_bytes=kv_bytes(model, len(p.input_ids)),
-                                     vision_s=v_s, compaction_s=comp_s, prefill_s=pre, ttft_s=v_s + comp_s + pre,
-                                     decode_tok_s=dec))
+                    rows.append(
+                        dict(
+                            model=arch,
+                            op=op,
+                            keep=keep,
+                            mode=mode,
+                            visual_tokens=p.visual_tokens[0]["after"],
+                            prompt_tokens=len(p.input_ids),
+                            kv_bytes=kv_bytes(model, len(p.input_ids)),
+                            vision_s=v_s,
+                            compaction_s=comp_s,
+                            prefill_s=pre,
+                            ttft_s=v_s + comp_s + pre,
+                            decode_tok_s=dec,
+                        )
+                    )
                     print_row(rows[-1], row0)
     print("\n" + table(rows))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
@@ -222,26 +289,61 @@ def main():
 
 
 def print_row(r, b):
-    print(f"  {r['mode']:7s} {r['op']:9s} keep {r['keep']:.2f}: {r['visual_tokens']:5d} tok  KV x{r['kv_bytes'] / b['kv_bytes']:.2f}"
-          f"  prefill x{r['prefill_s'] / b['prefill_s']:.2f}  TTFT x{r['ttft_s'] / b['ttft_s']:.2f}"
-          f"  overhead {100 * r['compaction_s'] / r['ttft_s']:.2f}%", flush=True)
+    print(
+        f"  {r['mode']:7s} {r['op']:9s} keep {r['keep']:.2f}: {r['visual_tokens']:5d} tok  KV x{r['kv_bytes'] / b['kv_bytes']:.2f}"
+        f"  prefill x{r['prefill_s'] / b['prefill_s']:.2f}  TTFT x{r['ttft_s'] / b['ttft_s']:.2f}"
+        f"  overhead {100 * r['compaction_s'] / r['ttft_s']:.2f}%",
+        flush=True,
+    )
 
 
 def table(rows):
-    head = ("model", "mode", "op", "keep", "vis tok", "KV MB", "KV x", "vision s", "comp ms", "prefill s", "prefill x",
-            "TTFT s", "TTFT x", "ovh %", "dec tok/s")
+    head = (
+        "model",
+        "mode",
+        "op",
+        "keep",
+        "vis tok",
+        "KV MB",
+        "KV x",
+        "vision s",
+        "comp ms",
+        "prefill s",
+        "prefill x",
+        "TTFT s",
+        "TTFT x",
+        "ovh %",
+        "dec tok/s",
+    )
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {}
     for r in rows:
         if r["op"] == "none":
             base[r["model"]] = r
         b = base[r["model"]]
-        out.append("| " + " | ".join([
-            r["model"], r["mode"], r["op"], f"{r['keep']:.2f}", str(r["visual_tokens"]), f"{r['kv_bytes'] / 2**20:.1f}",
-            f"{r['kv_bytes'] / b['kv_bytes']:.2f}", f"{r['vision_s']:.2f}", f"{1000 * r['compaction_s']:.0f}",
-            f"{r['prefill_s']:.2f}", f"{r['prefill_s'] / b['prefill_s']:.2f}", f"{r['ttft_s']:.2f}",
-            f"{r['ttft_s'] / b['ttft_s']:.2f}", f"{100 * r['compaction_s'] / r['ttft_s']:.2f}", f"{r['decode_tok_s']:.1f}",
-        ]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    r["mode"],
+                    r["op"],
+                    f"{r['keep']:.2f}",
+                    str(r["visual_tokens"]),
+                    f"{r['kv_bytes'] / 2**20:.1f}",
+                    f"{r['kv_bytes'] / b['kv_bytes']:.2f}",
+                    f"{r['vision_s']:.2f}",
+                    f"{1000 * r['compaction_s']:.0f}",
+                    f"{r['prefill_s']:.2f}",
+                    f"{r['prefill_s'] / b['prefill_s']:.2f}",
+                    f"{r['ttft_s']:.2f}",
+                    f"{r['ttft_s'] / b['ttft_s']:.2f}",
+                    f"{100 * r['compaction_s'] / r['ttft_s']:.2f}",
+                    f"{r['decode_tok_s']:.1f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 

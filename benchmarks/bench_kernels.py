@@ -15,10 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 import mlx_compact  # noqa: F401  (before mlx.core: loads OpenBLAS on Linux)
-import mlx.core as mx
 from mlx_compact import _blas
 from mlx_compact.kernels import rows
 
@@ -44,10 +44,12 @@ def bench_gather(n, d, k, repeat):
     shape = f"[{n}, {d}] keep {k}"
     return [
         ("gather_rows twin: take(axis=0)", shape, timeit(lambda: rows._gather_mlx(x, index), repeat)),
-        ("naive: gather + scatter to full length", shape,
-         timeit(lambda: mx.zeros_like(x).at[index].add(mx.take(x, index, axis=0)), repeat)),
-        ("naive: where(mask) full length", shape,
-         timeit(lambda: mx.where(mask[:, None], x, 0.0), repeat)),
+        (
+            "naive: gather + scatter to full length",
+            shape,
+            timeit(lambda: mx.zeros_like(x).at[index].add(mx.take(x, index, axis=0)), repeat),
+        ),
+        ("naive: where(mask) full length", shape, timeit(lambda: mx.where(mask[:, None], x, 0.0), repeat)),
     ]
 
 
@@ -64,8 +66,8 @@ def bench_merge(n, d, k, repeat):
     def naive():
         parts = []
         for a, b in zip(offsets[:-1], offsets[1:]):
-            wj = w[int(a):int(b)]
-            parts.append((wj[:, None] * x[m[int(a):int(b)]]).sum(0, keepdims=True) / wj.sum())
+            wj = w[int(a) : int(b)]
+            parts.append((wj[:, None] * x[m[int(a) : int(b)]]).sum(0, keepdims=True) / wj.sum())
         return mx.concatenate(parts)
 
     shape = f"[{n}, {d}] into {k}"
@@ -81,10 +83,12 @@ def bench_quantize(heads, cached, chunk, dim, repeat):
     mx.eval(cache, new)
     shape = f"[1, {heads}, {chunk}, {dim}] onto {cached}"
     return [
-        ("quantize_rows twin: quantize new chunk", shape,
-         timeit(lambda: rows._quantize_mlx(new, 64, 4), repeat)),
-        ("naive: concatenate + quantize all", shape,
-         timeit(lambda: mx.quantize(mx.concatenate([cache, new], axis=2), 64, 4), repeat)),
+        ("quantize_rows twin: quantize new chunk", shape, timeit(lambda: rows._quantize_mlx(new, 64, 4), repeat)),
+        (
+            "naive: concatenate + quantize all",
+            shape,
+            timeit(lambda: mx.quantize(mx.concatenate([cache, new], axis=2), 64, 4), repeat),
+        ),
     ]
 
 
@@ -99,7 +103,7 @@ def ring_writes(updates, keep_view, shape=(1, 8, 8192, 128), step=4):
     for u in range(updates):
         i = (u * step) % shape[2]
         before = mx.get_active_memory()
-        ring[..., i:i + step, :] = chunk
+        ring[..., i : i + step, :] = chunk
         mx.eval(ring)
         growth.append(mx.get_active_memory() - before)
         if keep_view:
@@ -136,12 +140,16 @@ def main():
     for name, shape, ms in rows_out:
         print(f"{name:42s} {shape:34s} {ms:9.3f}")
     print()
-    print(f"{'ring write (slice assignment)':42s} {'updates':>8s} {'drift MiB':>10s} "
-          f"{'alloc/update MiB':>17s} {'ms/update':>10s}")
+    print(
+        f"{'ring write (slice assignment)':42s} {'updates':>8s} {'drift MiB':>10s} "
+        f"{'alloc/update MiB':>17s} {'ms/update':>10s}"
+    )
     for r in ring:
         label = "with a second view alive" if r["second_reference"] else "sole reference (in place)"
-        print(f"{label:42s} {r['updates']:8d} {r['active_drift_mib']:10.2f} "
-              f"{r['mean_alloc_per_update_mib']:17.2f} {r['ms_per_update']:10.3f}")
+        print(
+            f"{label:42s} {r['updates']:8d} {r['active_drift_mib']:10.2f} "
+            f"{r['mean_alloc_per_update_mib']:17.2f} {r['ms_per_update']:10.3f}"
+        )
 
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,13 @@ from PIL import Image  # noqa: E402
 
 from mlx_compact import _blas  # noqa: E402
 from mlx_compact.generate import (  # noqa: E402
-    _sampler, generate, generate_step, image_patches, make_cache, pin_point, prepare,
+    _sampler,
+    generate,
+    generate_step,
+    image_patches,
+    make_cache,
+    pin_point,
+    prepare,
 )
 from mlx_compact.memory import MemoryPlanError, device_budget, fmt_bytes, plan, weights_bytes  # noqa: E402
 from mlx_compact.processor import CLIP_MEAN, CLIP_STD, Processor  # noqa: E402
@@ -54,11 +60,23 @@ PROMPT = "Describe this image in detail."
 
 # the checkpoints' preprocessor configs (pixel budgets as shipped)
 PIXELS = {
-    "qwen2_5_vl": {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 3136,
-                   "max_pixels": 12845056, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)},
-    "qwen3_vl": {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
-                 "size": {"shortest_edge": 65536, "longest_edge": 16777216},
-                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+    "qwen2_5_vl": {
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    },
+    "qwen3_vl": {
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    },
 }
 PIXELS["qwen3_vl_moe"] = PIXELS["qwen3_vl"]  # Qwen3-VL-30B-A3B ships Qwen3-VL's preprocessor config
 
@@ -68,8 +86,12 @@ def tiny_token_ids(cfg: dict) -> dict:
     from tiny_checkpoints import TOKEN_IDS
 
     cfg = copy.deepcopy(cfg)
-    ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
-           "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    ids = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
     for key, tok in ids.items():
         cfg[key] = TOKEN_IDS[tok]
     for c in (cfg, cfg.get("text_config", {})):
@@ -118,8 +140,14 @@ def measure_generate(model, proc, image, max_tokens: int) -> dict:
     r = generate(model, proc, PROMPT, [image], max_tokens=max_tokens, fit="refuse", memory_budget=budget)
     mx.synchronize()
     peak = mx.get_peak_memory()
-    return {"base": base, "peak": peak, "above_base": peak - base, "prompt_tokens": r.stats["prompt_tokens"],
-            "generated": r.stats["generation_tokens"], "stats_peak": r.stats["peak_memory_bytes"]}
+    return {
+        "base": base,
+        "peak": peak,
+        "above_base": peak - base,
+        "prompt_tokens": r.stats["prompt_tokens"],
+        "generated": r.stats["generation_tokens"],
+        "stats_peak": r.stats["peak_memory_bytes"],
+    }
 
 
 def measure_stages(model, proc, image, max_tokens: int) -> dict:
@@ -140,8 +168,15 @@ def measure_stages(model, proc, image, max_tokens: int) -> dict:
     mx.synchronize()
     llm = mx.get_peak_memory() - base2
     kv = sum(c.nbytes for c in cache)
-    out = {"vision": vision, "llm": llm, "llm_held_before": base2 - base, "kv_allocated": kv,
-           "vision_s": t_vision, "llm_s": time.perf_counter() - t, "patches": int(np.prod(prep_grid(proc, image)))}
+    out = {
+        "vision": vision,
+        "llm": llm,
+        "llm_held_before": base2 - base,
+        "kv_allocated": kv,
+        "vision_s": t_vision,
+        "llm_s": time.perf_counter() - t,
+        "patches": int(np.prod(prep_grid(proc, image))),
+    }
     del prep, cache
     return out
 
@@ -168,8 +203,13 @@ def check_refusal(model, proc, image) -> dict:
         del model.encode
     mx.synchronize()
     allocated = max(0, mx.get_peak_memory() - base)  # the peak stays 0 when nothing was allocated
-    return {"budget": budget, "raised": raised, "encoder_called": bool(called), "peak_above_base": allocated,
-            "message": msg}
+    return {
+        "budget": budget,
+        "raised": raised,
+        "encoder_called": bool(called),
+        "peak_above_base": allocated,
+        "message": msg,
+    }
 
 
 def main():
@@ -182,8 +222,10 @@ def main():
     ap.add_argument("--stages", action="store_true", help="also measure the vision and LLM stages apart")
     args = ap.parse_args()
     print(f"BLAS: {_blas.BLAS}")
-    print(f"mlx {mx.__version__}, device {mx.default_device()}, float32, {args.llm_layers} LLM layers, "
-          f"{args.vit_layers} ViT blocks, full vocabulary\n")
+    print(
+        f"mlx {mx.__version__}, device {mx.default_device()}, float32, {args.llm_layers} LLM layers, "
+        f"{args.vit_layers} ViT blocks, full vocabulary\n"
+    )
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     rows, refusals = [], {}
     for mt in args.models.split(","):
@@ -196,46 +238,65 @@ def main():
             m = measure_generate(model, proc, image, args.max_tokens)
             s = None if not args.stages else measure_stages(model, proc, image, args.max_tokens)
             row = {
-                "model": common.NAMES[mt], "image": f"{w}x{h}", "patches": sum(image_patches(proc, [image])),
+                "model": common.NAMES[mt],
+                "image": f"{w}x{h}",
+                "patches": sum(image_patches(proc, [image])),
                 "prompt_tokens": m["prompt_tokens"],
                 "plan": {"weights": p.weights, "kv": p.kv, "vision": p.vision, "prefill": p.prefill, "peak": p.peak},
-                "measured": m, "stages": s,
+                "measured": m,
+                "stages": s,
                 "peak_ratio": p.peak / m["peak"],
                 "activation_ratio": (p.peak - p.weights) / m["above_base"],
             }
             rows.append(row)
-            line = (f"  {w}x{h}: patches {row['patches']}, prompt {m['prompt_tokens']} tok | peak plan "
-                    f"{fmt_bytes(p.peak)} measured {fmt_bytes(m['peak'])} ({row['peak_ratio']:.3f}) | above weights "
-                    f"plan {fmt_bytes(p.peak - p.weights)} measured {fmt_bytes(m['above_base'])} "
-                    f"({row['activation_ratio']:.3f})")
+            line = (
+                f"  {w}x{h}: patches {row['patches']}, prompt {m['prompt_tokens']} tok | peak plan "
+                f"{fmt_bytes(p.peak)} measured {fmt_bytes(m['peak'])} ({row['peak_ratio']:.3f}) | above weights "
+                f"plan {fmt_bytes(p.peak - p.weights)} measured {fmt_bytes(m['above_base'])} "
+                f"({row['activation_ratio']:.3f})"
+            )
             if s:
-                line += (f"\n      vision plan {fmt_bytes(p.vision)} measured {fmt_bytes(s['vision'])} "
-                         f"({p.vision / s['vision']:.3f}); kv+prefill plan {fmt_bytes(p.kv + p.prefill)} measured "
-                         f"{fmt_bytes(s['llm'])} ({(p.kv + p.prefill) / max(s['llm'], 1):.3f}), "
-                         f"kv alloc {fmt_bytes(s['kv_allocated'])} plan {fmt_bytes(p.kv)}; "
-                         f"vision {s['vision_s']:.1f} s, llm {s['llm_s']:.1f} s")
+                line += (
+                    f"\n      vision plan {fmt_bytes(p.vision)} measured {fmt_bytes(s['vision'])} "
+                    f"({p.vision / s['vision']:.3f}); kv+prefill plan {fmt_bytes(p.kv + p.prefill)} measured "
+                    f"{fmt_bytes(s['llm'])} ({(p.kv + p.prefill) / max(s['llm'], 1):.3f}), "
+                    f"kv alloc {fmt_bytes(s['kv_allocated'])} plan {fmt_bytes(p.kv)}; "
+                    f"vision {s['vision_s']:.1f} s, llm {s['llm_s']:.1f} s"
+                )
             print(line, flush=True)
         refusals[common.NAMES[mt]] = r = check_refusal(model, proc, make_image(*sizes[-1]))
-        print(f"  refusal at budget {fmt_bytes(r['budget'])}: raised={r['raised']}, encoder called="
-              f"{r['encoder_called']}, peak above base {fmt_bytes(r['peak_above_base'])}\n    ...{r['message'][-150:]}",
-              flush=True)
+        print(
+            f"  refusal at budget {fmt_bytes(r['budget'])}: raised={r['raised']}, encoder called="
+            f"{r['encoder_called']}, peak above base {fmt_bytes(r['peak_above_base'])}\n    ...{r['message'][-150:]}",
+            flush=True,
+        )
         del model, proc
         gc.collect()
         mx.clear_cache()
 
-    print(f"\n{'model':<15}{'image':>11}{'patches':>9}{'plan peak':>12}{'measured':>12}{'ratio':>7}"
-          f"{'plan act':>11}{'meas act':>11}{'ratio':>7}{'ok':>4}")
+    print(
+        f"\n{'model':<15}{'image':>11}{'patches':>9}{'plan peak':>12}{'measured':>12}{'ratio':>7}"
+        f"{'plan act':>11}{'meas act':>11}{'ratio':>7}{'ok':>4}"
+    )
     for r in rows:
         m, p = r["measured"], r["plan"]
         ok = abs(r["peak_ratio"] - 1) <= TARGET
-        print(f"{r['model']:<15}{r['image']:>11}{r['patches']:>9}"
-              f"{p['peak'] / 2**20:>10.0f}Mi{m['peak'] / 2**20:>10.0f}Mi"
-              f"{r['peak_ratio']:>7.3f}{(p['peak'] - p['weights']) / 2**20:>9.0f}Mi{m['above_base'] / 2**20:>9.0f}Mi"
-              f"{r['activation_ratio']:>7.3f}{'yes' if ok else 'NO':>4}")
-    path = common.write_json("bench_memory.json", {
-        "environment": common.environment(), "args": vars(args), "target": TARGET, "rows": rows,
-        "refusals": refusals,
-    })
+        print(
+            f"{r['model']:<15}{r['image']:>11}{r['patches']:>9}"
+            f"{p['peak'] / 2**20:>10.0f}Mi{m['peak'] / 2**20:>10.0f}Mi"
+            f"{r['peak_ratio']:>7.3f}{(p['peak'] - p['weights']) / 2**20:>9.0f}Mi{m['above_base'] / 2**20:>9.0f}Mi"
+            f"{r['activation_ratio']:>7.3f}{'yes' if ok else 'NO':>4}"
+        )
+    path = common.write_json(
+        "bench_memory.json",
+        {
+            "environment": common.environment(),
+            "args": vars(args),
+            "target": TARGET,
+            "rows": rows,
+            "refusals": refusals,
+        },
+    )
     print(f"\nwrote {path}")
 
 

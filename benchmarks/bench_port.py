@@ -46,7 +46,8 @@ import common  # noqa: E402  (imports mlx_compact before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_compact.generate import Prepared, generate_step as our_generate_step, make_cache  # noqa: E402
+from mlx_compact.generate import Prepared, make_cache  # noqa: E402
+from mlx_compact.generate import generate_step as our_generate_step
 from mlx_compact.processor import CLIP_MEAN, CLIP_STD, _PixelConfig, smart_resize  # noqa: E402
 
 IMAGE_HW = (720, 1280)  # height, width
@@ -64,8 +65,13 @@ def make_image_rows(model_type: str, seed: int = 0):
     qwen3 = model_type.startswith("qwen3_vl")
     patch = 16 if qwen3 else 14
     pix = _PixelConfig(
-        {"patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
-         "min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28},
+        {
+            "patch_size": patch,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "min_pixels": 56 * 56,
+            "max_pixels": 16384 * 28 * 28,
+        },
         (56 * 56, 16384 * 28 * 28),
         (0.5, 0.5, 0.5) if qwen3 else CLIP_MEAN,
         (0.5, 0.5, 0.5) if qwen3 else CLIP_STD,
@@ -174,9 +180,16 @@ class Theirs:
         lm = self.model.language_model
         lm._position_ids = lm._rope_deltas = None  # fresh generation
         gen = generate_step(
-            self.ids, _Precomputed(self.model, feats), None, None,
-            max_tokens=max_tokens, temperature=0.0, top_p=1.0, top_k=0,
-            prefill_step_size=step, image_grid_thw=self.grid,
+            self.ids,
+            _Precomputed(self.model, feats),
+            None,
+            None,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            prefill_step_size=step,
+            image_grid_thw=self.grid,
         )
         self.logprobs = []
         for tok, logprobs in gen:
@@ -192,13 +205,13 @@ SHARD_BYTES = 2 << 30
 def _release_name(name: str, v: mx.array):
     """Our parameter name and value -> the Qwen release's (transformers 4.57) name and value."""
     if name.startswith("vision_tower."):
-        name = "model.visual." + name[len("vision_tower."):]
+        name = "model.visual." + name[len("vision_tower.") :]
         if name.endswith("patch_embed.proj.weight"):
             v = v.transpose(0, 4, 1, 2, 3)  # [O, T, P, P, C] -> torch [O, C, T, P, P]
     elif name.startswith("language_model.model."):
-        name = "model.language_model." + name[len("language_model.model."):]
+        name = "model.language_model." + name[len("language_model.model.") :]
     elif name.startswith("language_model.lm_head."):
-        name = name[len("language_model."):]
+        name = name[len("language_model.") :]
     return name, v
 
 
@@ -231,8 +244,11 @@ def write_release_checkpoint(cfg: dict, path: Path, seed: int) -> None:
                 if len(pending[prefix]) < 2:
                     continue
                 gu = pending.pop(prefix)
-                out = {prefix + ".experts.gate_up_proj":
-                       mx.concatenate([gu["gate_proj"], gu["up_proj"]], axis=1).swapaxes(1, 2)}  # [E, H, 2I]
+                out = {
+                    prefix + ".experts.gate_up_proj": mx.concatenate([gu["gate_proj"], gu["up_proj"]], axis=1).swapaxes(
+                        1, 2
+                    )
+                }  # [E, H, 2I]
             out = {_release_name(k, w)[0]: mx.contiguous(w) for k, w in out.items()}
         else:
             out = dict([_release_name(name, v)])
@@ -299,8 +315,9 @@ def load_both(path: Path):
         if k not in own:
             raise RuntimeError(f"mlx-vlm has a parameter {k} that ours lacks")
         if v.shape != own[k].shape or v.dtype != own[k].dtype or not mx.array_equal(v, own[k]).item():
-            raise RuntimeError(f"{k}: mlx-vlm read {v.shape} {v.dtype}, ours {own[k].shape} {own[k].dtype}, "
-                               f"or the values differ")
+            raise RuntimeError(
+                f"{k}: mlx-vlm read {v.shape} {v.dtype}, ours {own[k].shape} {own[k].dtype}, or the values differ"
+            )
         shared.append((k, own[k]))
         del v
     if len(shared) != len(own):
@@ -344,8 +361,10 @@ def rel_err(a, b):
 
 def bench_model(model_type, args):
     cfg = common.CONFIGS[model_type](args.llm_layers, args.vit_layers)
-    print(f"\n=== {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
-          flush=True)
+    print(
+        f"\n=== {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
+        flush=True,
+    )
     t = time.perf_counter()
     if model_type == "qwen3_vl_moe":  # through files: our converter's output, read by both
         ours_m, theirs_m, weights = load_both(converted_checkpoint(model_type, cfg, args))
@@ -356,9 +375,12 @@ def bench_model(model_type, args):
     rows, grid, hw = make_image_rows(model_type, args.seed)
     ids = make_prompt(cfg, grid, args.seed)
     n_visual = grid[0] * grid[1] * grid[2] // 4
-    print(f"weights {common.param_bytes(weights) / 2**30:.2f} GiB f32 (vision {common.param_bytes(weights, 'vision_tower') / 2**20:.0f} MiB), "
-          f"built in {time.perf_counter() - t:.1f}s; image {IMAGE_HW[1]}x{IMAGE_HW[0]} -> {hw[1]}x{hw[0]}, "
-          f"grid {grid} = {rows.shape[0]} patches, {n_visual} visual tokens, prompt {len(ids)} tokens", flush=True)
+    print(
+        f"weights {common.param_bytes(weights) / 2**30:.2f} GiB f32 (vision {common.param_bytes(weights, 'vision_tower') / 2**20:.0f} MiB), "
+        f"built in {time.perf_counter() - t:.1f}s; image {IMAGE_HW[1]}x{IMAGE_HW[0]} -> {hw[1]}x{hw[0]}, "
+        f"grid {grid} = {rows.shape[0]} patches, {n_visual} visual tokens, prompt {len(ids)} tokens",
+        flush=True,
+    )
     ours, theirs = Ours(ours_m, rows, grid, ids), Theirs(theirs_m, rows, grid, ids)
     step_ours = OUR_DEFAULT_STEP if args.prefill_step == "default" else int(args.prefill_step)
     step_theirs = None if args.prefill_step != "default" else None
@@ -373,7 +395,7 @@ def bench_model(model_type, args):
     res = {s: {"vision_s": [], "vision_peak": []} for s in ("ours", "mlx-vlm")}
     outs = {}
     for r in range(args.repeats):
-        for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+        for side in (ours, theirs) if r % 2 == 0 else (theirs, ours):
             t, peak, out = run_vision(side)
             res[side.name]["vision_s"].append(t)
             res[side.name]["vision_peak"].append(peak)
@@ -385,7 +407,9 @@ def bench_model(model_type, args):
     o, (tf, tds) = outs["ours"], (outs["mlx-vlm"] if theirs.qwen3 else (outs["mlx-vlm"], []))
     check = {"vision_features_rel_err": rel_err(o.features, tf)}
     if o.deepstack or tds:
-        check["deepstack_rel_err"] = max(rel_err(a, b) for a, b in zip(o.deepstack, tds)) if len(o.deepstack) == len(tds) else float("inf")
+        check["deepstack_rel_err"] = (
+            max(rel_err(a, b) for a, b in zip(o.deepstack, tds)) if len(o.deepstack) == len(tds) else float("inf")
+        )
     del outs, o, tf, tds
 
     prep = ours.prepare(ours.vision())
@@ -398,7 +422,7 @@ def bench_model(model_type, args):
         s.update(prefill_s=[], decode_tps=[], generate_peak=[])
     toks = {}
     for r in range(args.repeats):
-        for side in ((ours, theirs) if r % 2 == 0 else (theirs, ours)):
+        for side in (ours, theirs) if r % 2 == 0 else (theirs, ours):
             gargs = (prep, step_ours) if side is ours else (feats, step_theirs, args.decode + 2)
             tp, tps, peak, tk = run_generate(side, gargs, args.decode)
             gc.collect()
@@ -408,26 +432,36 @@ def bench_model(model_type, args):
             for k, v in side.cpu.items():
                 res[side.name].setdefault(k, []).append(v)
             toks[side.name] = tk
-            print(f"  prefill {side.name:8s} {tp:7.2f}s  decode {tps:6.2f} tok/s  peak +{peak / common.MiB:7.0f} MiB",
-                  flush=True)
+            print(
+                f"  prefill {side.name:8s} {tp:7.2f}s  decode {tps:6.2f} tok/s  peak +{peak / common.MiB:7.0f} MiB",
+                flush=True,
+            )
 
     # --- correctness: first-token and teacher-forced decode log-probs (mlx-vlm's tokens fed to ours)
     theirs_lp = [np.array(lp) for lp in theirs.logprobs[: args.check_steps + 1]]
     ours_lp = ours.teacher_forced_logprobs(prep, toks["mlx-vlm"][: args.check_steps], step_ours)
     check["first_token_logprob_max_abs_diff"] = float(np.abs(np.array(ours_lp[0]) - theirs_lp[0]).max())
-    check["decode_logprob_max_abs_diff"] = max(
-        float(np.abs(np.array(a) - b).max()) for a, b in zip(ours_lp[1:], theirs_lp[1:])) if args.check_steps else None
+    check["decode_logprob_max_abs_diff"] = (
+        max(float(np.abs(np.array(a) - b).max()) for a, b in zip(ours_lp[1:], theirs_lp[1:]))
+        if args.check_steps
+        else None
+    )
     check["greedy_tokens_equal"] = toks["ours"] == toks["mlx-vlm"]
     check["greedy_tokens_agree"] = sum(a == b for a, b in zip(toks["ours"], toks["mlx-vlm"])) / len(toks["ours"])
     check["logprob_scale"] = float(np.abs(theirs_lp[0]).max())
     tol = 1e-3
     check["ok"] = bool(
-        check["vision_features_rel_err"] < tol and check.get("deepstack_rel_err", 0) < tol
-        and check["embeds_rel_err"] < tol and check["positions_equal"]
-        and check["first_token_logprob_max_abs_diff"] < 1e-2 and (check["decode_logprob_max_abs_diff"] or 0) < 1e-2
+        check["vision_features_rel_err"] < tol
+        and check.get("deepstack_rel_err", 0) < tol
+        and check["embeds_rel_err"] < tol
+        and check["positions_equal"]
+        and check["first_token_logprob_max_abs_diff"] < 1e-2
+        and (check["decode_logprob_max_abs_diff"] or 0) < 1e-2
     )
-    print("  check: " + ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()),
-          flush=True)
+    print(
+        "  check: " + ", ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in check.items()),
+        flush=True,
+    )
 
     summary = {}
     for name, s in res.items():
@@ -435,8 +469,11 @@ def bench_model(model_type, args):
             "vision_s": min(s["vision_s"]),
             "prefill_s": min(s["prefill_s"]),
             "decode_tok_s": max(s["decode_tps"]),
-            "median": {"vision_s": float(np.median(s["vision_s"])), "prefill_s": float(np.median(s["prefill_s"])),
-                       "decode_tok_s": float(np.median(s["decode_tps"]))},
+            "median": {
+                "vision_s": float(np.median(s["vision_s"])),
+                "prefill_s": float(np.median(s["prefill_s"])),
+                "decode_tok_s": float(np.median(s["decode_tps"])),
+            },
             "spread": {k: max(s[k]) / min(s[k]) - 1 for k in ("vision_s", "prefill_s", "decode_tps")},
             "vision_peak_mib": max(s["vision_peak"]) / common.MiB,
             "generate_peak_mib": max(s["generate_peak"]) / common.MiB,
@@ -449,8 +486,13 @@ def bench_model(model_type, args):
         "llm_layers": args.llm_layers,
         "vit_layers": args.vit_layers,
         "config": cfg,
-        "image": {"input_hw": IMAGE_HW, "resized_hw": hw, "grid_thw": grid, "patches": rows.shape[0],
-                  "visual_tokens": n_visual},
+        "image": {
+            "input_hw": IMAGE_HW,
+            "resized_hw": hw,
+            "grid_thw": grid,
+            "patches": rows.shape[0],
+            "visual_tokens": n_visual,
+        },
         "prompt_tokens": len(ids),
         "prefill_step": {"ours": step_ours, "mlx-vlm": step_theirs},
         "decode_steps": args.decode,
@@ -466,7 +508,7 @@ def bench_model(model_type, args):
 def table(results, args):
     rows = []
     for r in results:
-        s, o, t = r["summary"], r["summary"]["ours"], r["summary"]["mlx-vlm"]
+        o, t = r["summary"]["ours"], r["summary"]["mlx-vlm"]
         L, V = r["llm_layers"], r["vit_layers"]
         figs = [
             ("vision s", o["vision_s"], t["vision_s"], t["vision_s"] / o["vision_s"]),
@@ -475,8 +517,18 @@ def table(results, args):
             ("  per LLM layer ms*", 1e3 * o["prefill_s"] / L, 1e3 * t["prefill_s"] / L, None),
             ("decode tok/s", o["decode_tok_s"], t["decode_tok_s"], o["decode_tok_s"] / t["decode_tok_s"]),
             ("  ms/token", 1e3 / o["decode_tok_s"], 1e3 / t["decode_tok_s"], None),
-            ("vision peak MiB", o["vision_peak_mib"], t["vision_peak_mib"], t["vision_peak_mib"] / max(o["vision_peak_mib"], 1e-9)),
-            ("generate peak MiB", o["generate_peak_mib"], t["generate_peak_mib"], t["generate_peak_mib"] / max(o["generate_peak_mib"], 1e-9)),
+            (
+                "vision peak MiB",
+                o["vision_peak_mib"],
+                t["vision_peak_mib"],
+                t["vision_peak_mib"] / max(o["vision_peak_mib"], 1e-9),
+            ),
+            (
+                "generate peak MiB",
+                o["generate_peak_mib"],
+                t["generate_peak_mib"],
+                t["generate_peak_mib"] / max(o["generate_peak_mib"], 1e-9),
+            ),
         ]
         for name, a, b, ratio in figs:
             flag = "" if ratio is None else ("" if ratio >= TARGET else "  <-- below 0.95x")
@@ -490,8 +542,11 @@ def table(results, args):
             f"({mt['vision_s'] / mo['vision_s']:.2f}x), prefill {mo['prefill_s']:.2f} vs {mt['prefill_s']:.2f} s "
             f"({mt['prefill_s'] / mo['prefill_s']:.2f}x), decode {mo['decode_tok_s']:.2f} vs {mt['decode_tok_s']:.2f} "
             f"tok/s ({mo['decode_tok_s'] / mt['decode_tok_s']:.2f}x); spread (max/min - 1) ours / mlx-vlm: "
-            + ", ".join(f"{k.split('_')[0]} {100 * o['spread'][k]:.0f}% / {100 * t['spread'][k]:.0f}%"
-                        for k in ("vision_s", "prefill_s", "decode_tps")))
+            + ", ".join(
+                f"{k.split('_')[0]} {100 * o['spread'][k]:.0f}% / {100 * t['spread'][k]:.0f}%"
+                for k in ("vision_s", "prefill_s", "decode_tps")
+            )
+        )
     for r in results:
         o, t = r["summary"]["ours"].get("cpu_median", {}), r["summary"]["mlx-vlm"].get("cpu_median", {})
         if all(k in o and k in t for k in CPU_KEYS):
@@ -499,11 +554,14 @@ def table(results, args):
                 f"{r['model']:14s} CPU-time medians: vision {o['vision_cpu_s']:.2f} vs {t['vision_cpu_s']:.2f} s "
                 f"({t['vision_cpu_s'] / o['vision_cpu_s']:.2f}x), prefill {o['prefill_cpu_s']:.2f} vs "
                 f"{t['prefill_cpu_s']:.2f} s ({t['prefill_cpu_s'] / o['prefill_cpu_s']:.2f}x), decode "
-                f"{o['decode_cpu_tps']:.2f} vs {t['decode_cpu_tps']:.2f} tok/s ({o['decode_cpu_tps'] / t['decode_cpu_tps']:.2f}x)")
+                f"{o['decode_cpu_tps']:.2f} vs {t['decode_cpu_tps']:.2f} tok/s ({o['decode_cpu_tps'] / t['decode_cpu_tps']:.2f}x)"
+            )
     head = f"{'model':14s} {'figure':20s} {'ours':>10s} {'mlx-vlm':>10s} {'ratio':>8s}"
-    note = ("ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
-            "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
-            "  prefill includes embedding, final norm and lm_head).")
+    note = (
+        "ratio: mlx-vlm time / our time (decode: our tok/s / theirs; memory: theirs / ours); > 1 = we are better.\n"
+        "* per-layer figures are the phase time divided by the depth (vision includes patch embed and mergers;\n"
+        "  prefill includes embedding, final norm and lm_head)."
+    )
     return "\n".join([head, "-" * len(head)] + rows + [note])
 
 
@@ -555,15 +613,28 @@ def write_e2e_checkpoint(model_type: str, args, path: Path) -> Path:
         shutil.copy(TINY / f, path / f)
     qwen3 = model_type.startswith("qwen3_vl")
     pixels = {"min_pixels": 56 * 56, "max_pixels": 16384 * 28 * 28}
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor",
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.5] * 3 if qwen3 else list(CLIP_MEAN), "image_std": [0.5] * 3 if qwen3 else list(CLIP_STD),
-        "merge_size": 2, "patch_size": 16 if qwen3 else 14, "temporal_patch_size": 2, "resample": 3,
-        "rescale_factor": 1 / 255, **pixels,
-        "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
-    }, indent=2))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor",
+                "do_convert_rgb": True,
+                "do_normalize": True,
+                "do_rescale": True,
+                "do_resize": True,
+                "image_mean": [0.5] * 3 if qwen3 else list(CLIP_MEAN),
+                "image_std": [0.5] * 3 if qwen3 else list(CLIP_STD),
+                "merge_size": 2,
+                "patch_size": 16 if qwen3 else 14,
+                "temporal_patch_size": 2,
+                "resample": 3,
+                "rescale_factor": 1 / 255,
+                **pixels,
+                "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+            },
+            indent=2,
+        )
+    )
     rng = np.random.default_rng(args.seed)  # the image of make_image_rows
     small = rng.integers(0, 256, (IMAGE_HW[0] // 16, IMAGE_HW[1] // 16, 3), dtype=np.uint8)
     Image.fromarray(small).resize((IMAGE_HW[1], IMAGE_HW[0]), Image.Resampling.BILINEAR).save(path / "image.png")
@@ -600,11 +671,19 @@ def e2e_run(name: str, model, processor, image: str, max_tokens: int, peak: bool
     else:
         n, prompt_tokens = last.generation_tokens, last.prompt_tokens
         own = {"prompt_tok_s": last.prompt_tps, "generation_tok_s": last.generation_tps}
-    return {"ttft_s": t_first - t0, "decode_tok_s": (n - 1) / (t_end - t_first) if n > 1 else None,
-            "total_s": t_end - t0, "prompt_tokens": prompt_tokens, "generated_tokens": n,
-            "prompt_tok_s": prompt_tokens / (t_first - t0), "peak_mib": pk.delta / common.MiB, "text": text,
-            "cpu_ttft_s": c_first - c0, "cpu_decode_tok_s": (n - 1) / (c_end - c_first) if n > 1 else None,
-            "own_report": own}
+    return {
+        "ttft_s": t_first - t0,
+        "decode_tok_s": (n - 1) / (t_end - t_first) if n > 1 else None,
+        "total_s": t_end - t0,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": n,
+        "prompt_tok_s": prompt_tokens / (t_first - t0),
+        "peak_mib": pk.delta / common.MiB,
+        "text": text,
+        "cpu_ttft_s": c_first - c0,
+        "cpu_decode_tok_s": (n - 1) / (c_end - c_first) if n > 1 else None,
+        "own_report": own,
+    }
 
 
 def bench_e2e(model_type: str, args) -> dict:
@@ -618,8 +697,10 @@ def bench_e2e(model_type: str, args) -> dict:
 
     import mlx_compact
 
-    print(f"\n=== e2e: {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
-          flush=True)
+    print(
+        f"\n=== e2e: {common.NAMES[model_type]} widths, {args.llm_layers} LLM layers, {args.vit_layers} ViT blocks ===",
+        flush=True,
+    )
     keep = args.e2e_dir is not None
     root = Path(args.e2e_dir) if keep else Path(tempfile.mkdtemp(prefix="mlx-compact-e2e-"))
     path = root / f"{model_type}-{args.llm_layers}l-{args.vit_layers}v-s{args.seed}"
@@ -640,14 +721,17 @@ def bench_e2e(model_type: str, args) -> dict:
             e2e_run(name, m, pr, image, 2)
         runs = {k: [] for k in sides}
         for r in range(args.repeats):
-            for name in (("ours", "mlx-vlm") if r % 2 == 0 else ("mlx-vlm", "ours")):
+            for name in ("ours", "mlx-vlm") if r % 2 == 0 else ("mlx-vlm", "ours"):
                 m, pr = sides[name]
                 res = e2e_run(name, m, pr, image, n_tok)
                 gc.collect()
                 runs[name].append(res)
-                print(f"  e2e {name:8s} TTFT {res['ttft_s']:6.2f}s ({res['prompt_tok_s']:6.1f} prompt tok/s)  "
-                      f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f}s  "
-                      f"peak +{res['peak_mib']:6.0f} MiB", flush=True)
+                print(
+                    f"  e2e {name:8s} TTFT {res['ttft_s']:6.2f}s ({res['prompt_tok_s']:6.1f} prompt tok/s)  "
+                    f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f}s  "
+                    f"peak +{res['peak_mib']:6.0f} MiB",
+                    flush=True,
+                )
     finally:
         sides = None
         gc.collect()
@@ -662,12 +746,25 @@ def bench_e2e(model_type: str, args) -> dict:
         for k in ("ttft_s", "prompt_tok_s", "decode_tok_s", "total_s", "peak_mib", "cpu_ttft_s", "cpu_decode_tok_s"):
             xs = [x[k] for x in rs]
             summary[name][k] = {"median": float(np.median(xs)), "min": min(xs), "max": max(xs)}
-    check = {"prompt_tokens_equal": prompts["ours"] == prompts["mlx-vlm"], "prompt_tokens": prompts["ours"],
-             "texts_equal": texts["ours"] == texts["mlx-vlm"], "texts": texts}
+    check = {
+        "prompt_tokens_equal": prompts["ours"] == prompts["mlx-vlm"],
+        "prompt_tokens": prompts["ours"],
+        "texts_equal": texts["ours"] == texts["mlx-vlm"],
+        "texts": texts,
+    }
     print(f"  check: prompt tokens {prompts}, same text: {check['texts_equal']}", flush=True)
-    return {"model": common.NAMES[model_type], "model_type": model_type, "llm_layers": args.llm_layers,
-            "vit_layers": args.vit_layers, "generated_tokens": n_tok, "load_s": load_s, "dtypes": dtypes,
-            "check": check, "summary": summary, "runs": runs}
+    return {
+        "model": common.NAMES[model_type],
+        "model_type": model_type,
+        "llm_layers": args.llm_layers,
+        "vit_layers": args.vit_layers,
+        "generated_tokens": n_tok,
+        "load_s": load_s,
+        "dtypes": dtypes,
+        "check": check,
+        "summary": summary,
+        "runs": runs,
+    }
 
 
 def e2e_table(results) -> str:
@@ -675,16 +772,23 @@ def e2e_table(results) -> str:
     head = f"{'model':14s} {'figure':16s} {'ours':>22s} {'mlx-vlm':>22s} {'ratio':>7s}"
     rows = [head, "-" * len(head)]
     for r in results:
-        for k, label, higher in (("ttft_s", "TTFT s", False), ("prompt_tok_s", "prompt tok/s", True),
-                                 ("decode_tok_s", "decode tok/s", True), ("total_s", "total s", False),
-                                 ("cpu_ttft_s", "CPU TTFT s", False), ("cpu_decode_tok_s", "CPU decode tok/s", True)):
+        for k, label, higher in (
+            ("ttft_s", "TTFT s", False),
+            ("prompt_tok_s", "prompt tok/s", True),
+            ("decode_tok_s", "decode tok/s", True),
+            ("total_s", "total s", False),
+            ("cpu_ttft_s", "CPU TTFT s", False),
+            ("cpu_decode_tok_s", "CPU decode tok/s", True),
+        ):
             o, t = r["summary"]["ours"][k], r["summary"]["mlx-vlm"][k]
             ratio = o["median"] / t["median"] if higher else t["median"] / o["median"]
             cells = [f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" for x in (o, t)]
             rows.append(f"{r['model']:14s} {label:16s} {cells[0]:>22s} {cells[1]:>22s} {ratio:6.2f}x")
-    rows.append("TTFT: from the stream_generate call to the first token (image load, preprocessing, vision, prefill);\n"
-                "prompt tok/s: prompt tokens / TTFT; decode: tokens after the first / their time; CPU: the same with the\n"
-                "process's CPU time (time-sharing of the core left out). Medians (min-max); ratio > 1 = we are faster.")
+    rows.append(
+        "TTFT: from the stream_generate call to the first token (image load, preprocessing, vision, prefill);\n"
+        "prompt tok/s: prompt tokens / TTFT; decode: tokens after the first / their time; CPU: the same with the\n"
+        "process's CPU time (time-sharing of the core left out). Medians (min-max); ratio > 1 = we are faster."
+    )
     return "\n".join(rows)
 
 
@@ -707,22 +811,31 @@ def main():
     p.add_argument("--vit-layers", type=int, default=4)
     p.add_argument("--decode", type=int, default=8, help="decode steps timed after the first token")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prefill-step", default=str(OUR_DEFAULT_STEP),
-                   help="chunk for both, or 'default' (ours 512, mlx-vlm 2048)")
+    p.add_argument(
+        "--prefill-step", default=str(OUR_DEFAULT_STEP), help="chunk for both, or 'default' (ours 512, mlx-vlm 2048)"
+    )
     p.add_argument("--check-steps", type=int, default=3, help="teacher-forced decode steps compared")
-    p.add_argument("--e2e", action="store_true",
-                   help="end to end instead: both libraries' public load + stream_generate with their defaults on one "
-                        "converted directory (writes bench_port_e2e.json)")
+    p.add_argument(
+        "--e2e",
+        action="store_true",
+        help="end to end instead: both libraries' public load + stream_generate with their defaults on one "
+        "converted directory (writes bench_port_e2e.json)",
+    )
     p.add_argument("--e2e-dir", default=None, help="keep (and reuse) the --e2e converted directories here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_port.json")
-    p.add_argument("--ckpt-dir", default="/tmp/mlx-compact-bench",
-                   help="where the Qwen3-VL-MoE checkpoints (release layout, then converted) are written and kept")
+    p.add_argument(
+        "--ckpt-dir",
+        default="/tmp/mlx-compact-bench",
+        help="where the Qwen3-VL-MoE checkpoints (release layout, then converted) are written and kept",
+    )
     args = p.parse_args()
 
     env = common.environment()
-    print(f"MLX {env['mlx']} on {env['device']} ({env['device_info'].get('device_name', '?')}), "
-          f"BLAS: {env['blas']}, mlx-vlm {env['mlx_vlm']}, {env['cpus']} CPUs, float32")
+    print(
+        f"MLX {env['mlx']} on {env['device']} ({env['device_info'].get('device_name', '?')}), "
+        f"BLAS: {env['blas']}, mlx-vlm {env['mlx_vlm']}, {env['cpus']} CPUs, float32"
+    )
     if args.e2e:
         return main_e2e(args, env)
     t0 = time.perf_counter()
@@ -730,9 +843,11 @@ def main():
     print()
     print(table(results, args))
     for r in results:
-        print(f"{r['model']}: correctness {'OK' if r['check']['ok'] else 'MISMATCH'} "
-              f"(vision rel err {r['check']['vision_features_rel_err']:.1e}, "
-              f"first-token logprob diff {r['check']['first_token_logprob_max_abs_diff']:.1e})")
+        print(
+            f"{r['model']}: correctness {'OK' if r['check']['ok'] else 'MISMATCH'} "
+            f"(vision rel err {r['check']['vision_features_rel_err']:.1e}, "
+            f"first-token logprob diff {r['check']['first_token_logprob_max_abs_diff']:.1e})"
+        )
     total = time.perf_counter() - t0
     print(f"total {total:.0f}s")
     path = common.write_json(args.out, {"environment": env, "args": vars(args), "total_s": total, "results": results})

@@ -49,9 +49,17 @@ PINNED = 256  # the pinned prefix (system prompt + image) of the fixed caches; k
 def text_config(hidden: int, intermediate: int, layers: int, vocab: int) -> TextConfig:
     """Qwen2.5-VL-3B's attention layout (16 q heads, 2 KV heads, head_dim 128) at a chosen width."""
     return TextConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=16, num_key_value_heads=2, head_dim=128, vocab_size=vocab,
-        rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24), tie_word_embeddings=True,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=vocab,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        mrope_section=(16, 24, 24),
+        tie_word_embeddings=True,
     )
 
 
@@ -111,11 +119,23 @@ def _tag(vals):
 def long_decode(args) -> dict:
     cfg = text_config(args.small_hidden, 2 * args.small_hidden, args.small_layers, args.small_vocab)
     lm = language_model(cfg)
-    out = {"config": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "q_heads": 16, "kv_heads": 2,
-                      "head_dim": 128, "vocab": cfg.vocab_size, "capacity": args.capacity, "tokens": args.decode}}
+    out = {
+        "config": {
+            "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers,
+            "q_heads": 16,
+            "kv_heads": 2,
+            "head_dim": 128,
+            "vocab": cfg.vocab_size,
+            "capacity": args.capacity,
+            "tokens": args.decode,
+        }
+    }
     kinds = [k for k in ["FixedKVCache float", "FixedKVCache 8-bit", "mlx-lm KVCache"] if k in args.kinds.split(",")]
-    print(f"(a) {args.decode}-token decode, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"16/2 heads x 128, vocab {cfg.vocab_size}; fixed capacity {args.capacity} (pinned {PINNED})")
+    print(
+        f"(a) {args.decode}-token decode, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"16/2 heads x 128, vocab {cfg.vocab_size}; fixed capacity {args.capacity} (pinned {PINNED})"
+    )
     print(f"    active memory above start (MiB), every {args.every} tokens")
     for kind in kinds:
         n = args.decode if "Fixed" in kind else min(args.decode, args.growing_tokens)
@@ -135,11 +155,19 @@ def long_decode(args) -> dict:
         after = samples[full_at:] if "Fixed" in kind else samples
         drift = (max(after) - min(after)) if after else 0.0
         kv = sum(c.nbytes for c in caches) / MiB
-        out[kind] = {"tokens": n, "samples_mib": samples, "drift_after_full_mib": drift, "kv_mib": kv,
-                     "tokens_per_s": n / secs}
+        out[kind] = {
+            "tokens": n,
+            "samples_mib": samples,
+            "drift_after_full_mib": drift,
+            "kv_mib": kv,
+            "tokens_per_s": n / secs,
+        }
         what = "drift after full" if "Fixed" in kind else "growth"
-        print(f"  {kind:<20} {n:>6} tok {n / secs:6.0f} tok/s | KV {kv:7.1f} MiB | {what} {drift:6.2f} MiB | "
-              f"{_tag(samples)}", flush=True)
+        print(
+            f"  {kind:<20} {n:>6} tok {n / secs:6.0f} tok/s | KV {kv:7.1f} MiB | {what} {drift:6.2f} MiB | "
+            f"{_tag(samples)}",
+            flush=True,
+        )
         del caches
     del lm
     return out
@@ -150,10 +178,10 @@ def long_decode(args) -> dict:
 
 def long_chat(args) -> dict:
     from PIL import Image
+    from tiny_checkpoints import make_checkpoint
 
     from mlx_compact.chat import ChatSession
     from mlx_compact.loader import load
-    from tiny_checkpoints import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint("qwen2_vl", Path(tmp) / "qwen2_vl")
@@ -176,18 +204,32 @@ def long_chat(args) -> dict:
         if (i + 1) % 25 == 0:
             samples.append((mx.get_active_memory() - base) / MiB)
     secs = time.perf_counter() - t0
-    after = samples[(full_turn or 0) // 25 + 1:]
-    res = {"turns": args.turns, "max_kv_tokens": args.chat_kv, "pinned_after_turn_1": pinned,
-           "pinned_at_end": chat.cache[0].pinned, "visual_tokens": first.stats["visual_tokens"],
-           "kv_bytes_allocated_turn_1": allocated, "kv_bytes_allocated_end": chat.last_stats["kv_bytes_allocated"],
-           "offset_at_end": chat.cache[0].offset, "cache_full_at_turn": full_turn, "samples_mib": samples,
-           "drift_after_full_mib": (max(after) - min(after)) if after else None, "seconds": secs}
-    print(f"\n(b) {args.turns}-turn chat, tiny qwen2_vl, max_kv_tokens {args.chat_kv}: image pinned "
-          f"{pinned} -> {chat.cache[0].pinned} slots ({'unchanged' if pinned == chat.cache[0].pinned else 'CHANGED'}), "
-          f"KV allocated {allocated} -> {res['kv_bytes_allocated_end']} B, {chat.cache[0].offset} tokens written, "
-          f"cache full at turn {full_turn}; {secs:.0f} s")
-    print(f"    active memory above start (MiB) every 25 turns: {_tag(samples)}; drift after full "
-          f"{res['drift_after_full_mib']:.3f} MiB", flush=True)
+    after = samples[(full_turn or 0) // 25 + 1 :]
+    res = {
+        "turns": args.turns,
+        "max_kv_tokens": args.chat_kv,
+        "pinned_after_turn_1": pinned,
+        "pinned_at_end": chat.cache[0].pinned,
+        "visual_tokens": first.stats["visual_tokens"],
+        "kv_bytes_allocated_turn_1": allocated,
+        "kv_bytes_allocated_end": chat.last_stats["kv_bytes_allocated"],
+        "offset_at_end": chat.cache[0].offset,
+        "cache_full_at_turn": full_turn,
+        "samples_mib": samples,
+        "drift_after_full_mib": (max(after) - min(after)) if after else None,
+        "seconds": secs,
+    }
+    print(
+        f"\n(b) {args.turns}-turn chat, tiny qwen2_vl, max_kv_tokens {args.chat_kv}: image pinned "
+        f"{pinned} -> {chat.cache[0].pinned} slots ({'unchanged' if pinned == chat.cache[0].pinned else 'CHANGED'}), "
+        f"KV allocated {allocated} -> {res['kv_bytes_allocated_end']} B, {chat.cache[0].offset} tokens written, "
+        f"cache full at turn {full_turn}; {secs:.0f} s"
+    )
+    print(
+        f"    active memory above start (MiB) every 25 turns: {_tag(samples)}; drift after full "
+        f"{res['drift_after_full_mib']:.3f} MiB",
+        flush=True,
+    )
     return res
 
 
@@ -207,14 +249,24 @@ def fill(caches, ctx: int, chunk: int = 2048):
 def decode_speed(args) -> dict:
     cfg = text_config(2048, 11008, args.layers, args.vocab)
     lm = language_model(cfg)
-    kinds = ["FixedKVCache float", "FixedKVCache 8-bit", "mlx-lm KVCache", "mlx-lm RotatingKVCache",
-             "mlx-lm QuantizedKVCache 8-bit"]
+    kinds = [
+        "FixedKVCache float",
+        "FixedKVCache 8-bit",
+        "mlx-lm KVCache",
+        "mlx-lm RotatingKVCache",
+        "mlx-lm QuantizedKVCache 8-bit",
+    ]
     contexts = [int(c) for c in args.contexts.split(",")]
-    print(f"\n(c) decode step through our LLM: 2048 hidden, 11008 MLP, 16/2 heads x 128, {args.layers} layers, "
-          f"vocab {args.vocab}; best of {args.steps}, kinds interleaved; fixed/rotating size = context, "
-          f"pinned {PINNED}")
-    print(f"  {'context':>8}" + "".join(f"{k.replace('QuantizedKVCache', 'QKVCache'):>24}" for k in kinds)
-          + "   (tokens/s (ms/step))")
+    print(
+        f"\n(c) decode step through our LLM: 2048 hidden, 11008 MLP, 16/2 heads x 128, {args.layers} layers, "
+        f"vocab {args.vocab}; best of {args.steps}, kinds interleaved; fixed/rotating size = context, "
+        f"pinned {PINNED}"
+    )
+    print(
+        f"  {'context':>8}"
+        + "".join(f"{k.replace('QuantizedKVCache', 'QKVCache'):>24}" for k in kinds)
+        + "   (tokens/s (ms/step))"
+    )
     rows = []
     for ctx in contexts:
         caches = {}
@@ -230,8 +282,13 @@ def decode_speed(args) -> dict:
                 dt = time.perf_counter() - t
                 if s:
                     best[kind] = min(best[kind], dt)
-        row = {"context": ctx, **{k: {"tokens_per_s": 1 / best[k], "ms": best[k] * 1e3,
-                                        "kv_mib": sum(c.nbytes for c in caches[k]) / MiB} for k in kinds}}
+        row = {
+            "context": ctx,
+            **{
+                k: {"tokens_per_s": 1 / best[k], "ms": best[k] * 1e3, "kv_mib": sum(c.nbytes for c in caches[k]) / MiB}
+                for k in kinds
+            },
+        }
         rows.append(row)
         print(f"  {ctx:>8}" + "".join(f"{1 / best[k]:>14.2f} ({best[k] * 1e3:6.1f})" for k in kinds), flush=True)
         del caches
@@ -240,15 +297,27 @@ def decode_speed(args) -> dict:
     for r in rows:
         ref = max(r[k]["tokens_per_s"] for k in kinds if k.startswith("mlx-lm") and "Quantized" not in k)
         r["fixed_float_vs_best_mlx_lm_float"] = r["FixedKVCache float"]["tokens_per_s"] / ref
-        r["fixed_8bit_vs_mlx_lm_8bit"] = (r["FixedKVCache 8-bit"]["tokens_per_s"]
-                                          / r["mlx-lm QuantizedKVCache 8-bit"]["tokens_per_s"])
-    print("  ours / mlx-lm (float: vs the faster of KVCache and RotatingKVCache; 8-bit: vs QuantizedKVCache): "
-          + ", ".join(
-        f"{r['context']}: float {r['fixed_float_vs_best_mlx_lm_float']:.2f}, 8-bit {r['fixed_8bit_vs_mlx_lm_8bit']:.2f}"
-        for r in rows))
+        r["fixed_8bit_vs_mlx_lm_8bit"] = (
+            r["FixedKVCache 8-bit"]["tokens_per_s"] / r["mlx-lm QuantizedKVCache 8-bit"]["tokens_per_s"]
+        )
+    print(
+        "  ours / mlx-lm (float: vs the faster of KVCache and RotatingKVCache; 8-bit: vs QuantizedKVCache): "
+        + ", ".join(
+            f"{r['context']}: float {r['fixed_float_vs_best_mlx_lm_float']:.2f}, 8-bit {r['fixed_8bit_vs_mlx_lm_8bit']:.2f}"
+            for r in rows
+        )
+    )
     del lm
-    return {"config": {"hidden": 2048, "intermediate": 11008, "layers": args.layers, "vocab": args.vocab,
-                       "steps": args.steps}, "rows": rows}
+    return {
+        "config": {
+            "hidden": 2048,
+            "intermediate": 11008,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "steps": args.steps,
+        },
+        "rows": rows,
+    }
 
 
 def main():
@@ -257,8 +326,9 @@ def main():
     ap.add_argument("--decode", type=int, default=6000, help="(a) tokens with the fixed caches (20000: long run)")
     ap.add_argument("--growing-tokens", type=int, default=4000, help="(a) tokens for mlx-lm's growing KVCache")
     ap.add_argument("--capacity", type=int, default=2048, help="(a) FixedKVCache size")
-    ap.add_argument("--kinds", default="FixedKVCache float,FixedKVCache 8-bit,mlx-lm KVCache",
-                    help="(a) caches, comma-separated")
+    ap.add_argument(
+        "--kinds", default="FixedKVCache float,FixedKVCache 8-bit,mlx-lm KVCache", help="(a) caches, comma-separated"
+    )
     ap.add_argument("--every", type=int, default=1000)
     ap.add_argument("--small-hidden", type=int, default=128)
     ap.add_argument("--small-layers", type=int, default=2)

@@ -11,11 +11,11 @@ import platform
 import time
 from pathlib import Path
 
-import mlx_compact  # noqa: F401  (before mlx.core: loads OpenBLAS on Linux)
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+import mlx_compact  # noqa: F401  (before mlx.core: loads OpenBLAS on Linux)
 from mlx_compact import _blas
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,17 +135,33 @@ def qwen3_vl_moe_30b_a3b_config(llm_layers: int = 4, vit_layers: int = 4) -> dic
     """
     cfg = qwen3_vl_2b_config(llm_layers, vit_layers)
     text, vision = cfg["text_config"], cfg["vision_config"]
-    cfg.update(model_type="qwen3_vl_moe", architectures=["Qwen3VLMoeForConditionalGeneration"],
-               tie_word_embeddings=False, transformers_version="4.57.0.dev0")
-    text.update(model_type="qwen3_vl_moe_text", num_attention_heads=32, num_key_value_heads=4,
-                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
-                mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False)
+    cfg.update(
+        model_type="qwen3_vl_moe",
+        architectures=["Qwen3VLMoeForConditionalGeneration"],
+        tie_word_embeddings=False,
+        transformers_version="4.57.0.dev0",
+    )
+    text.update(
+        model_type="qwen3_vl_moe_text",
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
     vision.update(model_type="qwen3_vl_moe", hidden_size=1152, intermediate_size=4304)
     return cfg
 
 
-CONFIGS = {"qwen2_5_vl": qwen2_5_vl_3b_config, "qwen3_vl": qwen3_vl_2b_config,
-           "qwen3_vl_moe": qwen3_vl_moe_30b_a3b_config}
+CONFIGS = {
+    "qwen2_5_vl": qwen2_5_vl_3b_config,
+    "qwen3_vl": qwen3_vl_2b_config,
+    "qwen3_vl_moe": qwen3_vl_moe_30b_a3b_config,
+}
 NAMES = {"qwen2_5_vl": "Qwen2.5-VL-3B", "qwen3_vl": "Qwen3-VL-2B", "qwen3_vl_moe": "Qwen3-VL-30B-A3B"}
 
 # ----- models and weights -------------------------------------------------------------------
@@ -169,7 +185,9 @@ def build_mlx_vlm(config: dict):
     cfg.setdefault("vision_config", {})
     cfg.setdefault("audio_config", {})
     model_config = module.ModelConfig.from_dict(cfg)
-    model_config = update_module_configs(model_config, module, cfg, ["text", "vision", "perceiver", "projector", "audio"])
+    model_config = update_module_configs(
+        model_config, module, cfg, ["text", "vision", "perceiver", "projector", "audio"]
+    )
     return module.Model(model_config)
 
 

@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,10 +45,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import mlx_compact  # noqa: F401,E402  (preloads OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+import mlx_compact  # noqa: F401,E402  (preloads OpenBLAS before mlx.core)
 from mlx_compact.compaction import ENCODER_METHODS, Compaction  # noqa: E402
 from mlx_compact.generate import generate_step, make_cache, prefill, prepare, run_stats  # noqa: E402
 
@@ -72,8 +70,15 @@ def settings(ops, keeps, encoder: bool, proportional: bool = False) -> list:
                 continue
             for k in keeps:
                 for p in (False, True) if proportional else (False,):
-                    out.append((f"{op}@{where}" + ("+p" if p else ""), where, op, float(k),
-                                Compaction(op, keep=float(k), where=where, proportional=p)))
+                    out.append(
+                        (
+                            f"{op}@{where}" + ("+p" if p else ""),
+                            where,
+                            op,
+                            float(k),
+                            Compaction(op, keep=float(k), where=where, proportional=p),
+                        )
+                    )
     return out
 
 
@@ -121,8 +126,9 @@ def decode_speed(model, processor, prompt: str, image, plain, prop, n_tokens: in
     tps = {False: [], True: []}
     for r in range(repeats):
         for c in (plain, prop) if r % 2 == 0 else (prop, plain):
-            steps = generate_step(model, prepare(model, processor, prompt, [image], compaction=c), make_cache(model),
-                                  greedy)
+            steps = generate_step(
+                model, prepare(model, processor, prompt, [image], compaction=c), make_cache(model), greedy
+            )
             next(steps)  # prefill and the first token
             t0 = time.perf_counter()
             for _ in range(n_tokens - 1):
@@ -132,8 +138,9 @@ def decode_speed(model, processor, prompt: str, image, plain, prop, n_tokens: in
     return float(np.median(tps[False])), float(np.median(tps[True])), ratio
 
 
-def proportional_cost(model, processor, prompt: str, image, rows: list, ops, keeps, encoder, keep=0.33,
-                      log=print) -> dict:
+def proportional_cost(
+    model, processor, prompt: str, image, rows: list, ops, keeps, encoder, keep=0.33, log=print
+) -> dict:
     """Each +p row's KV bytes and decode tokens/s against its plain twin, and `decode_speed` of both at `keep`
     (else the smallest keep) for every operator."""
     plain = {(r["where"], r["method"], r["keep"]): r for r in rows if not r.get("prop", True)}
@@ -142,8 +149,16 @@ def proportional_cost(model, processor, prompt: str, image, rows: list, ops, kee
         twin = plain.get((r["where"], r["method"], r["keep"])) if r.get("prop") else None
         if twin is not None:
             a, b = twin["decode_tokens_per_s"], r["decode_tokens_per_s"]
-            pairs.append(dict(setting=r["setting"], keep=r["keep"], kv_bytes=twin["kv_bytes"], kv_bytes_p=r["kv_bytes"],
-                              kv_ratio=r["kv_bytes"] / twin["kv_bytes"], tps_ratio=b / a if a and b else None))
+            pairs.append(
+                dict(
+                    setting=r["setting"],
+                    keep=r["keep"],
+                    kv_bytes=twin["kv_bytes"],
+                    kv_bytes_p=r["kv_bytes"],
+                    kv_ratio=r["kv_bytes"] / twin["kv_bytes"],
+                    tps_ratio=b / a if a and b else None,
+                )
+            )
     k = keep if keep in keeps else min(keeps)
     s = settings(ops, (k,), encoder, proportional=True)
     speed = []
@@ -151,8 +166,12 @@ def proportional_cost(model, processor, prompt: str, image, rows: list, ops, kee
         a, b, ratio = decode_speed(model, processor, prompt, image, c, cp)
         speed.append(dict(setting=label, keep=k, tok_s=a, tok_s_p=b, ratio=ratio))
         log(f"  {label:20s} keep {k:<5} decode {a:.1f} tok/s, +p {b:.1f} tok/s (paired ratio {ratio:.3f})")
-    return dict(pairs=pairs, decode=speed, kv_ratio_max=max((p["kv_ratio"] for p in pairs), default=None),
-                decode_ratio_median=float(np.median([d["ratio"] for d in speed])) if speed else None)
+    return dict(
+        pairs=pairs,
+        decode=speed,
+        kv_ratio_max=max((p["kv_ratio"] for p in pairs), default=None),
+        decode_ratio_median=float(np.median([d["ratio"] for d in speed])) if speed else None,
+    )
 
 
 def print_cost(pc: dict) -> None:
@@ -160,8 +179,10 @@ def print_cost(pc: dict) -> None:
     print(_table(pc["pairs"], ["setting", "keep", "kv_bytes", "kv_bytes_p", "kv_ratio", "tps_ratio"]))
     print("\ndecode tokens/s, 32 forced greedy tokens, the two back to back, 15 repeats (ratio: median of pairs):")
     print(_table(pc["decode"], ["setting", "keep", "tok_s", "tok_s_p", "ratio"]))
-    print(f"KV bytes ratio max {_fmt(pc['kv_ratio_max'])} (target <= 1.01); decode tok/s ratio median "
-          f"{_fmt(pc['decode_ratio_median'])} (target >= 0.97)")
+    print(
+        f"KV bytes ratio max {_fmt(pc['kv_ratio_max'])} (target <= 1.01); decode tok/s ratio median "
+        f"{_fmt(pc['decode_ratio_median'])} (target >= 0.97)"
+    )
 
 
 @contextlib.contextmanager
@@ -213,8 +234,17 @@ def _fmt(v) -> str:
 # ----------------------------------------------------------------------------- default (labelled) mode
 
 
-def labelled(model, processor, questions, ops=DEFAULT_OPS, keeps=DEFAULT_KEEPS, encoder=False,
-             max_tokens: int = 4, log=print, proportional=False) -> dict:
+def labelled(
+    model,
+    processor,
+    questions,
+    ops=DEFAULT_OPS,
+    keeps=DEFAULT_KEEPS,
+    encoder=False,
+    max_tokens: int = 4,
+    log=print,
+    proportional=False,
+) -> dict:
     """Accuracy per family and mean KL(full || compact) at the answer position, per setting."""
     from training.scenes import FAMILIES
 
@@ -224,10 +254,21 @@ def labelled(model, processor, questions, ops=DEFAULT_OPS, keeps=DEFAULT_KEEPS, 
     base_right = {f: [] for f in FAMILIES}
     for (fam, _, _, a), (_, toks, _) in zip(questions, full):
         base_right[fam].append(processor.decode(toks).strip() == a)
-    rows = [dict(setting="full", method="none", where="-", keep=1.0,
-                 accuracy={f: float(np.mean(v)) for f, v in base_right.items() if v},
-                 mean_accuracy=float(np.mean([x for v in base_right.values() for x in v])), kl=0.0, kl_max=0.0,
-                 agreement=1.0, seconds=None, **cost([s for _, _, s in full]))]
+    rows = [
+        dict(
+            setting="full",
+            method="none",
+            where="-",
+            keep=1.0,
+            accuracy={f: float(np.mean(v)) for f, v in base_right.items() if v},
+            mean_accuracy=float(np.mean([x for v in base_right.values() for x in v])),
+            kl=0.0,
+            kl_max=0.0,
+            agreement=1.0,
+            seconds=None,
+            **cost([s for _, _, s in full]),
+        )
+    ]
     for label, where, op, k, c in settings(ops, keeps, encoder, proportional):
         t0 = time.perf_counter()
         right = {f: [] for f in FAMILIES}
@@ -238,11 +279,22 @@ def labelled(model, processor, questions, ops=DEFAULT_OPS, keeps=DEFAULT_KEEPS, 
             kls.append(kl(flogp, logp))
             agree.append(toks == ftoks)
             stats.append(st)
-        rows.append(dict(setting=label, method=op, where=where, keep=k, prop=c.proportional,
-                         accuracy={f: float(np.mean(v)) for f, v in right.items() if v},
-                         mean_accuracy=float(np.mean([x for v in right.values() for x in v])),
-                         kl=float(np.mean(kls)), kl_max=float(np.max(kls)), agreement=float(np.mean(agree)),
-                         seconds=time.perf_counter() - t0, **cost(stats)))
+        rows.append(
+            dict(
+                setting=label,
+                method=op,
+                where=where,
+                keep=k,
+                prop=c.proportional,
+                accuracy={f: float(np.mean(v)) for f, v in right.items() if v},
+                mean_accuracy=float(np.mean([x for v in right.values() for x in v])),
+                kl=float(np.mean(kls)),
+                kl_max=float(np.max(kls)),
+                agreement=float(np.mean(agree)),
+                seconds=time.perf_counter() - t0,
+                **cost(stats),
+            )
+        )
         log(f"  {label:20s} keep {k:<5} acc {rows[-1]['mean_accuracy']:.3f}  KL {rows[-1]['kl']:.4f}")
     return dict(mode="labelled", n_questions=len(questions), families=list(FAMILIES), rows=rows)
 
@@ -278,8 +330,15 @@ def retention(res: dict, keep: float = 0.33) -> dict:
         if abs(r["keep"] - keep) > 1e-9:
             continue
         per = {f: share(r["accuracy"].get(f), full["accuracy"].get(f)) for f in fams}
-        rows.append(dict(setting=r["setting"], method=r["method"], prop=r.get("prop", False),
-                         mean=share(r["mean_accuracy"], full["mean_accuracy"]), **per))
+        rows.append(
+            dict(
+                setting=r["setting"],
+                method=r["method"],
+                prop=r.get("prop", False),
+                mean=share(r["mean_accuracy"], full["mean_accuracy"]),
+                **per,
+            )
+        )
 
     def best_of(prop: bool, targets: dict):
         candidates = [r for r in rows if r["method"] not in BASELINES and r["prop"] == prop and r["mean"] is not None]
@@ -298,14 +357,23 @@ def print_retention(ret: dict) -> None:
     if not ret["rows"]:
         return
     print(f"\nshare of the full model's accuracy kept at keep {ret['keep']}:")
-    print(_table(ret["rows"], ["setting", "mean", *[k for k in ret["rows"][0]
-                                                    if k not in ("setting", "method", "prop", "mean")]]))
-    for what, b, met, targets in (("", ret["best"], ret["met"], ret["targets"]), (" with proportional",
-                                  ret.get("best_prop"), ret.get("met_prop"), ret.get("prop_targets"))):
+    print(
+        _table(
+            ret["rows"],
+            ["setting", "mean", *[k for k in ret["rows"][0] if k not in ("setting", "method", "prop", "mean")]],
+        )
+    )
+    for what, b, met, targets in (
+        ("", ret["best"], ret["met"], ret["targets"]),
+        (" with proportional", ret.get("best_prop"), ret.get("met_prop"), ret.get("prop_targets")),
+    ):
         if b is not None:
-            print(f"best prompt-free operator{what}: {b['setting']}: "
-                  + ", ".join(f"{k} {_fmt(b.get(k))} (target {t}: {'met' if met[k] else 'MISSED'})"
-                              for k, t in targets.items()))
+            print(
+                f"best prompt-free operator{what}: {b['setting']}: "
+                + ", ".join(
+                    f"{k} {_fmt(b.get(k))} (target {t}: {'met' if met[k] else 'MISSED'})" for k, t in targets.items()
+                )
+            )
 
 
 def plot(res: dict, path: Path) -> bool:
@@ -328,8 +396,13 @@ def plot(res: dict, path: Path) -> bool:
         for label, rs in series.items():
             rs = sorted(rs, key=lambda r: r["keep"])
             ys = [r["mean_accuracy"] if fam == "mean" else r["accuracy"].get(fam) for r in rs]
-            ax.plot([r["keep"] for r in rs], ys, marker="x" if rs[0].get("prop") else "o", label=label,
-                    linestyle="--" if rs[0]["where"] == "encoder" else "-")
+            ax.plot(
+                [r["keep"] for r in rs],
+                ys,
+                marker="x" if rs[0].get("prop") else "o",
+                label=label,
+                linestyle="--" if rs[0]["where"] == "encoder" else "-",
+            )
         base = full["mean_accuracy"] if fam == "mean" else full["accuracy"].get(fam)
         if base is not None:
             ax.axhline(base, color="grey", linewidth=0.8, linestyle=":")
@@ -348,8 +421,18 @@ def plot(res: dict, path: Path) -> bool:
 # ----------------------------------------------------------------------------- label-free mode
 
 
-def label_free(model, processor, images, questions=("Describe this image.",), ops=DEFAULT_OPS,
-               keeps=DEFAULT_KEEPS, encoder=False, max_tokens: int = 8, log=print, proportional=False) -> dict:
+def label_free(
+    model,
+    processor,
+    images,
+    questions=("Describe this image.",),
+    ops=DEFAULT_OPS,
+    keeps=DEFAULT_KEEPS,
+    encoder=False,
+    max_tokens: int = 8,
+    log=print,
+    proportional=False,
+) -> dict:
     """KL(full || compact) at the first generated position and greedy agreement, per setting.
 
     images: [(name, PIL image)]; questions: prompts, each asked about every image.
@@ -367,13 +450,31 @@ def label_free(model, processor, images, questions=("Describe this image.",), op
             agree.append(toks == ftoks)
             n = max(len(ftoks), len(toks), 1)
             token_agree.append(sum(a == b for a, b in zip(ftoks, toks)) / n)
-        rows.append(dict(setting=label, method=op, where=where, keep=k, prop=c.proportional, kl=float(np.mean(kls)),
-                         kl_max=float(np.max(kls)), agreement=float(np.mean(agree)),
-                         token_agreement=float(np.mean(token_agree)), seconds=time.perf_counter() - t0,
-                         **cost(stats)))
+        rows.append(
+            dict(
+                setting=label,
+                method=op,
+                where=where,
+                keep=k,
+                prop=c.proportional,
+                kl=float(np.mean(kls)),
+                kl_max=float(np.max(kls)),
+                agreement=float(np.mean(agree)),
+                token_agreement=float(np.mean(token_agree)),
+                seconds=time.perf_counter() - t0,
+                **cost(stats),
+            )
+        )
         log(f"  {label:20s} keep {k:<5} KL {rows[-1]['kl']:.4f}  agree {rows[-1]['agreement']:.3f}")
-    return dict(mode="label_free", n_images=len(images), questions=list(questions), n_pairs=len(pairs),
-                max_tokens=max_tokens, full_answers=[processor.decode(t) for _, t, _ in full], rows=rows)
+    return dict(
+        mode="label_free",
+        n_images=len(images),
+        questions=list(questions),
+        n_pairs=len(pairs),
+        max_tokens=max_tokens,
+        full_answers=[processor.decode(t) for _, t, _ in full],
+        rows=rows,
+    )
 
 
 def load_images(folder) -> list:
@@ -409,30 +510,52 @@ def main(argv=None):
     ap.add_argument("--encoder", action="store_true", help="also in-encoder (floor, diversity, saliency, random)")
     ap.add_argument("--max-tokens", type=int, default=None, help="greedy answer length (4 labelled, 8 label-free)")
     ap.add_argument("--quick", action="store_true", help="2 operators, keeps 1.0 and 0.33, 4 per family")
-    ap.add_argument("--mass-repeat", action="store_true",
-                    help="diagnostic (default mode, post-merger): repeat each kept token by the size of its group")
-    ap.add_argument("--proportional", action="store_true",
-                    help="run every setting twice: as is and with size-aware (proportional) attention")
+    ap.add_argument(
+        "--mass-repeat",
+        action="store_true",
+        help="diagnostic (default mode, post-merger): repeat each kept token by the size of its group",
+    )
+    ap.add_argument(
+        "--proportional",
+        action="store_true",
+        help="run every setting twice: as is and with size-aware (proportional) attention",
+    )
     ap.add_argument("--out", help="JSON output path")
     ap.add_argument("--plot", help="PNG output path (default mode)")
     args = ap.parse_args(argv)
     if args.mass_repeat and (args.encoder or args.images or args.proportional):
-        ap.error("--mass-repeat is a post-merger diagnostic of the default mode: drop --encoder / --images / "
-                 "--proportional")
+        ap.error(
+            "--mass-repeat is a post-merger diagnostic of the default mode: drop --encoder / --images / --proportional"
+        )
 
     ops = tuple(args.ops.split(",")) if args.ops else (QUICK_OPS if args.quick else DEFAULT_OPS)
     keeps = _floats(args.keeps) if args.keeps else (QUICK_KEEPS if args.quick else DEFAULT_KEEPS)
     n = 4 if args.quick else args.per_family
 
     model, processor = mlx_compact.load(args.model)
-    meta = dict(model=args.model or "default (qwen3-vl-tiny)", ops=list(ops), keeps=list(keeps),
-                encoder=args.encoder, proportional=args.proportional, backend=str(mx.default_device()))
+    meta = dict(
+        model=args.model or "default (qwen3-vl-tiny)",
+        ops=list(ops),
+        keeps=list(keeps),
+        encoder=args.encoder,
+        proportional=args.proportional,
+        backend=str(mx.default_device()),
+    )
     suffix = "_prop" if args.proportional else ""
     t0 = time.perf_counter()
     if args.images:
         images, questions = load_images(args.images), load_questions(args.questions)
-        res = label_free(model, processor, images, questions, ops, keeps, args.encoder, args.max_tokens or 8,
-                         proportional=args.proportional)
+        res = label_free(
+            model,
+            processor,
+            images,
+            questions,
+            ops,
+            keeps,
+            args.encoder,
+            args.max_tokens or 8,
+            proportional=args.proportional,
+        )
         print(_table(res["rows"], ["setting", "keep", "kl", "kl_max", "agreement", "token_agreement", "kv_bytes"]))
         first = (questions[0], images[0][1])
         out = Path(args.out) if args.out else RESULTS / f"fidelity_labelfree{suffix}.json"
@@ -441,8 +564,9 @@ def main(argv=None):
 
         qs = eval_questions("test", n)
         with mass_repeat() if args.mass_repeat else contextlib.nullcontext():
-            res = labelled(model, processor, qs, ops, keeps, args.encoder, args.max_tokens or 4,
-                           proportional=args.proportional)
+            res = labelled(
+                model, processor, qs, ops, keeps, args.encoder, args.max_tokens or 4, proportional=args.proportional
+            )
         res["per_family"] = n
         res["mass_repeat"] = args.mass_repeat
         if args.mass_repeat:

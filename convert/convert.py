@@ -167,8 +167,9 @@ def save_config(config: dict, path: Path) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _quantize(model: nn.Module, config: dict, bits: int, group_size: int, quantize_vision: bool,
-              quantize_router: bool = False) -> dict:
+def _quantize(
+    model: nn.Module, config: dict, bits: int, group_size: int, quantize_vision: bool, quantize_router: bool = False
+) -> dict:
     """Quantize in place like mlx-vlm's convert; return the config with its quantization keys.
 
     The experts (``SwitchLinear``) are quantized like linears; MoE routers (``mlp.gate``) stay float unless
@@ -282,8 +283,10 @@ def _check_output(src: Path, dst: Path, force: bool) -> None:
         raise ConvertError(f"{dst} already exists; choose another --mlx-path or pass --force to replace it")
     problem = _not_an_output(dst)
     if problem:
-        raise ConvertError(f"{dst} is not a previous mlx-compact conversion ({problem}); --force replaces only "
-                           "those: choose a new or empty --mlx-path")
+        raise ConvertError(
+            f"{dst} is not a previous mlx-compact conversion ({problem}); --force replaces only "
+            "those: choose a new or empty --mlx-path"
+        )
     linked = next((f for f in sorted(src.iterdir()) if inside(f, real)), None)
     if linked is not None:
         raise ConvertError(f"the source's {linked.name} is a link into the output {dst}; choose another --mlx-path")

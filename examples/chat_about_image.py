@@ -17,9 +17,11 @@ def show(turn: str, result) -> None:
     ttft = sum(s["ttft_s"].values())
     visual = ", ".join(f"{v['before']} -> {v['after']}" for v in s["visual_tokens"]) or "none encoded"
     print(f"[{turn}] {result.text!r}")
-    print(f"    prompt tokens {s['prompt_tokens']} (visual: {visual}), generated {s['generation_tokens']}, "
-          f"TTFT {ttft:.2f} s, KV {s['kv_bytes_used'] / 2**20:.1f} MiB used of "
-          f"{s['kv_bytes_allocated'] / 2**20:.1f} MiB, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"    prompt tokens {s['prompt_tokens']} (visual: {visual}), generated {s['generation_tokens']}, "
+        f"TTFT {ttft:.2f} s, KV {s['kv_bytes_used'] / 2**20:.1f} MiB used of "
+        f"{s['kv_bytes_allocated'] / 2**20:.1f} MiB, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
 
 
 def main(argv=None) -> None:
@@ -34,8 +36,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     model, processor = mlx_compact.load(args.model)
-    chat = mlx_compact.ChatSession(model, processor, compaction=mlx_compact.Compaction(keep=args.keep),
-                                   max_kv_size=args.max_kv_tokens)
+    chat = mlx_compact.ChatSession(
+        model, processor, compaction=mlx_compact.Compaction(keep=args.keep), max_kv_size=args.max_kv_tokens
+    )
     show("turn 1", chat.ask(args.question, [args.image], max_tokens=args.max_tokens))
     show("turn 2", chat.ask(args.follow_up, max_tokens=args.max_tokens))
 

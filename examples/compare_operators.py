@@ -87,8 +87,10 @@ def main(argv=None) -> None:
         s = mlx_compact.generate(model, processor, args.prompt, [image], compaction=c, **run).stats
         v = s["visual_tokens"][0]
         t = s["ttft_s"]
-        print(f"{name:>10} {v['after']:>6} of {v['before']:<5} {sum(t.values()):>7.3f} {t['vision']:>9.3f} "
-              f"{t['prefill']:>9.3f} {s['kv_bytes_used'] / 2**20:>7.2f}")
+        print(
+            f"{name:>10} {v['after']:>6} of {v['before']:<5} {sum(t.values()):>7.3f} {t['vision']:>9.3f} "
+            f"{t['prefill']:>9.3f} {s['kv_bytes_used'] / 2**20:>7.2f}"
+        )
         cells, grid = kept_cells(model, processor, args.prompt, image, c, args.max_pixels)
         panels.append(panel(image, cells, grid, f"{name}: {len(cells)} of {grid[0] * grid[1]} tokens"))
     sheet(panels).save(args.out)

@@ -51,12 +51,24 @@ def main(argv=None) -> None:
     for size in args.sizes:
         grids = image_grids(processor, [image_of(size)], args.max_pixels)
         for keep in args.keep:
-            plans = [mlx_compact.plan(model, grids, text_tokens, keep=keep, kv_bits=args.kv_bits,
-                                      max_kv_tokens=None, max_tokens=args.max_tokens, budget=mac_budget(gb))
-                     for gb in args.macs]
+            plans = [
+                mlx_compact.plan(
+                    model,
+                    grids,
+                    text_tokens,
+                    keep=keep,
+                    kv_bits=args.kv_bits,
+                    max_kv_tokens=None,
+                    max_tokens=args.max_tokens,
+                    budget=mac_budget(gb),
+                )
+                for gb in args.macs
+            ]
             q = plans[0]
             fits = "".join(f"{'fits' if x.fits else 'NO':>11}" for x in plans)
-            print(f"{size:>10} {keep:>5g} {sum(q.visual_tokens):>7} {fmt_bytes(q.kv):>10} {fmt_bytes(q.peak):>10}{fits}")
+            print(
+                f"{size:>10} {keep:>5g} {sum(q.visual_tokens):>7} {fmt_bytes(q.kv):>10} {fmt_bytes(q.peak):>10}{fits}"
+            )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import json
 import os
 import stat
 import tempfile
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import mlx.core as mx
 
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-def _no_window(window_size: Optional[int]) -> None:
+def _no_window(window_size: int | None) -> None:
     if window_size is not None:
         raise ValueError("window_size is not supported; FixedKVCache has its own window")
 
@@ -87,7 +87,7 @@ class KVCache:
         self.values[..., prev : self.offset, :] = values
         return self.state
 
-    def update_bias(self, bias: Optional[mx.array], n: int) -> Optional[mx.array]:
+    def update_bias(self, bias: mx.array | None, n: int) -> mx.array | None:
         """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`; return
         the bias of every key held after it [B, offset + n], or None when no bias was ever given.
 
@@ -105,11 +105,11 @@ class KVCache:
         return self.bias[:, : prev + n]
 
     @property
-    def key_bias(self) -> Optional[mx.array]:
+    def key_bias(self) -> mx.array | None:
         """[B, offset] key bias of the held tokens, or None when none was given."""
         return None if self.bias is None else self.bias[:, : self.offset]
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """Mask for the next `n` queries; call before `update_and_fetch`."""
         _no_window(window_size)
         return causal_mask(n, self.offset + n) if return_array else None if n == 1 else "causal"
@@ -179,8 +179,14 @@ class FixedKVCache:
     Token ``t`` lives in slot ``t`` if ``t < pinned``, else in ``pinned + (t - pinned) % ring``.
     """
 
-    def __init__(self, max_tokens: int, pinned: Optional[int] = None, bits: Optional[int] = None,
-                 group_size: int = 64, max_chunk: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        pinned: int | None = None,
+        bits: int | None = None,
+        group_size: int = 64,
+        max_chunk: int | None = None,
+    ) -> None:
         if bits not in (None, 4, 8):
             raise ValueError(f"bits must be None, 4 or 8, got {bits}")
         self.max_tokens = int(max_tokens)
@@ -218,7 +224,7 @@ class FixedKVCache:
         """How many most recent unpinned tokens each query attends to."""
         return self.ring - self._max_chunk + 1
 
-    def pin(self, n: Optional[int] = None) -> None:
+    def pin(self, n: int | None = None) -> None:
         """Pin the first `n` tokens (default: every token written so far).
 
         Only possible while nothing has been overwritten (``offset <= max_tokens``), and
@@ -282,7 +288,7 @@ class FixedKVCache:
         self.offset += L
         return self.state
 
-    def update_bias(self, bias: Optional[mx.array], n: int) -> Optional[mx.array]:
+    def update_bias(self, bias: mx.array | None, n: int) -> mx.array | None:
         """Write the key bias [B, n] of the next `n` tokens (None: 0) BEFORE their `update_and_fetch`, into
         their slots (pinned and rotated with them); return the held slots' bias [B, size after], or None
         when no bias was ever given. Allocated once, at ``max_tokens`` slots (see `KVCache.update_bias`)."""
@@ -295,7 +301,7 @@ class FixedKVCache:
         return self.bias[:, : min(self.offset + n, self.max_tokens)]
 
     @property
-    def key_bias(self) -> Optional[mx.array]:
+    def key_bias(self) -> mx.array | None:
         """[B, size] key bias of the held slots (slot order, like `state`), or None when none was given."""
         return None if self.bias is None else self.bias[:, : self.size()]
 
@@ -308,7 +314,7 @@ class FixedKVCache:
             self.bias = mx.zeros((bias.shape[0], self.max_tokens), mx.float32)
             self.bias[:, : bias.shape[1]] = bias
 
-    def make_mask(self, n: int, return_array: bool = False, window_size: Optional[int] = None):
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """Mask for the next `n` queries; call BEFORE `update_and_fetch` of those tokens.
 
         Returns ``None`` (all returned keys visible), ``"causal"``, or a bool array
@@ -419,7 +425,7 @@ class SessionError(InputError):
     """A session file that is not one of this library, is corrupt, or does not fit this model or chat."""
 
 
-def save_cache(path: Union[str, os.PathLike], caches: Sequence, metadata: Optional[dict] = None) -> None:
+def save_cache(path: str | os.PathLike, caches: Sequence, metadata: dict | None = None) -> None:
     """Save a chat session's caches (one per layer) and a JSON-able `metadata` dict.
 
     `path` should end in ``.safetensors``. Only the held tokens are written; the caches
@@ -471,12 +477,14 @@ def _save_folder(path: str) -> str:
     except InputError:
         ours = False
     if not ours:
-        raise SessionError(f"cannot save to {path}: it exists and is not a session file of mlx-compact; "
-                           "refusing to overwrite it: give another name")
+        raise SessionError(
+            f"cannot save to {path}: it exists and is not a session file of mlx-compact; "
+            "refusing to overwrite it: give another name"
+        )
     return folder
 
 
-def read_cache_file(path: Union[str, os.PathLike]) -> dict:
+def read_cache_file(path: str | os.PathLike) -> dict:
     """Check a file written by `save_cache` from its header alone (nothing is allocated); describe it.
 
     Returns a dict: ``class`` (the caches' class name, the same for every layer), ``meta`` (FixedKVCache's
@@ -532,9 +540,17 @@ def read_cache_file(path: Union[str, os.PathLike]) -> dict:
     if biases and any(header[n][:2] != ("F32", (first[0][1][0], first[0][1][2])) for n in biases):
         raise corrupt("its key bias is not float32 [batch, tokens]")
     names |= biases
-    info = {"class": cls, "meta": meta, "parts": parts, "layers": layers, "metadata": metadata, "bias": bias,
-            "tensors": {n: header[n][:2] for n in names}, "nbytes": sum(header[n][2] for n in names),
-            **_layout(first, cls, meta, corrupt)}
+    info = {
+        "class": cls,
+        "meta": meta,
+        "parts": parts,
+        "layers": layers,
+        "metadata": metadata,
+        "bias": bias,
+        "tensors": {n: header[n][:2] for n in names},
+        "nbytes": sum(header[n][2] for n in names),
+        **_layout(first, cls, meta, corrupt),
+    }
     if cls == "FixedKVCache" and parts:  # the full buffers, allocated on load
         per_token = sum(SAFETENSORS_DTYPES[d] * s[0] * s[1] * s[3] for d, s in first)
         info["nbytes"] += 2 * layers * meta[0] * per_token + (meta[0] * 4 * first[0][1][0] if bias else 0)
@@ -552,12 +568,20 @@ def _cache_settings(entry, corrupt):
         return ()
     if cls != "FixedKVCache":
         raise corrupt(f"unknown cache class {str(cls)[:40]!r}")
-    if not (isinstance(meta, list) and len(meta) == 6
-            and all(isinstance(s, str) and s.isascii() and s.isdigit() and len(s) <= 10 for s in meta)):
+    if not (
+        isinstance(meta, list)
+        and len(meta) == 6
+        and all(isinstance(s, str) and s.isascii() and s.isdigit() and len(s) <= 10 for s in meta)
+    ):
         raise corrupt("FixedKVCache settings are not six integers")
     max_tokens, pinned, max_chunk, bits, group_size, offset = values = tuple(map(int, meta))
-    if not (bits in (0, 4, 8) and group_size in (32, 64, 128) and 1 <= max_chunk <= max_tokens < _LIMIT
-            and pinned <= max_tokens - max_chunk and offset < _LIMIT):
+    if not (
+        bits in (0, 4, 8)
+        and group_size in (32, 64, 128)
+        and 1 <= max_chunk <= max_tokens < _LIMIT
+        and pinned <= max_tokens - max_chunk
+        and offset < _LIMIT
+    ):
         raise corrupt(f"FixedKVCache settings {meta} are out of range")
     if parts not in (0, 3 if bits else 1) or (parts == 0 and offset):
         raise corrupt(f"a FixedKVCache of {bits or 'float'} bits holding {offset} tokens cannot have {parts} parts")
@@ -582,15 +606,21 @@ def _layout(keys, cls, meta, corrupt):
     head_dim, group_size = width * 32 // bits, meta[4]
     scales = (batch, kv_heads, tokens, head_dim // group_size)
     float_dtype = keys[1][0]
-    if dtype != "U32" or head_dim % group_size or float_dtype not in _FLOATS \
-            or any(k != (float_dtype, scales) for k in keys[1:]):
-        raise corrupt(f"its {bits}-bit keys are not packed U32 words with float scales and biases "
-                      f"of shape {list(scales)}")
+    if (
+        dtype != "U32"
+        or head_dim % group_size
+        or float_dtype not in _FLOATS
+        or any(k != (float_dtype, scales) for k in keys[1:])
+    ):
+        raise corrupt(
+            f"its {bits}-bit keys are not packed U32 words with float scales and biases of shape {list(scales)}"
+        )
     return dict(batch=batch, kv_heads=kv_heads, head_dim=head_dim, dtype=float_dtype)
 
 
-def load_cache(path: Union[str, os.PathLike], layers: Optional[int] = None, kv_heads: Optional[int] = None,
-               head_dim: Optional[int] = None) -> tuple:
+def load_cache(
+    path: str | os.PathLike, layers: int | None = None, kv_heads: int | None = None, head_dim: int | None = None
+) -> tuple:
     """Load what `save_cache` wrote; return ``(caches, metadata)``.
 
     The file is checked from its header first (`read_cache_file`): against the model when `layers`,
@@ -600,17 +630,23 @@ def load_cache(path: Union[str, os.PathLike], layers: Optional[int] = None, kv_h
     path = os.fspath(path)
     info = read_cache_file(path)
     if layers is not None and info["layers"] != layers:
-        raise SessionError(f"session file {path} holds {info['layers']} cache layers; this model has {layers}: "
-                           "it was saved with another model")
+        raise SessionError(
+            f"session file {path} holds {info['layers']} cache layers; this model has {layers}: "
+            "it was saved with another model"
+        )
     theirs, ours = (info["batch"], info["kv_heads"], info["head_dim"]), (1, kv_heads, head_dim)
     if info["parts"] and kv_heads is not None and theirs != ours:
-        raise SessionError(f"session file {path} holds keys of batch {theirs[0]}, {theirs[1]} kv heads and head_dim "
-                           f"{theirs[2]}; this model's are {ours[0]}, {ours[1]} and {ours[2]}: it was saved with "
-                           "another model")
+        raise SessionError(
+            f"session file {path} holds keys of batch {theirs[0]}, {theirs[1]} kv heads and head_dim "
+            f"{theirs[2]}; this model's are {ours[0]}, {ours[1]} and {ours[2]}: it was saved with "
+            "another model"
+        )
     available = memory.device_budget()["available"]
     if available and info["nbytes"] > available:
-        raise SessionError(f"loading session file {path} needs {memory.fmt_bytes(info['nbytes'])}, more than the "
-                           f"{memory.fmt_bytes(available)} this device has available")
+        raise SessionError(
+            f"loading session file {path} needs {memory.fmt_bytes(info['nbytes'])}, more than the "
+            f"{memory.fmt_bytes(available)} this device has available"
+        )
     with open_regular(path, what="session file") as f:
         arrays = mx.load(f, format="safetensors")
     if {n: (_DTYPE_NAMES.get(a.dtype), tuple(a.shape)) for n, a in arrays.items()} != info["tensors"]:

@@ -7,7 +7,7 @@ prompt and the images are pinned and old chat text rotates out.
 """
 
 import json
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from .cache import SessionError, load_cache, read_cache_file, save_cache
 from .generate import GenerationResponse, GenerationResult, make_cache, make_prompt_cache, stream_generate, turn_text
@@ -27,10 +27,20 @@ class ChatSession:
         memory_budget, fit: the memory plan of every turn (see ``check_memory``).
     """
 
-    def __init__(self, model, processor, *, system_prompt: Optional[str] = None, compaction=None,
-                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                 max_pixels: Optional[int] = None, prefill_step_size: int = 512,
-                 memory_budget: Optional[int] = None, fit: str = "refuse"):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        system_prompt: str | None = None,
+        compaction=None,
+        max_kv_size: int | None = None,
+        kv_bits: int | None = None,
+        max_pixels: int | None = None,
+        prefill_step_size: int = 512,
+        memory_budget: int | None = None,
+        fit: str = "refuse",
+    ):
         self.model, self.processor = model, processor
         self.system_prompt = system_prompt
         self.compaction = compaction
@@ -53,17 +63,28 @@ class ChatSession:
         """The text the next turn adds to the conversation (before images and videos are expanded)."""
         return turn_text(self.processor, self.cache, prompt, n_images, self.system_prompt, n_videos)
 
-    def stream(self, prompt: str, images: Sequence = (), *, videos: Sequence = (), max_tokens: int = 256,
-               **kwargs) -> Iterator[GenerationResponse]:
+    def stream(
+        self, prompt: str, images: Sequence = (), *, videos: Sequence = (), max_tokens: int = 256, **kwargs
+    ) -> Iterator[GenerationResponse]:
         """Yield the reply as ``GenerationResponse``s (see ``stream_generate``; ``sampler``, ``temperature``,
         ``top_p``, ``seed``, ``logits_processors``, ``progress`` pass through). ``videos``: video files, folders
         of frames or lists of images, encoded once in this turn (``fps`` / ``max_frames``: their sampling, see
         `mlx_compact.video`). Stopping early (closing the generator, Ctrl-C) keeps the part of the reply
         produced so far."""
         kwargs = {"max_pixels": self.max_pixels, "memory_budget": self.memory_budget, "fit": self.fit, **kwargs}
-        for r in stream_generate(self.model, self.processor, prompt, images, videos=videos, max_tokens=max_tokens,
-                                 compaction=self.compaction, prompt_cache=self.cache, system_prompt=self.system_prompt,
-                                 prefill_step_size=self.prefill_step_size, **kwargs):
+        for r in stream_generate(
+            self.model,
+            self.processor,
+            prompt,
+            images,
+            videos=videos,
+            max_tokens=max_tokens,
+            compaction=self.compaction,
+            prompt_cache=self.cache,
+            system_prompt=self.system_prompt,
+            prefill_step_size=self.prefill_step_size,
+            **kwargs,
+        ):
             if r.stats is not None:
                 self.last_stats = r.stats
             yield r
@@ -84,8 +105,15 @@ class ChatSession:
         that is not a session file: only a previous session file is overwritten.
         """
         c = self.cache
-        meta = {"next_pos": c.position, "turns": c.turns, "closed": c.closed, "text": c.text,
-                "messages": c.messages, "model_type": self.model.model_type, "model": _fingerprint(self.model)}
+        meta = {
+            "next_pos": c.position,
+            "turns": c.turns,
+            "closed": c.closed,
+            "text": c.text,
+            "messages": c.messages,
+            "model_type": self.model.model_type,
+            "model": _fingerprint(self.model),
+        }
         save_cache(path, self.cache, {"chat": json.dumps(meta)})
 
     def load(self, path: str) -> None:
@@ -112,8 +140,10 @@ class ChatSession:
             return  # pinned and offset are the conversation's, not settings
         a, b = _cache_flags(*theirs), _cache_flags(*ours)
         if a == b:  # same flags, other internals: a session written by a program, not by `mlx-compact chat`
-            raise SessionError(f"{path} was saved with a cache of max_chunk {theirs[1][2]} and group size "
-                               f"{theirs[1][4]}; this chat's has {ours[1][2]} and {ours[1][4]}: it cannot be loaded here")
+            raise SessionError(
+                f"{path} was saved with a cache of max_chunk {theirs[1][2]} and group size "
+                f"{theirs[1][4]}; this chat's has {ours[1][2]} and {ours[1][4]}: it cannot be loaded here"
+            )
         fix = "restart chat without them" if theirs[0] == "KVCache" else f"restart chat with {a}"
         raise SessionError(f"{path} was saved with {a}; this chat has {b}: {fix} to load it")
 
@@ -121,8 +151,14 @@ class ChatSession:
 def _fingerprint(model) -> dict:
     """What a session's cache depends on: the model's type and the sizes of its language model."""
     t = model.config.text
-    return {"model_type": model.model_type, "layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads,
-            "head_dim": t.head_dim, "hidden_size": t.hidden_size, "vocab_size": t.vocab_size}
+    return {
+        "model_type": model.model_type,
+        "layers": t.num_hidden_layers,
+        "kv_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "hidden_size": t.hidden_size,
+        "vocab_size": t.vocab_size,
+    }
 
 
 def _cache_flags(cls: str, meta: tuple) -> str:
@@ -138,18 +174,25 @@ def _chat_state(path: str, metadata: dict, model) -> dict:
         state = json.loads(metadata["chat"])
     except (KeyError, TypeError, json.JSONDecodeError, RecursionError):
         state = None
-    if not (isinstance(state, dict) and isinstance(state.get("model_type"), str)
-            and all(type(state.get(k)) is int and 0 <= state[k] < 2**31 for k in ("next_pos", "turns"))
-            and type(state.get("closed")) is bool and isinstance(state.get("text", ""), str)
-            and isinstance(state.get("messages", []), list)
-            and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in state.get("messages", []))):
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("model_type"), str)
+        and all(type(state.get(k)) is int and 0 <= state[k] < 2**31 for k in ("next_pos", "turns"))
+        and type(state.get("closed")) is bool
+        and isinstance(state.get("text", ""), str)
+        and isinstance(state.get("messages", []), list)
+        and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in state.get("messages", []))
+    ):
         raise SessionError(f"session file {path} has no valid chat state: it was not saved by a chat, or it is corrupt")
     fingerprint = state.get("model", {})  # files saved before it have only model_type: their shapes are checked
     if not isinstance(fingerprint, dict):
         raise SessionError(f"session file {path} has a corrupt model fingerprint")
     theirs = {"model_type": state["model_type"], **fingerprint}
-    diff = [f"{k} {str(theirs[k])[:40]}, this model's {v}" for k, v in _fingerprint(model).items()
-            if k in theirs and theirs[k] != v]
+    diff = [
+        f"{k} {str(theirs[k])[:40]}, this model's {v}"
+        for k, v in _fingerprint(model).items()
+        if k in theirs and theirs[k] != v
+    ]
     if diff:
         raise SessionError(f"session file {path} was saved with another model ({'; '.join(diff)})")
     return state

@@ -72,7 +72,9 @@ def _keep(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep must be a number in (0, 1] (the share of visual tokens kept), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"keep must be a number in (0, 1] (the share of visual tokens kept), got {text!r}"
+        )
     return value
 
 
@@ -116,7 +118,18 @@ def _top_p(text: str) -> float:
     return value
 
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+}
 
 
 def _size(text: str) -> int:
@@ -131,38 +144,69 @@ def _size(text: str) -> int:
 
 
 def _add_model(p) -> None:
-    p.add_argument("--model", default=None, metavar="M",
-                   help="a Qwen-VL model: a local directory or a Hugging Face repo id such as "
-                        "mlx-community/Qwen2.5-VL-3B-Instruct-4bit (downloaded once, then cached; no conversion "
-                        "needed). Default: the small Qwen3-VL bundled with the package (synthetic scenes only)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="M",
+        help="a Qwen-VL model: a local directory or a Hugging Face repo id such as "
+        "mlx-community/Qwen2.5-VL-3B-Instruct-4bit (downloaded once, then cached; no conversion "
+        "needed). Default: the small Qwen3-VL bundled with the package (synthetic scenes only)",
+    )
 
 
 def _add_images(p, required: bool = False, what: str = "the first question") -> None:
-    p.add_argument("--image", action="append", default=[], metavar="PATH", required=required,
-                   help=f"an image file (JPEG, PNG, WebP, TIFF, ...; HEIC with pillow-heif installed) for {what}; "
-                        "repeat for several")
-    p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="P",
-                   help="shrink each image to at most P pixels before the model sees it (e.g. 1000000 for about "
-                        "1 megapixel). Each 28x28 pixel block (32x32 on Qwen3-VL) becomes one visual token, so a "
-                        "12 MP photo can cost thousands of tokens: fewer pixels = less memory and a faster first "
-                        "token, but less fine detail. Default: the model's own limit")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        required=required,
+        help=f"an image file (JPEG, PNG, WebP, TIFF, ...; HEIC with pillow-heif installed) for {what}; "
+        "repeat for several",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="shrink each image to at most P pixels before the model sees it (e.g. 1000000 for about "
+        "1 megapixel). Each 28x28 pixel block (32x32 on Qwen3-VL) becomes one visual token, so a "
+        "12 MP photo can cost thousands of tokens: fewer pixels = less memory and a faster first "
+        "token, but less fine detail. Default: the model's own limit",
+    )
 
 
 def _add_videos(p, what: str = "the first question") -> None:
     g = p.add_argument_group(
         "video",
         "A video is read as frames sampled from it, two frames to a grid of visual tokens (the model's\n"
-        "temporal patch): more frames or bigger frames cost more tokens, memory and time.")
-    g.add_argument("--video", action="append", default=[], metavar="PATH",
-                   help=f"a video for {what}: a video file (MP4, MOV, MKV, WebM, ...; needs PyAV: pip install "
-                        "'mlx-compact[video]') or a folder of frames (its image files in name order, nothing "
-                        "extra needed); repeat for several")
-    g.add_argument("--fps", type=_fps, default=None, metavar="F",
-                   help="frames per second taken from a video file (default 2, as mlx-vlm and Qwen's own tools; "
-                        "a short clip still gets 4 frames); for a folder, the rate its frames were taken at "
-                        "(default 2)")
-    g.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
-                   help="take at most N frames from each video, evenly spaced (default 768)")
+        "temporal patch): more frames or bigger frames cost more tokens, memory and time.",
+    )
+    g.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"a video for {what}: a video file (MP4, MOV, MKV, WebM, ...; needs PyAV: pip install "
+        "'mlx-compact[video]') or a folder of frames (its image files in name order, nothing "
+        "extra needed); repeat for several",
+    )
+    g.add_argument(
+        "--fps",
+        type=_fps,
+        default=None,
+        metavar="F",
+        help="frames per second taken from a video file (default 2, as mlx-vlm and Qwen's own tools; "
+        "a short clip still gets 4 frames); for a folder, the rate its frames were taken at "
+        "(default 2)",
+    )
+    g.add_argument(
+        "--max-frames",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="take at most N frames from each video, evenly spaced (default 768)",
+    )
 
 
 def _add_compaction(p, post_only: bool = False) -> None:
@@ -170,76 +214,158 @@ def _add_compaction(p, post_only: bool = False) -> None:
     g = p.add_argument_group(
         "visual-token compaction",
         "A photo becomes hundreds to thousands of visual tokens; keeping a share of them\n"
-        f"makes the first token come sooner and the KV cache smaller. Methods:\n{methods}")
-    g.add_argument("--compaction", choices=list(METHOD_HELP), default=None, metavar="METHOD",
-                   help="how to choose the visual tokens to keep (see the list above). Default: none, or "
-                        "diversity when --keep/--tokens is given")
+        f"makes the first token come sooner and the KV cache smaller. Methods:\n{methods}",
+    )
+    g.add_argument(
+        "--compaction",
+        choices=list(METHOD_HELP),
+        default=None,
+        metavar="METHOD",
+        help="how to choose the visual tokens to keep (see the list above). Default: none, or "
+        "diversity when --keep/--tokens is given",
+    )
     keep = g.add_mutually_exclusive_group()
-    keep.add_argument("--keep", type=_keep, default=None, metavar="R",
-                      help="share of each image's visual tokens to keep, in (0, 1]: 0.33 keeps a third. The KV "
-                           "cache and the prefill shrink in proportion, so the first token comes sooner and uses "
-                           "less memory; very low values lose detail. Default with --compaction: 0.33")
-    keep.add_argument("--tokens", type=_positive_int, default=None, metavar="K",
-                      help="keep at most K visual tokens per image (instead of a share)")
-    g.add_argument("--proportional", action=argparse.BooleanOptionalAction, default=None,
-                   help="size-aware attention: each kept token weighs as much as the tokens it stands for (its "
-                        "group), so counting and small details survive low --keep; the cache stays compact "
-                        "(one extra number per token). Default: on for diversity, merge and pool after the "
-                        "vision tower, off elsewhere")
+    keep.add_argument(
+        "--keep",
+        type=_keep,
+        default=None,
+        metavar="R",
+        help="share of each image's visual tokens to keep, in (0, 1]: 0.33 keeps a third. The KV "
+        "cache and the prefill shrink in proportion, so the first token comes sooner and uses "
+        "less memory; very low values lose detail. Default with --compaction: 0.33",
+    )
+    keep.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="keep at most K visual tokens per image (instead of a share)",
+    )
+    g.add_argument(
+        "--proportional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="size-aware attention: each kept token weighs as much as the tokens it stands for (its "
+        "group), so counting and small details survive low --keep; the cache stays compact "
+        "(one extra number per token). Default: on for diversity, merge and pool after the "
+        "vision tower, off elsewhere",
+    )
     if not post_only:
-        g.add_argument("--where", choices=("post", "encoder"), default="post",
-                       help="post (default): compact after the vision tower (every model). encoder: choose the "
-                            "tokens inside the vision tower, so its remaining layers run on fewer tokens too "
-                            "(faster vision; Qwen2-VL and Qwen3-VL only; floor, diversity, saliency or random)")
+        g.add_argument(
+            "--where",
+            choices=("post", "encoder"),
+            default="post",
+            help="post (default): compact after the vision tower (every model). encoder: choose the "
+            "tokens inside the vision tower, so its remaining layers run on fewer tokens too "
+            "(faster vision; Qwen2-VL and Qwen3-VL only; floor, diversity, saliency or random)",
+        )
 
 
 def _add_cache(p) -> None:
     g = p.add_argument_group("KV cache (the model's working memory of the conversation)")
-    g.add_argument("--max-kv-tokens", type=_positive_int, default=None, metavar="N",
-                   help="give the cache a fixed size of N tokens, allocated once: memory cannot grow during a "
-                        "long answer or chat. The system prompt and the images stay pinned; when it fills, the "
-                        "oldest chat text is forgotten first. Default: a cache that grows as needed")
-    g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
-                   help="store the cache in 8 or 4 bits instead of 16: about 2x or 4x less cache memory (8 is "
-                        "near-lossless, 4 can change answers). Needs --max-kv-tokens")
+    g.add_argument(
+        "--max-kv-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="give the cache a fixed size of N tokens, allocated once: memory cannot grow during a "
+        "long answer or chat. The system prompt and the images stay pinned; when it fills, the "
+        "oldest chat text is forgotten first. Default: a cache that grows as needed",
+    )
+    g.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="store the cache in 8 or 4 bits instead of 16: about 2x or 4x less cache memory (8 is "
+        "near-lossless, 4 can change answers). Needs --max-kv-tokens",
+    )
 
 
 def _add_sampling(p, top_p_seed: bool = True) -> None:
     g = p.add_argument_group("answer")
-    g.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
-                   help="longest answer, in tokens (about 3/4 of a word each; default %(default)s)")
-    g.add_argument("--temperature", type=_temperature, default=0.0, metavar="T",
-                   help="randomness of the answer: 0 (default) always picks the likeliest word; 0.7 is livelier")
+    g.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="longest answer, in tokens (about 3/4 of a word each; default %(default)s)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        metavar="T",
+        help="randomness of the answer: 0 (default) always picks the likeliest word; 0.7 is livelier",
+    )
     if top_p_seed:
-        g.add_argument("--top-p", type=_top_p, default=1.0, metavar="P",
-                       help="with --temperature > 0, sample only from the likeliest words whose probabilities "
-                            "add up to P (e.g. 0.9); default 1.0 (all words)")
-        g.add_argument("--top-k", type=int, default=0, metavar="K",
-                       help="with --temperature > 0, sample only from the K likeliest words (default 0: off)")
-        g.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                       help="with --temperature > 0, drop words less likely than P times the likeliest (default 0: off)")
-        g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
-                       help="make recently used words less likely (e.g. 1.1; default: off)")
-        g.add_argument("--seed", type=int, default=None, metavar="S",
-                       help="random seed (any whole number), so that a sampled answer can be repeated")
+        g.add_argument(
+            "--top-p",
+            type=_top_p,
+            default=1.0,
+            metavar="P",
+            help="with --temperature > 0, sample only from the likeliest words whose probabilities "
+            "add up to P (e.g. 0.9); default 1.0 (all words)",
+        )
+        g.add_argument(
+            "--top-k",
+            type=int,
+            default=0,
+            metavar="K",
+            help="with --temperature > 0, sample only from the K likeliest words (default 0: off)",
+        )
+        g.add_argument(
+            "--min-p",
+            type=float,
+            default=0.0,
+            metavar="P",
+            help="with --temperature > 0, drop words less likely than P times the likeliest (default 0: off)",
+        )
+        g.add_argument(
+            "--repetition-penalty",
+            type=float,
+            default=None,
+            metavar="R",
+            help="make recently used words less likely (e.g. 1.1; default: off)",
+        )
+        g.add_argument(
+            "--seed",
+            type=int,
+            default=None,
+            metavar="S",
+            help="random seed (any whole number), so that a sampled answer can be repeated",
+        )
 
 
 def _add_memory(p, fit: bool = True) -> None:
     g = p.add_argument_group("memory plan (checked before anything runs)")
-    g.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
-                   help="plan against SIZE of memory (e.g. 10GB) instead of what this machine allows; on a Mac "
-                        "that is the GPU's share of unified memory, about 2/3 to 3/4 of its RAM")
+    g.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="plan against SIZE of memory (e.g. 10GB) instead of what this machine allows; on a Mac "
+        "that is the GPU's share of unified memory, about 2/3 to 3/4 of its RAM",
+    )
     if fit:
-        g.add_argument("--fit", choices=("refuse", "auto"), default="refuse",
-                       help="what to do when the plan does not fit: refuse (default) stops with a message naming "
-                            "what would fit; auto shrinks the images until it fits")
+        g.add_argument(
+            "--fit",
+            choices=("refuse", "auto"),
+            default="refuse",
+            help="what to do when the plan does not fit: refuse (default) stops with a message naming "
+            "what would fit; auto shrinks the images until it fits",
+        )
 
 
 def _add_stats(p, per: str) -> None:
-    p.add_argument("--stats", choices=("text", "json"), default="text",
-                   help=f"statistics of {per} (tokens, visual tokens kept, KV bytes, time to first token split "
-                        "into preprocess / vision / prefill, decode speed, peak memory): text on stderr "
-                        "(default), or json on stdout")
+    p.add_argument(
+        "--stats",
+        choices=("text", "json"),
+        default="text",
+        help=f"statistics of {per} (tokens, visual tokens kept, KV bytes, time to first token split "
+        "into preprocess / vision / prefill, decode speed, peak memory): text on stderr "
+        "(default), or json on stdout",
+    )
 
 
 def _check_cache_args(args) -> None:
@@ -259,8 +385,11 @@ def _compaction(args, keep=None):
         return None
     if method == "none" or (keep == 1.0 and args.tokens is None):
         return Compaction.none()
-    kw = {"method": method or "diversity", "where": getattr(args, "where", "post"),
-          "proportional": getattr(args, "proportional", None)}
+    kw = {
+        "method": method or "diversity",
+        "where": getattr(args, "where", "post"),
+        "proportional": getattr(args, "proportional", None),
+    }
     if keep is not None:
         kw["keep"] = keep
     if args.tokens is not None:
@@ -384,8 +513,10 @@ def _answer(responses, mode: str) -> None:
     if mode == "text":
         print(flush=True)
     if "fitted_max_pixels" in stats:
-        _say(f"--fit auto: images shrunk to at most {stats['fitted_max_pixels']} pixels each to fit in memory; "
-             "pass --max-pixels to choose yourself")
+        _say(
+            f"--fit auto: images shrunk to at most {stats['fitted_max_pixels']} pixels each to fit in memory; "
+            "pass --max-pixels to choose yourself"
+        )
     _print_stats(stats, mode, None if mode == "text" else text)
 
 
@@ -393,12 +524,30 @@ def run_generate(args) -> int:
     from mlx_compact.generate import stream_generate
 
     model, processor, c, images, videos = _load_checked(args)
-    _answer(stream_generate(model, processor, args.prompt, images, videos=videos, max_tokens=args.max_tokens,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            max_pixels=args.max_pixels, compaction=c, max_kv_size=args.max_kv_tokens,
-                            kv_bits=args.kv_bits, memory_budget=args.memory_budget, fit=args.fit,
-                            progress=_prefill_progress()), args.stats)
+    _answer(
+        stream_generate(
+            model,
+            processor,
+            args.prompt,
+            images,
+            videos=videos,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            max_pixels=args.max_pixels,
+            compaction=c,
+            max_kv_size=args.max_kv_tokens,
+            kv_bits=args.kv_bits,
+            memory_budget=args.memory_budget,
+            fit=args.fit,
+            progress=_prefill_progress(),
+        ),
+        args.stats,
+    )
     return 0
 
 
@@ -499,10 +648,21 @@ class _Chat:
         images, self.pending = self.pending, []
         videos, self.pending_videos = self.pending_videos, []
         try:
-            _answer(self.session.stream(question, images, videos=videos, max_tokens=a.max_tokens,
-                                        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                                        repetition_penalty=a.repetition_penalty, progress=_prefill_progress()),
-                    a.stats)
+            _answer(
+                self.session.stream(
+                    question,
+                    images,
+                    videos=videos,
+                    max_tokens=a.max_tokens,
+                    temperature=a.temperature,
+                    top_p=a.top_p,
+                    top_k=a.top_k,
+                    min_p=a.min_p,
+                    repetition_penalty=a.repetition_penalty,
+                    progress=_prefill_progress(),
+                ),
+                a.stats,
+            )
         except BaseException:
             if self.session.turns == turns:  # refused before the conversation changed: keep the images
                 self.pending = images + self.pending
@@ -540,9 +700,17 @@ def run_chat(args) -> int:
     model, processor, c, images, videos = _load_checked(args)
     if args.seed is not None:
         set_seed(args.seed)
-    session = ChatSession(model, processor, system_prompt=args.system, compaction=c, max_kv_size=args.max_kv_tokens,
-                          kv_bits=args.kv_bits, max_pixels=args.max_pixels, memory_budget=args.memory_budget,
-                          fit=args.fit)
+    session = ChatSession(
+        model,
+        processor,
+        system_prompt=args.system,
+        compaction=c,
+        max_kv_size=args.max_kv_tokens,
+        kv_bits=args.kv_bits,
+        max_pixels=args.max_pixels,
+        memory_budget=args.memory_budget,
+        fit=args.fit,
+    )
     chat = _Chat(args, session, images, videos)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -587,19 +755,35 @@ def add_plan_parser(subparsers) -> None:
     _add_images(p, required=True, what="the run")
     p.add_argument("--prompt", default="", help="the prompt (its length counts a little; default empty)")
     g = p.add_argument_group("visual-token compaction")
-    g.add_argument("--keep", type=_keep, default=1.0, metavar="R",
-                   help="share of visual tokens kept by compaction, in (0, 1] (default 1: no compaction)")
+    g.add_argument(
+        "--keep",
+        type=_keep,
+        default=1.0,
+        metavar="R",
+        help="share of visual tokens kept by compaction, in (0, 1] (default 1: no compaction)",
+    )
     _add_cache(p)
-    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
-                   help="longest answer, in tokens (default %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="longest answer, in tokens (default %(default)s)",
+    )
     _add_memory(p, fit=False)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.set_defaults(run=run_plan)
 
 
 def _settings(args) -> dict:
-    return dict(keep=args.keep, max_kv_tokens=args.max_kv_tokens, kv_bits=args.kv_bits, max_pixels=args.max_pixels,
-                max_tokens=args.max_tokens, budget=args.memory_budget)
+    return dict(
+        keep=args.keep,
+        max_kv_tokens=args.max_kv_tokens,
+        kv_bits=args.kv_bits,
+        max_pixels=args.max_pixels,
+        max_tokens=args.max_tokens,
+        budget=args.memory_budget,
+    )
 
 
 def _flags(change: dict) -> str:
@@ -618,26 +802,48 @@ def run_plan(args) -> int:
     model = load_model(path, lazy=True)  # weights stay on disk: only their sizes are read
     processor = Processor.from_pretrained(path)
     p = plan_run(model, processor, args.prompt, args.image, **_settings(args))
-    advice = [] if p.fits else [_flags(c) for c in what_fits(model, processor, args.prompt, args.image, **_settings(args))]
+    advice = (
+        [] if p.fits else [_flags(c) for c in what_fits(model, processor, args.prompt, args.image, **_settings(args))]
+    )
     merge = processor.image.merge_size**2
     from mlx_compact.generate import image_patches
 
     before = [n // merge for n in image_patches(processor, args.image, args.max_pixels)]
     source = "--memory-budget" if args.memory_budget is not None else device_budget()["source"]
     if args.json:
-        images = [{"path": f, "height": h, "width": w, "visual_tokens": b, "kept": k}
-                  for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens)]
-        print(json.dumps({"model": args.model or DEFAULT_MODEL, "images": images, "weights": p.weights, "kv": p.kv,
-                          "decode": p.decode, "vision": p.vision, "prefill": p.prefill, "peak": p.peak, "budget": p.budget,
-                          "budget_source": source, "tokens": p.tokens, "visual_tokens": p.visual_tokens,
-                          "fits": p.fits, "what_would_fit": advice}))
+        images = [
+            {"path": f, "height": h, "width": w, "visual_tokens": b, "kept": k}
+            for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens)
+        ]
+        print(
+            json.dumps(
+                {
+                    "model": args.model or DEFAULT_MODEL,
+                    "images": images,
+                    "weights": p.weights,
+                    "kv": p.kv,
+                    "decode": p.decode,
+                    "vision": p.vision,
+                    "prefill": p.prefill,
+                    "peak": p.peak,
+                    "budget": p.budget,
+                    "budget_source": source,
+                    "tokens": p.tokens,
+                    "visual_tokens": p.visual_tokens,
+                    "fits": p.fits,
+                    "what_would_fit": advice,
+                }
+            )
+        )
         return 0
     print(f"memory plan for {args.model or DEFAULT_MODEL} ({p.tokens} KV tokens, answer up to {args.max_tokens})")
     for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens):
         print(f"  {f}: {w}x{h} px -> {b} visual tokens" + (f", {k} kept" if k != b else ""))
     print(p.summary())
-    print(f"{'budget from':>14}: {source}" + (f" ({fmt_bytes(device_budget()['total'])} total)"
-                                                 if args.memory_budget is None else ""))
+    print(
+        f"{'budget from':>14}: {source}"
+        + (f" ({fmt_bytes(device_budget()['total'])} total)" if args.memory_budget is None else "")
+    )
     if not p.fits:
         print(f"{'would fit with':>14}: " + ("; ".join(advice) or "nothing at these settings; use a smaller model"))
     return 0
@@ -655,12 +861,20 @@ def add_convert_parser(subparsers) -> None:
     )
     p.add_argument("--hf-path", required=True, help="source checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("-q", "--quantize", action="store_true",
-                   help="quantize the language model (4-bit: about 4x smaller than 16-bit, slightly less accurate)")
+    p.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="quantize the language model (4-bit: about 4x smaller than 16-bit, slightly less accurate)",
+    )
     p.add_argument("--q-bits", type=int, choices=(4, 6, 8), default=4, help="bits per weight (default 4)")
     p.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64, help="group size (default 64)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="dtype of the float parameters (default bfloat16)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="dtype of the float parameters (default bfloat16)",
+    )
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower too")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(run=run_convert)
@@ -691,8 +905,11 @@ SUBCOMMANDS = [add_generate_parser, add_chat_parser, add_plan_parser, add_conver
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mlx-compact", description="Qwen-VL vision-language models on MLX, with compact visual "
-                     "tokens, a fixed-size KV cache and a memory plan before every run.")
+    parser = _Parser(
+        prog="mlx-compact",
+        description="Qwen-VL vision-language models on MLX, with compact visual "
+        "tokens, a fixed-size KV cache and a memory plan before every run.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {mlx_compact.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:

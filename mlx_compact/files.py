@@ -24,8 +24,22 @@ from pathlib import Path
 TEXT_LIMIT = 64 << 20  # config, tokenizer, template and index files: far below this in the wild
 HEADER_LIMIT = 100 << 20  # safetensors' own cap on the JSON header
 SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 
@@ -62,7 +76,9 @@ def checked_file(path: str | os.PathLike, root: str | os.PathLike | None = None,
     """
     path = Path(path)
     if root is not None and not inside(path, root):
-        raise InputError(f"{what} {path} is a link to {os.path.realpath(path)}, outside the checkpoint; refusing to read it")
+        raise InputError(
+            f"{what} {path} is a link to {os.path.realpath(path)}, outside the checkpoint; refusing to read it"
+        )
     st = os.stat(path)  # follows links; FileNotFoundError when absent or dangling
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
@@ -93,8 +109,10 @@ def read_bytes(path, root=None, what: str = "file", limit: int = TEXT_LIMIT) -> 
     with open_regular(path, root, what) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise InputError(f"{what} {path} is larger than {limit >> 20} MiB, far more than such a file holds; "
-                         "it is not a valid checkpoint file")
+        raise InputError(
+            f"{what} {path} is larger than {limit >> 20} MiB, far more than such a file holds; "
+            "it is not a valid checkpoint file"
+        )
     return data
 
 
@@ -112,8 +130,9 @@ def read_json(path, root=None, what: str | None = None, kind: type | None = dict
     try:
         value = json.loads(read_text(path, root, what, limit))
     except json.JSONDecodeError as e:
-        raise InputError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                         "download or write it again") from None
+        raise InputError(
+            f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); download or write it again"
+        ) from None
     except RecursionError:
         raise InputError(f"{what} {path} nests too deeply to be a valid file") from None
     if kind is not None and not isinstance(value, kind):
@@ -137,8 +156,9 @@ def safetensors_header(path, root=None) -> dict:
             raise InputError(f"weights file {path} is truncated ({size} bytes): not a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n < 2 or n > HEADER_LIMIT or 8 + n > size:
-            raise InputError(f"weights file {path} has a corrupt header (length {n} in a file of {size} bytes); "
-                             "download it again")
+            raise InputError(
+                f"weights file {path} has a corrupt header (length {n} in a file of {size} bytes); download it again"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -158,24 +178,31 @@ def safetensors_header(path, root=None) -> dict:
         dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
             raise InputError(f"{bad} dtype {dtype!r}, which is not a safetensors dtype MLX reads")
-        if not (isinstance(shape, list) and len(shape) <= 8
-                and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
             raise InputError(f"{bad} an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data):
-            raise InputError(f"{bad} offsets {offsets!r} outside the file's {data} data bytes: the file is "
-                             "truncated or corrupt; download it again")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data
+        ):
+            raise InputError(
+                f"{bad} offsets {offsets!r} outside the file's {data} data bytes: the file is "
+                "truncated or corrupt; download it again"
+            )
         count = 1
         for d in shape:
             count *= d
         nbytes = count * SAFETENSORS_DTYPES[dtype]
         if offsets[1] - offsets[0] != nbytes:
-            raise InputError(f"{bad} {offsets[1] - offsets[0]} bytes but dtype {dtype} and shape {shape} need "
-                             f"{nbytes}: the file is corrupt")
+            raise InputError(
+                f"{bad} {offsets[1] - offsets[0]} bytes but dtype {dtype} and shape {shape} need "
+                f"{nbytes}: the file is corrupt"
+            )
         spans.append((offsets[0], offsets[1], key))
         out[key] = (dtype, tuple(shape), nbytes)
     spans.sort()
-    for (a0, a1, ka), (b0, _, kb) in zip(spans, spans[1:]):
+    for (_, a1, ka), (b0, _, kb) in zip(spans, spans[1:]):
         if b0 < a1:
             raise InputError(f"weights file {name}: tensors {ka!r} and {kb!r} overlap: the file is corrupt")
     out["__metadata__"] = meta or {}

@@ -7,18 +7,18 @@ text chunks and finally the stats, ``generate`` collects everything into a ``Gen
 import math
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .cache import FixedKVCache, KVCache
-from .memory import MemoryPlanError, fmt_bytes, plan, planned_compaction, weights_bytes, wired_limit
-from .memory import kv_group_size as default_group_size
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
 from .images import ImageFile, open_image
+from .memory import MemoryPlanError, fmt_bytes, plan, planned_compaction, weights_bytes, wired_limit
+from .memory import kv_group_size as default_group_size
 from .models.rope_index import PER_FRAME_VIDEO
 from .video import open_videos
 
@@ -26,7 +26,7 @@ from .video import open_videos
 @dataclass
 class GenerationResult:
     text: str
-    tokens: List[int]
+    tokens: list[int]
     stats: dict = field(default_factory=dict)
 
 
@@ -38,21 +38,23 @@ class Prepared:
     L_compact rows and ``kept`` maps each row to its row in the uncompacted prompt.
     """
 
-    input_ids: List[int]
+    input_ids: list[int]
     embeds: mx.array  # [1, L, D]
     positions: mx.array  # [3, 1, L]
-    deepstack: Optional[List[mx.array]]  # each [1, L, D]
-    visual_tokens: List[dict]
+    deepstack: list[mx.array] | None  # each [1, L, D]
+    visual_tokens: list[dict]
     preprocess_s: float
     vision_s: float
     compaction_s: float = 0.0
-    kept: Optional[np.ndarray] = None  # [L] row of the uncompacted prompt behind each row
-    compaction: Optional[Compaction] = None  # the compaction applied (None: uncompacted)
-    key_bias: Optional[mx.array] = None  # [1, L] log(mass) of each row (proportional attention); None: all 0
+    kept: np.ndarray | None = None  # [L] row of the uncompacted prompt behind each row
+    compaction: Compaction | None = None  # the compaction applied (None: uncompacted)
+    key_bias: mx.array | None = None  # [1, L] log(mass) of each row (proportional attention); None: all 0
     decode_bytes: int = 0  # the largest image file's decoded pixels
 
 
-def _sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
+def _sampler(
+    temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Callable[[mx.array], mx.array]:
     if temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
     from mlx_lm.sample_utils import make_sampler
@@ -77,25 +79,41 @@ def check_prompt(processor, prompt: str) -> None:
     special = getattr(processor, "special_texts", None)
     if special is None:
         decoder = getattr(processor.tokenizer, "added_tokens_decoder", {}) or {}
-        special = sorted({t.content for t in decoder.values() if getattr(t, "special", False)}
-                         | set(getattr(processor.tokenizer, "all_special_tokens", [])), key=len, reverse=True)
+        special = sorted(
+            {t.content for t in decoder.values() if getattr(t, "special", False)}
+            | set(getattr(processor.tokenizer, "all_special_tokens", [])),
+            key=len,
+            reverse=True,
+        )
         processor.special_texts = special
     hit = next((t for t in special if t and t in prompt), None)
     if hit is not None:
-        raise InputError(f"the prompt contains the model's special token {hit}, which would be read as prompt "
-                         "structure rather than text; remove it (images are given separately)")
+        raise InputError(
+            f"the prompt contains the model's special token {hit}, which would be read as prompt "
+            "structure rather than text; remove it (images are given separately)"
+        )
 
 
-def _active(model, compaction) -> Optional[Compaction]:
+def _active(model, compaction) -> Compaction | None:
     """The compaction a call runs with: its own ``compaction`` (a Compaction or spec), else the model's explicit
     default ``model.default_compaction`` (declared by `models.base.VLModel`, None unless ``load(compaction=...)``
     or the caller set it), else None: nothing is compacted. The one place the runtime reads the default."""
     return as_compaction(compaction) if compaction is not None else model.default_compaction
 
 
-def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, compaction=None,
-                prompt_ids=None, preprocess_s: float = 0.0, pixel_values_videos=None, video_grid=(),
-                second_per_grid_ts=None) -> Prepared:
+def prepare_ids(
+    model,
+    input_ids: Sequence[int],
+    pixel_values=None,
+    grid=(),
+    *,
+    compaction=None,
+    prompt_ids=None,
+    preprocess_s: float = 0.0,
+    pixel_values_videos=None,
+    video_grid=(),
+    second_per_grid_ts=None,
+) -> Prepared:
     """Run the vision tower on token ids + patchified images / videos, compact, splice and compute positions.
 
     ``grid``: the processor's (t, h, w) per image; ``pixel_values_videos`` / ``video_grid`` /
@@ -109,8 +127,11 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
     grid = [tuple(int(v) for v in g) for g in grid]
     video_grid = [tuple(int(v) for v in g) for g in video_grid]
     t1 = time.perf_counter()
-    encoded = {kind: iter(_encode_blocks(model, pv, g, c, kind == "video" and model.model_type in PER_FRAME_VIDEO))
-               for kind, pv, g in (("image", pixel_values, grid), ("video", pixel_values_videos, video_grid)) if g}
+    encoded = {
+        kind: iter(_encode_blocks(model, pv, g, c, kind == "video" and model.model_type in PER_FRAME_VIDEO))
+        for kind, pv, g in (("image", pixel_values, grid), ("video", pixel_values_videos, video_grid))
+        if g
+    }
     kinds = model.visual_kinds(ids)
     if any(kinds.count(k) and k not in encoded for k in ("image", "video")):
         raise ValueError(f"the prompt has {len(kinds)} visual blocks but their pixels were not given")
@@ -123,16 +144,38 @@ def prepare_ids(model, input_ids: Sequence[int], pixel_values=None, grid=(), *, 
         units = unit_mass = None
     t2 = time.perf_counter()
     positions, _ = model.positions(ids, grid, video_grid, second_per_grid_ts)
-    a = assemble(model, ids, visual, positions, merged, c, deepstack=ds if ds and ds[0] else None,
-                 attention=attention, kept=units, unit_mass=unit_mass, prompt_ids=prompt_ids)
+    a = assemble(
+        model,
+        ids,
+        visual,
+        positions,
+        merged,
+        c,
+        deepstack=ds if ds and ds[0] else None,
+        attention=attention,
+        kept=units,
+        unit_mass=unit_mass,
+        prompt_ids=prompt_ids,
+    )
     if c is not None:
         mx.eval(a.embeds, a.deepstack)
     t3 = time.perf_counter()
     bias = None
     if a.mass is not None and (a.mass != 1).any():  # all masses 1: the unbiased computation, bit for bit
         bias = mx.log(mx.array(a.mass))[None]  # [1, L]
-    return Prepared(a.input_ids, a.embeds, a.positions, a.deepstack, a.visual_tokens,
-                    preprocess_s, t2 - t1, t3 - t2, a.kept, c, key_bias=bias)
+    return Prepared(
+        a.input_ids,
+        a.embeds,
+        a.positions,
+        a.deepstack,
+        a.visual_tokens,
+        preprocess_s,
+        t2 - t1,
+        t3 - t2,
+        a.kept,
+        c,
+        key_bias=bias,
+    )
 
 
 def _encode_blocks(model, pixel_values, grid: list, c, per_frame: bool) -> list:
@@ -168,8 +211,9 @@ def _encode_blocks(model, pixel_values, grid: list, c, per_frame: bool) -> list:
     return list(zip(feats, ds, attention, units, masses, merged))
 
 
-def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True,
-            compaction=None) -> Prepared:
+def prepare(
+    model, processor, prompt: str, images: Sequence = (), *, max_pixels=None, chat_template=True, compaction=None
+) -> Prepared:
     """Tokenize the prompt, run the vision tower, compact (optional), splice visual tokens and compute positions."""
     t0 = time.perf_counter()
     images = list(images or [])
@@ -180,14 +224,22 @@ def prepare(model, processor, prompt: str, images: Sequence = (), *, max_pixels=
     prompt_ids = None
     if _active(model, compaction) is not None and _active(model, compaction).single_turn:
         prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    prep = prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=compaction, prompt_ids=prompt_ids,
-                       preprocess_s=time.perf_counter() - t0)
+    prep = prepare_ids(
+        model,
+        ids,
+        inputs.get("pixel_values"),
+        grid,
+        compaction=compaction,
+        prompt_ids=prompt_ids,
+        preprocess_s=time.perf_counter() - t0,
+    )
     prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)], default=0)
     return prep
 
 
-def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-               kv_group_size: Optional[int] = None) -> list:
+def make_cache(
+    model, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None
+) -> list:
     """The default per-layer KV caches: growing, or fixed-size/rotating when ``max_kv_size`` is given
     (allocated once at its full size on the first write; ``kv_bits`` 8 or 4 quantizes it). Quantized
     groups default to `memory.kv_group_size` (64 values, 32 when head_dim is not a multiple of 64)."""
@@ -196,22 +248,25 @@ def make_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] 
     if kv_group_size is None:
         kv_group_size = default_group_size(hd)
     if kv_bits is not None and hd % kv_group_size:
-        raise InputError(f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
-                         f"this model's is {hd}")
+        raise InputError(
+            f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
+            f"this model's is {hd}"
+        )
     if max_kv_size is None:
         return [KVCache() for _ in model.layers]
     return [FixedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size) for _ in model.layers]
 
 
-def check_cache_options(max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None) -> None:
+def check_cache_options(max_kv_size: int | None = None, kv_bits: int | None = None) -> None:
     """Refuse cache settings that no model takes (checked before a model is loaded)."""
     if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
         raise InputError(f"max_kv_size must be a whole number >= 1, got {max_kv_size!r}")
     if kv_bits is not None and kv_bits not in (4, 8):
         raise InputError(f"kv_bits must be 4 or 8, got {kv_bits!r}")
     if max_kv_size is None and kv_bits is not None:
-        raise InputError("--kv-bits needs --max-kv-tokens (kv_bits needs max_kv_size): a quantized cache has a "
-                         "fixed size")
+        raise InputError(
+            "--kv-bits needs --max-kv-tokens (kv_bits needs max_kv_size): a quantized cache has a fixed size"
+        )
 
 
 class PromptCache(list):
@@ -229,12 +284,12 @@ class PromptCache(list):
         self.text, self.messages = "", []
 
     @property
-    def max_kv_size(self) -> Optional[int]:
+    def max_kv_size(self) -> int | None:
         """Slots of a fixed-size cache, None for a growing one."""
         return self[0].max_tokens if self and isinstance(self[0], FixedKVCache) else None
 
     @property
-    def kv_bits(self) -> Optional[int]:
+    def kv_bits(self) -> int | None:
         return getattr(self[0], "bits", None) if self else None
 
     @property
@@ -243,18 +298,22 @@ class PromptCache(list):
         return self[0].offset if self else 0
 
 
-def make_prompt_cache(model, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                      kv_group_size: Optional[int] = None) -> PromptCache:
+def make_prompt_cache(
+    model, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None
+) -> PromptCache:
     """A cache for ``generate`` / ``stream_generate(prompt_cache=...)``: calls on the same cache continue one
     conversation. ``model.make_cache(...)`` builds it when the model defines one (hybrid models), else one KV
     cache per layer (`make_cache`): growing, or of ``max_kv_size`` slots (``kv_bits`` 8/4: quantized)."""
     build = getattr(model, "make_cache", None)
-    caches = build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size) if callable(build) \
+    caches = (
+        build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        if callable(build)
         else make_cache(model, max_kv_size, kv_bits, kv_group_size)
+    )
     return PromptCache(caches)
 
 
-def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_id: Optional[int]) -> Optional[int]:
+def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_id: int | None) -> int | None:
     """Rows of this turn to pin in a fixed-size cache (after what it holds): through the last image, or the
     system prompt on the first turn; None when nothing is pinned. A pin is a prefix of the cache: an image
     that no longer fits before the ring is a `MemoryPlanError`."""
@@ -275,13 +334,20 @@ def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_i
                 f"pinning this image needs {c0.offset + n} KV slots but the cache keeps only "
                 f"{c0.max_tokens - c0.max_chunk} for its pinned prefix: start a new conversation, raise the cache "
                 f"size (--max-kv-tokens) to at least {c0.offset + n + c0.max_chunk}, or use fewer visual tokens "
-                "(lower keep or max_pixels)")
+                "(lower keep or max_pixels)"
+            )
         return None
     return n
 
 
-def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[int] = None,
-            progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
+def prefill(
+    model,
+    prep: Prepared,
+    cache: list,
+    step: int = 512,
+    pin: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> mx.array:
     """Run the prompt through the LLM in chunks of ``step`` tokens; return the last logits [1, V].
 
     ``pin``: with a fixed-size cache, pin the first ``pin`` rows of this prompt (after the tokens already
@@ -311,9 +377,17 @@ def prefill(model, prep: Prepared, cache: list, step: int = 512, pin: Optional[i
     return logits[:, -1, :]
 
 
-def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step_size: int = 512,
-                  pin: Optional[int] = None, progress=None, logits_processors=None,
-                  max_tokens: Optional[int] = None) -> Iterator[tuple]:
+def generate_step(
+    model,
+    prep: Prepared,
+    cache: list,
+    sampler=None,
+    prefill_step_size: int = 512,
+    pin: int | None = None,
+    progress=None,
+    logits_processors=None,
+    max_tokens: int | None = None,
+) -> Iterator[tuple]:
     """Yield ``(token id, logprobs [V])`` forever (the caller stops), as mlx-lm's ``generate_step``; with
     ``max_tokens``, that many and no step is computed past the last.
 
@@ -353,7 +427,7 @@ def generate_step(model, prep: Prepared, cache: list, sampler=None, prefill_step
     yield int(token.item()), logprobs[0]
 
 
-def image_grids(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[tuple]:
+def image_grids(processor, images: Sequence, max_pixels: int | None = None) -> list[tuple]:
     """The merged grid (1, h, w) each image becomes (what `plan` and `Compaction.kept` take), read from image
     headers only (nothing decoded or allocated)."""
     f = processor.image.factor
@@ -361,13 +435,13 @@ def image_grids(processor, images: Sequence, max_pixels: Optional[int] = None) -
     return [(1, h // f, w // f) for h, w in sizes]
 
 
-def image_patches(processor, images: Sequence, max_pixels: Optional[int] = None) -> List[int]:
+def image_patches(processor, images: Sequence, max_pixels: int | None = None) -> list[int]:
     """Patches each image will become, read from image headers only (nothing decoded or allocated)."""
     merge = processor.image.merge_size**2
     return [t * h * w * merge for t, h, w in image_grids(processor, images, max_pixels)]
 
 
-def video_grids(processor, videos: Sequence) -> List[tuple]:
+def video_grids(processor, videos: Sequence) -> list[tuple]:
     """The merged grid (t, h, w) each video becomes, one block per video (its vision tower runs all its slices at
     once), from its metadata only (`mlx_compact.video.Video`s or what `open_video` takes; nothing decoded)."""
     v = processor.video
@@ -378,7 +452,7 @@ def video_grids(processor, videos: Sequence) -> List[tuple]:
     return out
 
 
-def video_patches(processor, videos: Sequence) -> List[int]:
+def video_patches(processor, videos: Sequence) -> list[int]:
     """Patches each video will become, from its metadata only (nothing decoded or allocated)."""
     merge = processor.video.merge_size**2
     return [t * h * w * merge for t, h, w in video_grids(processor, videos)]
@@ -402,7 +476,7 @@ def image_files(images: Sequence) -> list:
     return [open_image(im) if isinstance(im, (str, os.PathLike)) else im for im in images]
 
 
-def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[Sequence[int]] = None) -> int:
+def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Sequence[int] | None = None) -> int:
     """The largest decode peak among the image files (in-memory images are already decoded: 0)."""
     peaks = [0]
     for i, im in enumerate(images):
@@ -411,9 +485,25 @@ def decode_bytes(processor, images: Sequence, max_pixels=None, scales: Optional[
     return max(peaks)
 
 
-def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None, keep: float = 1.0, compaction=None,
-             max_kv_tokens=None, kv_bits=None, max_tokens: int = 256, prefill_step: int = 512, budget=None,
-             scales: Optional[Sequence[int]] = None, key_bias: bool = False, held: int = 0, videos: Sequence = ()):
+def plan_run(
+    model,
+    processor,
+    prompt: str,
+    images: Sequence,
+    *,
+    max_pixels=None,
+    keep: float = 1.0,
+    compaction=None,
+    max_kv_tokens=None,
+    kv_bits=None,
+    max_tokens: int = 256,
+    prefill_step: int = 512,
+    budget=None,
+    scales: Sequence[int] | None = None,
+    key_bias: bool = False,
+    held: int = 0,
+    videos: Sequence = (),
+):
     """The memory plan of a run, from image headers and the prompt (text estimate: the prompt + 32 tokens).
 
     ``compaction`` (or ``keep`` < 1, shorthand for ``Compaction(keep=keep)``): the visual tokens are counted as
@@ -428,12 +518,23 @@ def plan_run(model, processor, prompt: str, images: Sequence, *, max_pixels=None
     decode = decode_bytes(processor, images, max_pixels, scales)
     if videos:
         decode = max(decode, video_decode_bytes(processor, videos))
-    return plan(model, image_grids(processor, images, max_pixels) + video_grids(processor, videos), text_tokens,
-                compaction=compaction, keep=keep, max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, max_tokens=max_tokens,
-                prefill_step=prefill_step, budget=budget, decode_bytes=decode, key_bias=key_bias)
+    return plan(
+        model,
+        image_grids(processor, images, max_pixels) + video_grids(processor, videos),
+        text_tokens,
+        compaction=compaction,
+        keep=keep,
+        max_kv_tokens=max_kv_tokens,
+        kv_bits=kv_bits,
+        max_tokens=max_tokens,
+        prefill_step=prefill_step,
+        budget=budget,
+        decode_bytes=decode,
+        key_bias=key_bias,
+    )
 
 
-def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> List[dict]:
+def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> list[dict]:
     """Changes to ``settings`` (``plan_run``'s keywords) that would make the plan fit: the largest
     ``max_pixels`` that fits, a lower ``keep``, a quantized fixed-size cache."""
     base = plan_run(model, processor, prompt, images, **settings)
@@ -465,9 +566,23 @@ def what_fits(model, processor, prompt: str, images: Sequence, **settings) -> Li
     return out
 
 
-def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=None, compaction=None,
-                 max_kv_tokens=None, kv_bits=None, max_tokens=256, prefill_step=512, budget=None,
-                 fit: str = "refuse", held: int = 0, videos: Sequence = ()):
+def check_memory(
+    model,
+    processor,
+    prompt: str,
+    images: Sequence,
+    *,
+    max_pixels=None,
+    compaction=None,
+    max_kv_tokens=None,
+    kv_bits=None,
+    max_tokens=256,
+    prefill_step=512,
+    budget=None,
+    fit: str = "refuse",
+    held: int = 0,
+    videos: Sequence = (),
+):
     """Plan the run before anything is allocated. Returns the (possibly lowered) max_pixels.
 
     Every run is planned, text-only ones too (weights, the KV cache asked for, the prompt). Image files
@@ -482,9 +597,18 @@ def check_memory(model, processor, prompt: str, images: Sequence, *, max_pixels=
     if fit == "off":
         return max_pixels
     c = _active(model, compaction)
-    settings = dict(max_pixels=max_pixels, compaction=c, key_bias=c is not None and c.proportional and bool(images or videos),
-                    max_kv_tokens=max_kv_tokens, kv_bits=kv_bits, held=held, videos=videos,
-                    max_tokens=max_tokens, prefill_step=prefill_step, budget=budget)
+    settings = dict(
+        max_pixels=max_pixels,
+        compaction=c,
+        key_bias=c is not None and c.proportional and bool(images or videos),
+        max_kv_tokens=max_kv_tokens,
+        kv_bits=kv_bits,
+        held=held,
+        videos=videos,
+        max_tokens=max_tokens,
+        prefill_step=prefill_step,
+        budget=budget,
+    )
     images = image_files(images)
     p = plan_run(model, processor, prompt, images, **settings)
     if p.fits:
@@ -541,16 +665,17 @@ class GenerationResponse:
     response ``finish_reason`` ("stop": end of turn; "length": max_tokens reached) and the run's ``stats``."""
 
     text: str
-    token: Optional[int]
-    logprobs: Optional[mx.array]
+    token: int | None
+    logprobs: mx.array | None
     prompt_tokens: int
     generation_tokens: int
-    finish_reason: Optional[str] = None
-    stats: Optional[dict] = None
+    finish_reason: str | None = None
+    stats: dict | None = None
 
 
-def turn_text(processor, cache: PromptCache, prompt: str, n_images: int = 0, system_prompt: Optional[str] = None,
-              n_videos: int = 0) -> str:
+def turn_text(
+    processor, cache: PromptCache, prompt: str, n_images: int = 0, system_prompt: str | None = None, n_videos: int = 0
+) -> str:
     """The text a turn adds to the conversation in ``cache`` (before images are expanded).
 
     The first turn is the checkpoint's chat template (with ``system_prompt``); a later one is what the
@@ -563,7 +688,7 @@ def turn_text(processor, cache: PromptCache, prompt: str, n_images: int = 0, sys
         return processor.apply_chat_template(system + [user])
     full = processor.apply_chat_template(cache.messages + [user])
     if cache.text and full.startswith(cache.text):
-        return full[len(cache.text):]
+        return full[len(cache.text) :]
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images
     vision += "<|vision_start|><|video_pad|><|vision_end|>" * n_videos
     head = "\n" if cache.closed else "<|im_end|>\n"
@@ -577,7 +702,8 @@ def check_fits_cache(n: int, cache: list) -> None:
         raise InputError(
             f"the prompt is {n} tokens but the cache holds {size} (--max-kv-tokens / max_kv_size): its start would "
             "be forgotten before the answer begins; raise the cache size, or use fewer visual tokens (--keep, "
-            "--max-pixels) or a shorter prompt")
+            "--max-pixels) or a shorter prompt"
+        )
 
 
 def _sampling(sampler, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0):
@@ -594,7 +720,7 @@ def _sampling(sampler, temperature: float, top_p: float, top_k: int = 0, min_p: 
     return _sampler(temperature, top_p, top_k, min_p)
 
 
-def _processors(logits_processors, repetition_penalty: Optional[float]):
+def _processors(logits_processors, repetition_penalty: float | None):
     """The caller's logits processors, plus mlx-lm's repetition penalty when asked for."""
     if repetition_penalty is None:
         return logits_processors
@@ -618,21 +744,21 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    seed: Optional[int] = None,
-    max_pixels: Optional[int] = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    max_pixels: int | None = None,
     compaction=None,
-    prompt_cache: Optional[PromptCache] = None,
-    system_prompt: Optional[str] = None,
-    max_kv_size: Optional[int] = None,
-    kv_bits: Optional[int] = None,
+    prompt_cache: PromptCache | None = None,
+    system_prompt: str | None = None,
+    max_kv_size: int | None = None,
+    kv_bits: int | None = None,
     prefill_step_size: int = 512,
-    memory_budget: Optional[int] = None,
+    memory_budget: int | None = None,
     fit: str = "refuse",
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
     videos: Sequence = (),
-    fps: Optional[float] = None,
-    max_frames: Optional[int] = None,
+    fps: float | None = None,
+    max_frames: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yield a `GenerationResponse` per generated token; the last one has ``finish_reason`` and ``stats``.
 
@@ -662,22 +788,47 @@ def stream_generate(
     if seed is not None:
         set_seed(seed)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size, kv_bits)
-    if prompt_cache is not None and (max_kv_size, kv_bits) != (None, None) and \
-            (max_kv_size, kv_bits) != (cache.max_kv_size, cache.kv_bits):
+    if (
+        prompt_cache is not None
+        and (max_kv_size, kv_bits) != (None, None)
+        and (max_kv_size, kv_bits) != (cache.max_kv_size, cache.kv_bits)
+    ):
         raise InputError("max_kv_size / kv_bits are the prompt cache's own: make the cache with them instead")
     images = image_files(images or [])
     t0 = time.perf_counter()
-    videos = open_videos([videos] if isinstance(videos, (str, os.PathLike)) else list(videos or []), fps, max_frames,
-                         factor=processor.video.temporal_patch_size, budget=memory_budget)
+    videos = open_videos(
+        [videos] if isinstance(videos, (str, os.PathLike)) else list(videos or []),
+        fps,
+        max_frames,
+        factor=processor.video.temporal_patch_size,
+        budget=memory_budget,
+    )
     asked = max_pixels
-    max_pixels = check_memory(model, processor, prompt, images, max_pixels=max_pixels, compaction=c,
-                              max_kv_tokens=cache.max_kv_size, kv_bits=cache.kv_bits, max_tokens=max_tokens,
-                              prefill_step=prefill_step_size, budget=memory_budget, fit=fit, held=cache.offset,
-                              videos=videos)
+    max_pixels = check_memory(
+        model,
+        processor,
+        prompt,
+        images,
+        max_pixels=max_pixels,
+        compaction=c,
+        max_kv_tokens=cache.max_kv_size,
+        kv_bits=cache.kv_bits,
+        max_tokens=max_tokens,
+        prefill_step=prefill_step_size,
+        budget=memory_budget,
+        fit=fit,
+        held=cache.offset,
+        videos=videos,
+    )
     text = turn_text(processor, cache, prompt, len(images), system_prompt, n_videos=len(videos))
     frames = [v.decode() for v in videos]
-    inputs = processor(text=text, images=images or None, videos=frames or None, max_pixels=max_pixels,
-                       video_fps=[v.fps for v in videos])
+    inputs = processor(
+        text=text,
+        images=images or None,
+        videos=frames or None,
+        max_pixels=max_pixels,
+        video_fps=[v.fps for v in videos],
+    )
     del frames  # the patches hold what the model needs
     ids = [int(i) for i in inputs["input_ids"][0]]
     grid = [tuple(int(v) for v in g) for g in inputs["grid_thw"]] if images else []
@@ -688,15 +839,27 @@ def stream_generate(
         merged += [(1, h // m, w // m) for t, h, w in video_grid for _ in range(t)]
     else:
         merged += [(t, h // m, w // m) for t, h, w in video_grid]
-    check_fits_cache(len(ids) + sum((c.kept(g) if c is not None else g[0] * g[1] * g[2]) - g[0] * g[1] * g[2]
-                                    for g in merged), cache)
+    check_fits_cache(
+        len(ids) + sum((c.kept(g) if c is not None else g[0] * g[1] * g[2]) - g[0] * g[1] * g[2] for g in merged), cache
+    )
     prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] if c is not None else None
     mx.reset_peak_memory()
-    prep = prepare_ids(model, ids, inputs.get("pixel_values"), grid, compaction=c, prompt_ids=prompt_ids,
-                       preprocess_s=time.perf_counter() - t0, pixel_values_videos=inputs.get("pixel_values_videos"),
-                       video_grid=video_grid, second_per_grid_ts=inputs.get("second_per_grid_ts"))
-    prep.decode_bytes = max([im.decoded_bytes for im in images if isinstance(im, ImageFile)]
-                            + [sum(v.decoded_bytes for v in videos)], default=0)
+    prep = prepare_ids(
+        model,
+        ids,
+        inputs.get("pixel_values"),
+        grid,
+        compaction=c,
+        prompt_ids=prompt_ids,
+        preprocess_s=time.perf_counter() - t0,
+        pixel_values_videos=inputs.get("pixel_values_videos"),
+        video_grid=video_grid,
+        second_per_grid_ts=inputs.get("second_per_grid_ts"),
+    )
+    prep.decode_bytes = max(
+        [im.decoded_bytes for im in images if isinstance(im, ImageFile)] + [sum(v.decoded_bytes for v in videos)],
+        default=0,
+    )
     prep.positions = prep.positions + cache.position  # this turn continues the conversation's positions
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pin = pin_point(model, cache, prep.input_ids, cache.turns == 0, im_end)
@@ -707,8 +870,9 @@ def stream_generate(
         with wired_limit():
             # a cache made here is dropped after the call: the last token need not go into it (no step past it)
             limit = max_tokens if prompt_cache is None else None
-            steps = generate_step(model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors,
-                                  limit)
+            steps = generate_step(
+                model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors, limit
+            )
             for tok, logprobs in steps:
                 # generate_step has written `tok` into the cache before yielding it (all but the last of `limit`)
                 fed += 1 if limit is None or fed + 1 < limit else 0
@@ -721,7 +885,7 @@ def stream_generate(
                 if len(tokens) == max_tokens:  # its text comes with the last response
                     break
                 new = processor.decode(tokens)
-                segment = "" if new.endswith("\ufffd") or len(new) <= len(out) else new[len(out):]
+                segment = "" if new.endswith("\ufffd") or len(new) <= len(out) else new[len(out) :]
                 out += segment
                 yield GenerationResponse(segment, tok, logprobs, len(prep.input_ids), len(tokens))
     finally:  # commit the turn, complete or not, so the conversation stays consistent
@@ -733,13 +897,15 @@ def stream_generate(
         cache.turns += 1
         answer = processor.decode(tokens)
         cache.text += text + processor.decode(tokens + ([tok] if cache.closed else []), skip_special_tokens=False)
-        cache.messages += [{"role": "user", "content": _content(prompt, len(images), len(videos))},
-                           {"role": "assistant", "content": answer}]
+        cache.messages += [
+            {"role": "user", "content": _content(prompt, len(images), len(videos))},
+            {"role": "assistant", "content": answer},
+        ]
     stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
     stats["finish_reason"] = finish
     if max_pixels != asked:  # fit="auto" shrank the images
         stats["fitted_max_pixels"] = max_pixels
-    yield GenerationResponse(answer[len(out):], tok, logprobs, len(prep.input_ids), len(tokens), finish, stats)
+    yield GenerationResponse(answer[len(out) :], tok, logprobs, len(prep.input_ids), len(tokens), finish, stats)
 
 
 def _content(prompt: str, n_images: int, n_videos: int = 0) -> list:
@@ -754,8 +920,9 @@ def _trim(cache: list, n: int) -> bool:
     return False
 
 
-def run_stats(prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float,
-              model=None) -> dict:
+def run_stats(
+    prep: Prepared, cache: list, n_generated: int, t_prefill: float, t_first, t_end: float, model=None
+) -> dict:
     """The stats every run reports (see ``generate``)."""
     decoded = max(n_generated - 1, 0)
     ttft = {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill}

@@ -35,8 +35,10 @@ def _unreadable(path) -> InputError:
     hint = ""
     if str(path).lower().endswith((".heic", ".heif")):
         hint = " (HEIC needs `pip install pillow-heif`, or export the photo as JPEG)"
-    return InputError(f"cannot read image {path}: Pillow does not recognise it (a corrupt file, or an unsupported "
-                      f"format or pixel mode){hint}")
+    return InputError(
+        f"cannot read image {path}: Pillow does not recognise it (a corrupt file, or an unsupported "
+        f"format or pixel mode){hint}"
+    )
 
 
 class _Opened:
@@ -75,7 +77,9 @@ def _image_error(path, e: BaseException) -> BaseException:
         return _unreadable(path)
     if isinstance(e, Image.DecompressionBombError):
         return InputError(f"image {path} is too large to decode safely ({e}); use a smaller image")
-    return InputError(f"cannot read image {path}: corrupt or truncated ({' '.join(str(e).split()) or type(e).__name__})")
+    return InputError(
+        f"cannot read image {path}: corrupt or truncated ({' '.join(str(e).split()) or type(e).__name__})"
+    )
 
 
 @dataclass
@@ -134,8 +138,9 @@ class ImageFile:
             try:
                 return to_rgb(im)
             except (ValueError, OSError) as e:
-                raise InputError(f"image {self.path} has pixel mode {mode}, which cannot be converted to RGB "
-                                 f"({e})") from None
+                raise InputError(
+                    f"image {self.path} has pixel mode {mode}, which cannot be converted to RGB ({e})"
+                ) from None
 
 
 def _orientation(im: Image.Image) -> int:
@@ -164,8 +169,10 @@ def open_image(path: str | os.PathLike) -> ImageFile:
     if min(h, w) < 1:
         raise InputError(f"image {path} is empty ({w}x{h} pixels)")
     if max(h, w) / min(h, w) > MAX_ASPECT:
-        raise InputError(f"image {path} is {w}x{h} pixels: an aspect ratio over {MAX_ASPECT}:1, which Qwen-VL "
-                         "models cannot take; crop it")
+        raise InputError(
+            f"image {path} is {w}x{h} pixels: an aspect ratio over {MAX_ASPECT}:1, which Qwen-VL "
+            "models cannot take; crop it"
+        )
     return info
 
 

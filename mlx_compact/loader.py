@@ -38,8 +38,14 @@ class LoadError(InputError):
 # ---------------------------------------------------------------- public
 
 
-def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = None, compaction=None,
-         memory_budget: int | None = None):
+def load(
+    path_or_repo: str | None = None,
+    *,
+    dtype=None,
+    revision: str | None = None,
+    compaction=None,
+    memory_budget: int | None = None,
+):
     """Load a Qwen-VL checkpoint and return ``(model, processor)``.
 
     path_or_repo: a local directory (ours, mlx-vlm's, or a raw Hugging Face checkpoint) or a hub repo
@@ -62,8 +68,14 @@ def load(path_or_repo: str | None = None, *, dtype=None, revision: str | None = 
     return model, Processor.from_pretrained(path)
 
 
-def load_model(path_or_repo: str | Path, *, dtype=None, revision: str | None = None, lazy: bool = False,
-               memory_budget: int | None = None):
+def load_model(
+    path_or_repo: str | Path,
+    *,
+    dtype=None,
+    revision: str | None = None,
+    lazy: bool = False,
+    memory_budget: int | None = None,
+):
     """Load only the model (see `load`). ``lazy=True`` leaves the weights unevaluated (for conversion and
     planning) and skips the memory check."""
     path = resolve(path_or_repo, revision=revision)
@@ -152,8 +164,7 @@ def read_config(path: Path) -> dict:
         raise LoadError(str(e)) from None
     if config.get("model_type") not in MODEL_TYPES:
         raise LoadError(
-            f"{path}: model_type {config.get('model_type')!r} is not a supported Qwen-VL model "
-            f"(supported: {supported})"
+            f"{path}: model_type {config.get('model_type')!r} is not a supported Qwen-VL model (supported: {supported})"
         )
     return config
 
@@ -228,8 +239,10 @@ def _check_weights_fit(path: Path, headers: dict, dtype, budget) -> None:
     if budget is None:
         budget = device_budget()["available"]
     if total > budget:
-        raise LoadError(f"{path}: the weights take {fmt_bytes(total)} but {fmt_bytes(budget)} is available; use a "
-                        "smaller or more quantized checkpoint (e.g. a 4-bit one)")
+        raise LoadError(
+            f"{path}: the weights take {fmt_bytes(total)} but {fmt_bytes(budget)} is available; use a "
+            "smaller or more quantized checkpoint (e.g. a 4-bit one)"
+        )
 
 
 # ---------------------------------------------------------------- helpers
@@ -273,7 +286,7 @@ def _quantization(config: dict):
 
 def _module_override(quantization: dict, path: str):
     """A per-module entry of the quantization config (mlx-vlm keys it with or without 'language_model.')."""
-    for key in (path, path[len("language_model."):] if path.startswith("language_model.") else None):
+    for key in (path, path[len("language_model.") :] if path.startswith("language_model.") else None):
         if key is not None and key in quantization:
             return quantization[key]
     return None
@@ -321,6 +334,10 @@ def _check_weights(model: nn.Module, weights: dict, path: Path) -> None:
                 f"{path}: tensor {name} has shape {tuple(weights[name].shape)} in the checkpoint but "
                 f"config.json implies {tuple(param.shape)}: the config does not match the weights"
             )
-        if _is_float(param) != _is_float(weights[name]) or (not _is_float(param) and param.dtype != weights[name].dtype):
-            raise LoadError(f"{path}: tensor {name} has dtype {weights[name].dtype} in the checkpoint where "
-                            f"{param.dtype} is expected: the checkpoint is corrupt")
+        if _is_float(param) != _is_float(weights[name]) or (
+            not _is_float(param) and param.dtype != weights[name].dtype
+        ):
+            raise LoadError(
+                f"{path}: tensor {name} has dtype {weights[name].dtype} in the checkpoint where "
+                f"{param.dtype} is expected: the checkpoint is corrupt"
+            )

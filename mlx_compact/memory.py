@@ -7,8 +7,8 @@ benchmark `benchmarks/bench_memory.py` compares them with measured peaks.
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +35,11 @@ def device_budget() -> dict:
     if mx.metal.is_available():
         info = mx.device_info()
         total = int(info.get("memory_size", 0))
-        return {"total": total, "available": int(info.get("max_recommended_working_set_size", total)), "source": "metal"}
+        return {
+            "total": total,
+            "available": int(info.get("max_recommended_working_set_size", total)),
+            "source": "metal",
+        }
     total = available = 0
     if sys.platform == "linux":
         with open("/proc/meminfo") as f:
@@ -57,8 +61,9 @@ def kv_group_size(head_dim: int) -> int:
     return 64 if head_dim % 64 == 0 else 32
 
 
-def kv_bytes(text_cfg, tokens: int, dtype_bytes: int = 2, bits: Optional[int] = None,
-             group_size: Optional[int] = None) -> int:
+def kv_bytes(
+    text_cfg, tokens: int, dtype_bytes: int = 2, bits: int | None = None, group_size: int | None = None
+) -> int:
     """Exact KV bytes for ``tokens`` tokens (batch 1), as the caches store them: keys and values, per layer, kv
     head and token, of ``head_dim`` elements of ``dtype_bytes`` each; quantized (``bits``), the packed ``bits``-bit
     values plus one scale and one bias (``dtype_bytes`` each) per group of ``group_size`` (default `kv_group_size`).
@@ -92,8 +97,7 @@ def _score_rows(n_queries: int, chunk: int) -> int:
     return max(2 * a + (sizes[k + 1] if k + 1 < len(sizes) else 0) for k, a in enumerate(sizes))
 
 
-def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: Optional[int] = None,
-                fused: bool = False) -> int:
+def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: int | None = None, fused: bool = False) -> int:
     """Peak activation bytes of the vision tower for ``patches`` patches (one image, one slice).
 
     The peak is inside the largest attention block (a full-attention block when the tower has one,
@@ -127,8 +131,16 @@ def vision_peak(vision_cfg, patches: int, dtype_bytes: int = 4, chunk: Optional[
     return held + max(attn_rows + scores, mlp, merger)
 
 
-def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fused: bool = False,
-                 prompt_tokens: int = 0, deepstack: int = 0, moe_grouped: Optional[bool] = None) -> int:
+def prefill_peak(
+    text_cfg,
+    tokens: int,
+    context: int,
+    dtype_bytes: int = 4,
+    fused: bool = False,
+    prompt_tokens: int = 0,
+    deepstack: int = 0,
+    moe_grouped: bool | None = None,
+) -> int:
     """Peak activation bytes of one prefill chunk of ``tokens`` queries over ``context`` keys.
 
     ``prompt_tokens`` / ``deepstack``: the whole prompt's embeddings [L, D] and DeepStack features
@@ -147,8 +159,12 @@ def prefill_peak(text_cfg, tokens: int, context: int, dtype_bytes: int = 4, fuse
     mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
     if text_cfg.num_experts:  # MoE layers (and dense ones unless every layer is sparse)
         dense = text_cfg.sparse_layers < text_cfg.num_hidden_layers
-        mlp = max(mlp if dense else 0, moe_mlp_peak(text_cfg, T, b, grouped=None if moe_grouped is None
-                                                    else moe_grouped and _moe_groups(text_cfg, T)))
+        mlp = max(
+            mlp if dense else 0,
+            moe_mlp_peak(
+                text_cfg, T, b, grouped=None if moe_grouped is None else moe_grouped and _moe_groups(text_cfg, T)
+            ),
+        )
     logits = text_cfg.vocab_size * 4  # the last row only (generate computes lm_head on it alone)
     return held + rope + max(attn_rows + scores, mlp) + logits
 
@@ -160,7 +176,7 @@ def _moe_groups(text_cfg, tokens: int) -> bool:
     return tokens * text_cfg.num_experts_per_tok >= qwen3_vl_moe.GROUPED_MIN_ROWS
 
 
-def moe_mlp_peak(text_cfg, tokens: int, dtype_bytes: int = 4, grouped: Optional[bool] = None) -> int:
+def moe_mlp_peak(text_cfg, tokens: int, dtype_bytes: int = 4, grouped: bool | None = None) -> int:
     """Peak activation bytes of a sparse-MoE MLP (Qwen3-VL-MoE) on ``tokens`` tokens, an upper bound.
 
     Both paths: h and its norm [T, D]; the router's logits [T, E] and, in float32, their softmax, its negation
@@ -193,9 +209,9 @@ class Plan:
     prefill: int
     budget: int
     tokens: int = 0
-    visual_tokens: List[int] = field(default_factory=list)
+    visual_tokens: list[int] = field(default_factory=list)
     decode: int = 0  # the largest image decode (pixels and conversion copies), before the vision tower
-    notes: List[str] = field(default_factory=list)  # what the figures assume (e.g. MoE: every expert resident)
+    notes: list[str] = field(default_factory=list)  # what the figures assume (e.g. MoE: every expert resident)
 
     @property
     def peak(self) -> int:
@@ -209,8 +225,13 @@ class Plan:
 
     def summary(self) -> str:
         rows = [
-            ("weights", self.weights), ("KV cache", self.kv), ("image decode", self.decode), ("vision peak", self.vision),
-            ("prefill peak", self.prefill), ("total peak", self.peak), ("device budget", self.budget),
+            ("weights", self.weights),
+            ("KV cache", self.kv),
+            ("image decode", self.decode),
+            ("vision peak", self.vision),
+            ("prefill peak", self.prefill),
+            ("total peak", self.peak),
+            ("device budget", self.budget),
         ]
         lines = [f"{name:>14}: {fmt_bytes(v):>12}" for name, v in rows]
         lines.append(f"{'fits':>14}: {'yes' if self.fits else 'NO'}")
@@ -241,14 +262,14 @@ def plan(
     *,
     compaction=None,
     keep: float = 1.0,
-    max_kv_tokens: Optional[int] = None,
-    kv_bits: Optional[int] = None,
+    max_kv_tokens: int | None = None,
+    kv_bits: int | None = None,
     max_tokens: int = 256,
     prefill_step: int = 512,
-    budget: Optional[int] = None,
+    budget: int | None = None,
     decode_bytes: int = 0,
     key_bias: bool = False,
-    fused: Optional[bool] = None,
+    fused: bool | None = None,
 ) -> Plan:
     """Plan a run before anything is allocated: weights + the larger of the vision peak and KV + prefill.
 
@@ -293,9 +314,16 @@ def plan(
     vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches), default=0)
     ds = len(c.vision.deepstack_visual_indexes)
     # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
-    prefill = growth + prefill_peak(c.text, min(step, prompt), min(prompt, tokens), dtype_bytes,
-                                    fused and kv_bits is None,
-                                    prompt_tokens=prompt, deepstack=ds, moe_grouped=not fused)
+    prefill = growth + prefill_peak(
+        c.text,
+        min(step, prompt),
+        min(prompt, tokens),
+        dtype_bytes,
+        fused and kv_bits is None,
+        prompt_tokens=prompt,
+        deepstack=ds,
+        moe_grouped=not fused,
+    )
     return Plan(
         weights=weights_bytes(model),
         kv=kv,
@@ -309,11 +337,13 @@ def plan(
     )
 
 
-def _notes(text_cfg) -> List[str]:
+def _notes(text_cfg) -> list[str]:
     if not text_cfg.num_experts:
         return []
-    return [f"all {text_cfg.num_experts} experts resident in each of the {text_cfg.sparse_layers} MoE layers "
-            f"({text_cfg.num_experts_per_tok} active per token): the weights count every expert"]
+    return [
+        f"all {text_cfg.num_experts} experts resident in each of the {text_cfg.sparse_layers} MoE layers "
+        f"({text_cfg.num_experts_per_tok} active per token): the weights count every expert"
+    ]
 
 
 def _dtype_bytes(model) -> int:

@@ -28,8 +28,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
     """(h, w) divisible by `factor`, with h*w in [min_pixels, max_pixels], aspect ratio kept (transformers)."""
     if max(height, width) / min(height, width) > 200:
         ratio = max(height, width) / min(height, width)
@@ -47,8 +48,15 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-def smart_resize_video(num_frames: int, height: int, width: int, temporal_factor: int = 2, factor: int = 32,
-                       min_pixels: int = 128 * 32 * 32, max_pixels: int = 768 * 32 * 32) -> tuple[int, int]:
+def smart_resize_video(
+    num_frames: int,
+    height: int,
+    width: int,
+    temporal_factor: int = 2,
+    factor: int = 32,
+    min_pixels: int = 128 * 32 * 32,
+    max_pixels: int = 768 * 32 * 32,
+) -> tuple[int, int]:
     """Qwen3-VL's video smart_resize: the pixel budget counts all frames (transformers)."""
     if num_frames < temporal_factor:
         raise ValueError(f"t:{num_frames} must be larger than temporal_factor:{temporal_factor}")
@@ -111,8 +119,16 @@ def _read_json(path: Path, root=None) -> dict:
 
 
 # what AutoTokenizer may read; it reads verified copies of these, so it never opens a link, FIFO or device
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "config.json",
+)
 
 
 def _load_tokenizer(path: Path, root: Path):
@@ -147,8 +163,10 @@ def _read_chat_template(path: Path, root: Path) -> tuple[str | None, str | None]
         pass
     template = _read_json(path / "chat_template.json", root).get("chat_template")
     if template is not None and not isinstance(template, str):
-        raise InputError(f"chat_template.json {path / 'chat_template.json'}: chat_template is "
-                         f"{type(template).__name__}, not text; fix the file or download the checkpoint again")
+        raise InputError(
+            f"chat_template.json {path / 'chat_template.json'}: chat_template is "
+            f"{type(template).__name__}, not text; fix the file or download the checkpoint again"
+        )
     return template, str(path / "chat_template.json")
 
 
@@ -158,12 +176,20 @@ class _PixelConfig:
     ``name`` is the file the settings come from; keys in ``inherited`` came from config.json instead.
     """
 
-    def __init__(self, cfg: dict, default_size: tuple[int, int], default_mean, default_std,
-                 name: str = "preprocessor_config.json", inherited=()):
+    def __init__(
+        self,
+        cfg: dict,
+        default_size: tuple[int, int],
+        default_mean,
+        default_std,
+        name: str = "preprocessor_config.json",
+        inherited=(),
+    ):
         def bad(key, value, expected):
             where = "config.json vision_config" if key in inherited else name
-            return InputError(f"{where}: {key} is {value!r}, not {expected}; fix the file or download the "
-                              "checkpoint again")
+            return InputError(
+                f"{where}: {key} is {value!r}, not {expected}; fix the file or download the checkpoint again"
+            )
 
         def integer(key, value, high):
             if type(value) is float and value.is_integer():
@@ -191,14 +217,18 @@ class _PixelConfig:
         if not isinstance(size, dict):
             raise bad("size", size, "an object with shortest_edge and longest_edge")
         pixels = {}
-        for key, edge, default in (("min_pixels", "shortest_edge", default_size[0]),
-                                   ("max_pixels", "longest_edge", default_size[1])):
+        for key, edge, default in (
+            ("min_pixels", "shortest_edge", default_size[0]),
+            ("max_pixels", "longest_edge", default_size[1]),
+        ):
             field = key if cfg.get(key) else f"size.{edge}" if size.get(edge) else key
             pixels[key] = integer(field, cfg.get(key) or size.get(edge) or default, 2**31)
         self.min_pixels, self.max_pixels = pixels["min_pixels"], pixels["max_pixels"]
         if self.min_pixels > self.max_pixels:
-            raise InputError(f"{name}: min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}; fix the "
-                             "file or download the checkpoint again")
+            raise InputError(
+                f"{name}: min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}; fix the "
+                "file or download the checkpoint again"
+            )
         self.rescale_factor = number("rescale_factor", cfg.get("rescale_factor", 1 / 255), positive=True)
         self.mean = triple("image_mean", cfg.get("image_mean", default_mean))  # [C]
         self.std = triple("image_std", cfg.get("image_std", default_std), positive=True)  # [C]
@@ -230,8 +260,17 @@ class _PixelConfig:
 class Processor:
     """Turns a prompt and images / videos into model inputs for a Qwen-VL checkpoint."""
 
-    def __init__(self, path, tokenizer, config: dict, image_cfg: dict, video_cfg: dict, chat_template,
-                 generation_config: dict | None = None, chat_template_source: str | None = None):
+    def __init__(
+        self,
+        path,
+        tokenizer,
+        config: dict,
+        image_cfg: dict,
+        video_cfg: dict,
+        chat_template,
+        generation_config: dict | None = None,
+        chat_template_source: str | None = None,
+    ):
         self.path = Path(path)
         self.tokenizer = tokenizer
         self.config = config
@@ -240,9 +279,11 @@ class Processor:
         vision_cfg = config.get("vision_config") or {}
         qwen3 = self.model_type.startswith("qwen3")
         # defaults (config.json, then transformers' classes), used only where the json files are silent
-        geometry = {"patch_size": vision_cfg.get("patch_size", 14),
-                    "temporal_patch_size": vision_cfg.get("temporal_patch_size", 2),
-                    "merge_size": vision_cfg.get("spatial_merge_size", 2)}
+        geometry = {
+            "patch_size": vision_cfg.get("patch_size", 14),
+            "temporal_patch_size": vision_cfg.get("temporal_patch_size", 2),
+            "merge_size": vision_cfg.get("spatial_merge_size", 2),
+        }
         image_file = "preprocessor_config.json"
         video_file = image_file if video_cfg is image_cfg else "video_preprocessor_config.json"
         image_kw = dict(name=image_file, inherited=set(geometry) - set(image_cfg))
@@ -266,20 +307,24 @@ class Processor:
         self.tokens_per_second = float(tps) if tps is not None else 2.0
 
         eos = []
-        for where, source in (("config.json", config.get("eos_token_id")),
-                              ("config.json text_config", text_cfg.get("eos_token_id")),
-                              ("generation_config.json", (generation_config or {}).get("eos_token_id")),
-                              ("the tokenizer", tokenizer.eos_token_id)):
+        for where, source in (
+            ("config.json", config.get("eos_token_id")),
+            ("config.json text_config", text_cfg.get("eos_token_id")),
+            ("generation_config.json", (generation_config or {}).get("eos_token_id")),
+            ("the tokenizer", tokenizer.eos_token_id),
+        ):
             if source is not None:
                 ids = source if isinstance(source, list) else [source]
                 if not all(type(e) is int and e >= 0 for e in ids):
-                    raise InputError(f"{where}: eos_token_id is {source!r}, not a token id or a list of them; fix "
-                                     "the file or download the checkpoint again")
+                    raise InputError(
+                        f"{where}: eos_token_id is {source!r}, not a token id or a list of them; fix "
+                        "the file or download the checkpoint again"
+                    )
                 eos += ids
         self.eos_token_ids = sorted(set(eos))
 
     @classmethod
-    def from_pretrained(cls, path) -> "Processor":
+    def from_pretrained(cls, path) -> Processor:
         """Load from a local checkpoint directory (config.json, preprocessor_config.json, tokenizer files).
 
         Every file is read confined to the checkpoint (links out of it, FIFOs and devices are refused); a
@@ -315,8 +360,9 @@ class Processor:
         """The (height, width) the frames of a video are resized to."""
         c = self.video
         if self.model_type.startswith("qwen3"):
-            return smart_resize_video(num_frames, height, width, c.temporal_patch_size, c.factor,
-                                      c.min_pixels, c.max_pixels)
+            return smart_resize_video(
+                num_frames, height, width, c.temporal_patch_size, c.factor, c.min_pixels, c.max_pixels
+            )
         return smart_resize(height, width, c.factor, c.min_pixels, c.max_pixels)
 
     # ------------------------------------------------------------ pixels
@@ -360,14 +406,17 @@ class Processor:
         out = []
         for ti in range(t):  # timestamp = mean time of the first and last frame of the temporal patch
             stamp = (frames[ti * T] / fps + frames[ti * T + T - 1] / fps) / 2
-            out.append(f"<{stamp:.1f} seconds>" + self.vision_start_token + self.video_token * per_frame
-                       + self.vision_end_token)
+            out.append(
+                f"<{stamp:.1f} seconds>"
+                + self.vision_start_token
+                + self.video_token * per_frame
+                + self.vision_end_token
+            )
         return "".join(out)
 
     # ------------------------------------------------------------ main entry
 
-    def __call__(self, text, images=None, videos=None, *, min_pixels=None, max_pixels=None,
-                 video_fps=2.0) -> dict:
+    def __call__(self, text, images=None, videos=None, *, min_pixels=None, max_pixels=None, video_fps=2.0) -> dict:
         """Tokenize one prompt and process its images / videos.
 
         `text` holds one `<|image_pad|>` per image and one `<|video_pad|>` per video (as the chat
@@ -389,17 +438,21 @@ class Processor:
             raise ValueError("images must be a flat list of images (use videos= for lists of frames)")
         for token, items, what in ((self.image_token, images, "image"), (self.video_token, videos, "video")):
             if text.count(token) != len(items):
-                raise ValueError(f"the text has {text.count(token)} {token} placeholder(s) but {len(items)} "
-                                 f"{what}(s) were given; use build_prompt / apply_chat_template to make the text")
+                raise ValueError(
+                    f"the text has {text.count(token)} {token} placeholder(s) but {len(items)} "
+                    f"{what}(s) were given; use build_prompt / apply_chat_template to make the text"
+                )
         fps = list(video_fps) if isinstance(video_fps, (list, tuple)) else [video_fps] * len(videos)
-        if len(fps) != len(videos) or not all(isinstance(f, (int, float, np.number)) and math.isfinite(f) and f > 0
-                                              for f in fps):
+        if len(fps) != len(videos) or not all(
+            isinstance(f, (int, float, np.number)) and math.isfinite(f) and f > 0 for f in fps
+        ):
             raise ValueError(f"video_fps must be a number > 0, or a list of one per video, got {video_fps!r}")
 
         out = {}
         if images:
             out["pixel_values"], out["grid_thw"] = self.preprocess_images(
-                images, min_pixels=min_pixels, max_pixels=max_pixels)
+                images, min_pixels=min_pixels, max_pixels=max_pixels
+            )
         if videos:
             out["pixel_values_videos"], out["video_grid_thw"] = self.preprocess_videos(videos)
             out["second_per_grid_ts"] = [self.video.temporal_patch_size / f for f in fps]
@@ -429,10 +482,17 @@ class Processor:
         in time and size (`mlx_compact.template.render`): a hostile or broken one is an `InputError`.
         """
         if not self.chat_template:
-            raise InputError(f"the checkpoint {self.path} has no chat template (no chat_template.jinja, "
-                             "chat_template.json or chat_template in tokenizer_config.json); add one")
-        return render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
-                      special_tokens=self.tokenizer.special_tokens_map, name=self.chat_template_source)
+            raise InputError(
+                f"the checkpoint {self.path} has no chat template (no chat_template.jinja, "
+                "chat_template.json or chat_template in tokenizer_config.json); add one"
+            )
+        return render(
+            self.chat_template,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.tokenizer.special_tokens_map,
+            name=self.chat_template_source,
+        )
 
     def build_prompt(self, prompt: str, n_images: int = 0, n_videos: int = 0) -> str:
         """A one-turn user prompt with `n_images` images and `n_videos` videos before the text."""

@@ -52,9 +52,18 @@ MAX_INT_BITS = 8192
 TOTAL_FACTOR = 16  # all values built by one render, in units of max_output
 
 
-def render(template: str, *, messages, add_generation_prompt: bool = False, special_tokens: Mapping | None = None,
-           tools: list[dict] | None = None, documents: list[dict] | None = None, name: str = "chat template",
-           time_limit: float = 2.0, max_output: int = MAX_OUTPUT) -> str:
+def render(
+    template: str,
+    *,
+    messages,
+    add_generation_prompt: bool = False,
+    special_tokens: Mapping | None = None,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    name: str = "chat template",
+    time_limit: float = 2.0,
+    max_output: int = MAX_OUTPUT,
+) -> str:
     """Render a chat template over ``messages``, as transformers does, within limits (see the module docstring).
 
     ``special_tokens`` is the tokenizer's ``special_tokens_map`` (``bos_token``, ``eos_token``, ...);
@@ -65,13 +74,20 @@ def render(template: str, *, messages, add_generation_prompt: bool = False, spec
         raise ValueError("messages must be a non-empty list of message dicts")
     if tools is not None and not all(isinstance(t, Mapping) for t in tools):
         raise TypeError("tools must be JSON schemas (dicts)")
-    data = {"messages": [_message(m) for m in messages], "tools": _plain(tools), "documents": _plain(documents),
-            "add_generation_prompt": add_generation_prompt, **_plain(dict(special_tokens or {}))}
+    data = {
+        "messages": [_message(m) for m in messages],
+        "tools": _plain(tools),
+        "documents": _plain(documents),
+        "add_generation_prompt": add_generation_prompt,
+        **_plain(dict(special_tokens or {})),
+    }
     if not isinstance(template, str):
         raise InputError(f"chat template {name} is not text; fix or replace the checkpoint's chat template")
     if len(template) > MAX_TEMPLATE:
-        raise InputError(f"chat template {name} is longer than {MAX_TEMPLATE:,} characters, far more than a chat "
-                         "template holds; fix or replace the checkpoint's chat template")
+        raise InputError(
+            f"chat template {name} is longer than {MAX_TEMPLATE:,} characters, far more than a chat "
+            "template holds; fix or replace the checkpoint's chat template"
+        )
     limits = _Limits(max_output)
     token = _limits.set(limits)
     try:
@@ -219,8 +235,9 @@ def _size(value, limit: int, item: int = 2, per_depth: int = 0, depth: int = 1, 
         children = itertools.chain.from_iterable(value.items()) if issubclass(type(value), dict) else value
         n, step = 2, item + per_depth * depth
         for child in children:
-            n += step + (len(child) if type(child) is str else _size(child, limit - n, item, per_depth, depth + 1,
-                                                                      seen))
+            n += step + (
+                len(child) if type(child) is str else _size(child, limit - n, item, per_depth, depth + 1, seen)
+            )
             if n > limit:
                 break
         seen[key] = n
@@ -336,8 +353,9 @@ def _sum_size(limit, iterable, /, attribute=None, start=0) -> int:
 
 
 _FILTER_SIZES = {  # filters that can multiply sizes: (limit, *their arguments) -> size of their result
-    "replace": lambda limit, s, old, new, /, count=None: _replace_size(str(s), str(old), str(new),
-                                                                      -1 if count is None else count),
+    "replace": lambda limit, s, old, new, /, count=None: _replace_size(
+        str(s), str(old), str(new), -1 if count is None else count
+    ),
     "join": lambda limit, value, /, d="", attribute=None: _join_size(value, d, limit),
     "format": lambda limit, value, /, *args, **kwargs: _percent_size(str(value), kwargs or args, limit),
     "indent": _indent_size,
@@ -364,11 +382,13 @@ class _CodeGenerator(CodeGenerator):
     def _measured(visit):
         def measured(self, node, frame):
             if getattr(node, "ctx", "load") != "load" or (
-                    isinstance(node, nodes.Getitem) and not isinstance(node.arg, nodes.Slice)):
+                isinstance(node, nodes.Getitem) and not isinstance(node.arg, nodes.Slice)
+            ):
                 return visit(self, node, frame)
             self.write("environment.made(")
             visit(self, node, frame)
             self.write(")")
+
         return measured
 
     visit_List = _measured(CodeGenerator.visit_List)
@@ -386,8 +406,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         limits = _limits.get()
-        if not (type(left) is int and type(right) is int and operator != "**" and left.bit_length() < 64
-                and right.bit_length() < 64):  # the common case: small numbers
+        if not (
+            type(left) is int
+            and type(right) is int
+            and operator != "**"
+            and left.bit_length() < 64
+            and right.bit_length() < 64
+        ):  # the common case: small numbers
             n = _binop_size(operator, left, right, limits.size)
             if n > limits.size:
                 limits.check(n)
@@ -403,8 +428,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             if name not in ("format", "format_map"):  # their ints are values, their widths are checked
                 limits.ints(args, kwargs)
             limits.check(_method_size(receiver, name, args, kwargs, limits.size))
-        elif not (issubclass(type(obj), (jinja2.runtime.Macro, _TemplateDict)) or obj is _TemplateNamespace
-                  or obj is _raise_exception):
+        elif not (
+            issubclass(type(obj), (jinja2.runtime.Macro, _TemplateDict))
+            or obj is _TemplateNamespace
+            or obj is _raise_exception
+        ):
             limits.ints(args, kwargs)  # range(), lipsum(), int.to_bytes(), ...: int arguments are sizes
         return limits.made(super().call(context, obj, *args, **kwargs))
 
@@ -444,9 +472,9 @@ def _guard_filter(name: str, func):
     def guarded(*args, **kwargs):
         limits = _limits.get()
         if name in _SIZE_FILTERS:
-            limits.ints(args[skip + 1:], kwargs)
+            limits.ints(args[skip + 1 :], kwargs)
         if name in ("join", "sum") and len(args) > skip and hasattr(type(args[skip]), "__next__"):
-            args = (*args[:skip], list(args[skip]), *args[skip + 1:])
+            args = (*args[:skip], list(args[skip]), *args[skip + 1 :])
         if estimate is not None:
             limits.check(estimate(limits.size, *args[skip:], **kwargs))
         return limits.made(func(*args, **kwargs))
@@ -495,8 +523,9 @@ class _TemplateNamespace(Namespace):
     @staticmethod
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
-            raise SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace, "
-                                f"but got {name!r}")
+            raise SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}"
+            )
 
 
 def _raise_exception(message):
@@ -515,8 +544,9 @@ def _make_environment() -> _Sandbox:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.filters.update({name: _guard_filter(name, f) for name, f in env.filters.items()})
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
+    )
     return env
 
 

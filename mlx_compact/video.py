@@ -28,9 +28,9 @@ import math
 import os
 import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,16 +64,18 @@ def _natural_key(name: str):
 
 
 def _check_options(fps, max_frames) -> tuple:
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
-                            or fps <= 0):
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0
+    ):
         raise InputError(f"fps must be a number > 0 (frames per second), got {fps!r}")
     if max_frames is not None and (type(max_frames) is not int or max_frames < 1):
         raise InputError(f"max_frames must be a whole number >= 1, got {max_frames!r}")
     return float(fps) if fps is not None else None, max_frames
 
 
-def sample_count(total: int, rate: float, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES,
-                 factor: int = FRAME_FACTOR) -> int:
+def sample_count(
+    total: int, rate: float, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, factor: int = FRAME_FACTOR
+) -> int:
     """Frames to take from a video file of ``total`` frames at ``rate`` frames per second (see the module
     docstring): qwen-vl-utils' ``smart_nframes``; a video of fewer than ``factor`` frames gives all of them."""
     if total < factor:
@@ -84,7 +86,7 @@ def sample_count(total: int, rate: float, fps: float = DEFAULT_FPS, max_frames: 
     return max(factor, math.floor(n / factor) * factor)
 
 
-def even_indices(total: int, n: int) -> List[int]:
+def even_indices(total: int, n: int) -> list[int]:
     """``n`` evenly spaced indices of ``total`` items, first and last included (``linspace`` rounded)."""
     return np.linspace(0, total - 1, n).round().astype(int).tolist()
 
@@ -100,9 +102,9 @@ class Video:
     height: int
     width: int
     total: int
-    indices: List[int]
+    indices: list[int]
     fps: float
-    rate: Optional[float] = None  # a file's frame rate
+    rate: float | None = None  # a file's frame rate
     items: list = field(default_factory=list, repr=False)  # a folder's files or the frames given
     factor: int = FRAME_FACTOR
     rotation: int = 0  # display rotation of a file's frames, degrees counterclockwise
@@ -119,7 +121,7 @@ class Video:
         pixels = self.height * self.width
         return self.num_frames * pixels * 3 + (pixels * 8 if self.kind != "frames" else 0)
 
-    def decode(self) -> List[Image.Image]:
+    def decode(self) -> list[Image.Image]:
         """The taken frames, RGB PIL images all of the planned size."""
         if self.kind == "file":
             frames = self._decode_file()
@@ -135,15 +137,17 @@ class Video:
         for i, f in zip(self.indices, frames):
             if (f.height, f.width) != (self.height, self.width):
                 where = f"frame {i}" if self.kind != "folder" else f"frame {self.items[i]}"
-                raise InputError(f"video {self.source}: {where} is {f.width}x{f.height} pixels but the video's "
-                                 f"frames are {self.width}x{self.height}; every frame must have the same size")
+                raise InputError(
+                    f"video {self.source}: {where} is {f.width}x{f.height} pixels but the video's "
+                    f"frames are {self.width}x{self.height}; every frame must have the same size"
+                )
         if not frames:
             raise InputError(f"video {self.source}: no frame could be decoded; the file is corrupt or truncated")
         frames += [frames[-1]] * (self.factor - len(frames))  # shorter than the temporal patch: repeat the last
         self.decoded_bytes = sum(f.width * f.height * 3 for f in frames)
         return frames
 
-    def _decode_file(self) -> List[Image.Image]:
+    def _decode_file(self) -> list[Image.Image]:
         av = _av()
         wanted = sorted(set(self.indices))
         counts = {i: self.indices.count(i) for i in wanted}
@@ -160,9 +164,11 @@ class Video:
                         if i != wanted[k]:
                             continue
                         if frame.width * frame.height > self.height * self.width:  # before converting it
-                            raise InputError(f"video {self.source}: frame {i} is {frame.width}x{frame.height} "
-                                             f"pixels but the stream says {self.width}x{self.height}; every frame "
-                                             "must have the same size")
+                            raise InputError(
+                                f"video {self.source}: frame {i} is {frame.width}x{frame.height} "
+                                f"pixels but the stream says {self.width}x{self.height}; every frame "
+                                "must have the same size"
+                            )
                         image = _upright(frame.to_image(), getattr(frame, "rotation", 0) or 0)
                         frames += [image] * counts[i]
                         k += 1
@@ -175,8 +181,13 @@ class Video:
 
 def _upright(image: Image.Image, rotation: int) -> Image.Image:
     """Turn a frame by its display rotation (degrees counterclockwise, multiples of 90)."""
-    turn = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180,
-            -90: Image.Transpose.ROTATE_270, 270: Image.Transpose.ROTATE_270}.get(int(round(rotation)))
+    turn = {
+        90: Image.Transpose.ROTATE_90,
+        180: Image.Transpose.ROTATE_180,
+        -180: Image.Transpose.ROTATE_180,
+        -90: Image.Transpose.ROTATE_270,
+        270: Image.Transpose.ROTATE_270,
+    }.get(int(round(rotation)))
     image = image.transpose(turn) if turn is not None else image
     return image.convert("RGB") if image.mode != "RGB" else image
 
@@ -185,14 +196,17 @@ def _check_size(source, width: int, height: int) -> None:
     if min(width, height) < 1:
         raise InputError(f"video {source} has empty frames ({width}x{height} pixels)")
     if width * height > MAX_FRAME_PIXELS:
-        raise InputError(f"video {source} has {width}x{height} pixel frames, too large to decode safely; use a "
-                         "smaller video")
+        raise InputError(
+            f"video {source} has {width}x{height} pixel frames, too large to decode safely; use a smaller video"
+        )
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise InputError(f"video {source} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT}:1, which "
-                         "Qwen-VL models cannot take; crop it")
+        raise InputError(
+            f"video {source} is {width}x{height} pixels: an aspect ratio over {MAX_ASPECT}:1, which "
+            "Qwen-VL models cannot take; crop it"
+        )
 
 
-def _check_budget(video: Video, budget: Optional[int]) -> Video:
+def _check_budget(video: Video, budget: int | None) -> Video:
     if budget is None:
         from .memory import device_budget
 
@@ -201,14 +215,22 @@ def _check_budget(video: Video, budget: Optional[int]) -> Video:
     if budget and need > budget:
         from .memory import fmt_bytes
 
-        raise InputError(f"video {video.source}: decoding {video.num_frames} frames of {video.width}x{video.height} "
-                         f"pixels takes about {fmt_bytes(need)} but {fmt_bytes(budget)} is available; take fewer "
-                         "frames (lower fps or max_frames, --fps / --max-frames) or use a smaller video")
+        raise InputError(
+            f"video {video.source}: decoding {video.num_frames} frames of {video.width}x{video.height} "
+            f"pixels takes about {fmt_bytes(need)} but {fmt_bytes(budget)} is available; take fewer "
+            "frames (lower fps or max_frames, --fps / --max-frames) or use a smaller video"
+        )
     return video
 
 
-def open_video(source, fps: Optional[float] = None, max_frames: Optional[int] = None, *,
-               factor: int = FRAME_FACTOR, budget: Optional[int] = None) -> Video:
+def open_video(
+    source,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    *,
+    factor: int = FRAME_FACTOR,
+    budget: int | None = None,
+) -> Video:
     """Plan a video (nothing is decoded; see the module docstring): a video file (path), a folder of frames
     (path) or a list / tuple of images (paths, PIL images, uint8 arrays). ``fps``: the sampling rate of a video
     file, or the rate a folder's / list's frames were taken at (default 2.0); ``max_frames``: at most this many
@@ -232,20 +254,28 @@ def open_video(source, fps: Optional[float] = None, max_frames: Optional[int] = 
     elif stat.S_ISREG(st.st_mode):
         video = _from_file(source, fps, max_frames, factor)
     else:
-        raise InputError(f"video {source} is not a regular file (a pipe, socket or device); give a video file or "
-                         "a folder of frames")
+        raise InputError(
+            f"video {source} is not a regular file (a pipe, socket or device); give a video file or a folder of frames"
+        )
     return _check_budget(video, budget)
 
 
-def load_video(source, fps: Optional[float] = None, max_frames: Optional[int] = None, *,
-               factor: int = FRAME_FACTOR, budget: Optional[int] = None) -> tuple:
+def load_video(
+    source,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    *,
+    factor: int = FRAME_FACTOR,
+    budget: int | None = None,
+) -> tuple:
     """``(frames, fps)``: the sampled frames (RGB PIL images) and the rate they stand for (see `open_video`)."""
     video = open_video(source, fps, max_frames, factor=factor, budget=budget)
     return video.decode(), video.fps
 
 
-def open_videos(videos: Sequence, fps=None, max_frames=None, *, factor: int = FRAME_FACTOR,
-                budget: Optional[int] = None) -> List[Video]:
+def open_videos(
+    videos: Sequence, fps=None, max_frames=None, *, factor: int = FRAME_FACTOR, budget: int | None = None
+) -> list[Video]:
     """`open_video` of each video (`Video`s are kept as they are)."""
     return [open_video(v, fps, max_frames, factor=factor, budget=budget) for v in videos]
 
@@ -283,8 +313,10 @@ def _from_frames(frames: list, fps: float, max_frames: int, factor: int) -> Vide
     h, w = sizes[indices[0]]
     for i in indices:
         if sizes[i] != (h, w):
-            raise InputError(f"video frame {i} is {sizes[i][1]}x{sizes[i][0]} pixels but frame {indices[0]} is "
-                             f"{w}x{h}; every frame of a video must have the same size")
+            raise InputError(
+                f"video frame {i} is {sizes[i][1]}x{sizes[i][0]} pixels but frame {indices[0]} is "
+                f"{w}x{h}; every frame of a video must have the same size"
+            )
     _check_size("(list of frames)", w, h)
     return Video("(list of frames)", "frames", h, w, len(frames), indices, rate, items=items, factor=factor)
 
@@ -307,11 +339,14 @@ def _from_folder(folder, fps: float, max_frames: int, factor: int) -> Video:
         except OSError:
             raise InputError(f"video folder {folder}: {e.name} is a broken link or cannot be read") from None
         if stat.S_ISDIR(mode):
-            raise InputError(f"video folder {folder} holds a subfolder {e.name}; a folder of frames holds only "
-                             "image files")
+            raise InputError(
+                f"video folder {folder} holds a subfolder {e.name}; a folder of frames holds only image files"
+            )
         if not stat.S_ISREG(mode):
-            raise InputError(f"video folder {folder}: {e.name} is not a regular file (a pipe, socket or device); a "
-                             "folder of frames holds only image files")
+            raise InputError(
+                f"video folder {folder}: {e.name} is not a regular file (a pipe, socket or device); a "
+                "folder of frames holds only image files"
+            )
         if Path(e.name).suffix.lower() in extensions:
             files.append(path)
     if not files:
@@ -322,8 +357,10 @@ def _from_folder(folder, fps: float, max_frames: int, factor: int) -> Video:
     for i in indices[1:]:
         im = open_image(files[i])
         if (im.height, im.width) != (h, w):
-            raise InputError(f"video folder {folder}: {files[i]} is {im.width}x{im.height} pixels but "
-                             f"{files[indices[0]]} is {w}x{h}; every frame of a video must have the same size")
+            raise InputError(
+                f"video folder {folder}: {files[i]} is {im.width}x{im.height} pixels but "
+                f"{files[indices[0]]} is {w}x{h}; every frame of a video must have the same size"
+            )
     _check_size(folder, w, h)
     return Video(str(folder), "folder", h, w, len(files), indices, rate, items=files, factor=factor)
 
@@ -356,7 +393,9 @@ def _from_file(path, fps: float, max_frames: int, factor: int) -> Video:
         except (InputError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:
-            raise InputError(f"cannot read video {path}: not a video PyAV can read, or corrupt ({_one_line(e)})") from None
+            raise InputError(
+                f"cannot read video {path}: not a video PyAV can read, or corrupt ({_one_line(e)})"
+            ) from None
     if total <= 0:
         raise InputError(f"video {path} has no frames")
     if not (math.isfinite(rate) and 0 < rate <= 10_000):
@@ -367,5 +406,15 @@ def _from_file(path, fps: float, max_frames: int, factor: int) -> Video:
     if abs(rotation) in (90, 270):  # shown on its side: the model sees it upright
         width, height = height, width
     n = sample_count(total, rate, fps, max_frames, factor)
-    return Video(str(path), "file", height, width, total, even_indices(total, n), n / total * rate, rate=rate,
-                 factor=factor, rotation=rotation)
+    return Video(
+        str(path),
+        "file",
+        height,
+        width,
+        total,
+        even_indices(total, n),
+        n / total * rate,
+        rate=rate,
+        factor=factor,
+        rotation=rotation,
+    )

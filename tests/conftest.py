@@ -1,13 +1,13 @@
 """Shared pytest fixtures: tiny checkpoints (built once per session), test images and a video."""
 
-import mlx_compact  # noqa: F401  (import before mlx: it preloads OpenBLAS)
-
 import os
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+
+import mlx_compact  # noqa: F401  (import before mlx: it preloads OpenBLAS)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -17,9 +17,8 @@ with ``q0 = round(edge / scale)`` and, unless ``q0 == 0``, ``scale = edge / q0``
 into uint32; scale and bias stored in the input dtype. Non-finite inputs are not modelled.
 """
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:

@@ -1,13 +1,12 @@
 """Tests for mlx_compact.cache: attention through the caches equals a by-hand reference."""
 
-import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
-
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_compact  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from mlx_compact.cache import (
     FixedKVCache,
     KVCache,
@@ -246,8 +245,9 @@ def test_kv_bytes_formula():
     assert kv_bytes(cfg, 1000) == 2 * 28 * 4 * 128 * 2 * 1000
     # notes: quantized = 2 x layers x kv_heads x head_dim x (bits/8 + 4/group_size) per token
     assert kv_bytes(cfg, 1000, bits=4) == 2 * 28 * 4 * 128 * (4 / 8 + 4 / 64) * 1000
-    assert kv_bytes(SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=32), 10, bits=8) == \
-        2 * 2 * 2 * 10 * (32 + 2 * 2)  # head_dim 32: groups of kv_group_size(32) = 32, one scale and bias each
+    assert kv_bytes(
+        SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=32), 10, bits=8
+    ) == 2 * 2 * 2 * 10 * (32 + 2 * 2)  # head_dim 32: groups of kv_group_size(32) = 32, one scale and bias each
 
 
 @pytest.mark.parametrize("kind", ["kv", "fixed", "fixed-wrapped", "q8-wrapped", "empty"])

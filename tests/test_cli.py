@@ -22,8 +22,7 @@ import pytest
 from PIL import Image
 
 from mlx_compact import cli
-from mlx_compact.compaction import Compaction
-from mlx_compact.compaction import METHODS
+from mlx_compact.compaction import METHODS, Compaction
 from mlx_compact.generate import image_grids
 from mlx_compact.loader import load
 from mlx_compact.memory import fmt_bytes, plan
@@ -32,8 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "mlx-compact"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mlx_compact.cli"]
 STATS_KEYS = {
-    "prompt_tokens", "generation_tokens", "visual_tokens", "kv_bytes_allocated", "kv_bytes_used",
-    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional", "finish_reason",
+    "prompt_tokens",
+    "generation_tokens",
+    "visual_tokens",
+    "kv_bytes_allocated",
+    "kv_bytes_used",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+    "kv_evicted_tokens",
+    "image_decode_bytes",
+    "proportional",
+    "finish_reason",
 }
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
 CHAT_SCRIPT = """what is in the picture
@@ -56,6 +65,7 @@ never asked
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header says width x height but whose pixel data is cut short (decoding fails)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -65,11 +75,23 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 
 def _tiff_float64(path: Path) -> None:
     """A valid little TIFF of 64-bit float pixels: a pixel mode Pillow cannot read."""
-    tags = [(256, 3, 1, 4), (257, 3, 1, 4), (258, 3, 1, 64), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 0),
-            (277, 3, 1, 1), (278, 3, 1, 4), (279, 4, 1, 128), (339, 3, 1, 3)]
+    tags = [
+        (256, 3, 1, 4),
+        (257, 3, 1, 4),
+        (258, 3, 1, 64),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 0),
+        (277, 3, 1, 1),
+        (278, 3, 1, 4),
+        (279, 4, 1, 128),
+        (339, 3, 1, 3),
+    ]
     data_at = 8 + 2 + 12 * len(tags) + 4
-    ifd = b"".join(struct.pack("<HHIHH", t, k, n, v, 0) if k == 3 else struct.pack("<HHII", t, k, n, data_at if t == 273 else v)
-                   for t, k, n, v in tags)
+    ifd = b"".join(
+        struct.pack("<HHIHH", t, k, n, v, 0) if k == 3 else struct.pack("<HHII", t, k, n, data_at if t == 273 else v)
+        for t, k, n, v in tags
+    )
     path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I", 0) + bytes(128))
 
 
@@ -81,7 +103,7 @@ def files(tmp_path_factory, image_wide):
     photo = np.stack([x * 255 / 160, y * 255 / 120, (x + y) * 0.9], -1).astype(np.uint8)  # [120, 160, 3]
     Image.fromarray(photo).save(d / "photo.jpg")
     Image.fromarray(photo).convert("CMYK").save(d / "cmyk.jpg")
-    Image.fromarray((photo[..., 0].astype(np.uint16) * 257)).save(d / "gray16.png")  # 16-bit greyscale
+    Image.fromarray(photo[..., 0].astype(np.uint16) * 257).save(d / "gray16.png")  # 16-bit greyscale
     Image.fromarray(photo).convert("LA").save(d / "la.png")  # greyscale + alpha
     _png_header_only(d / "big.png", 8000, 6000)
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
@@ -93,8 +115,9 @@ def files(tmp_path_factory, image_wide):
 
 def _run(args, stdin=None, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(CLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        CLI + [str(a) for a in args], input=stdin, capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
 
 
 def _main(argv, capsys, monkeypatch, stdin=""):
@@ -118,18 +141,86 @@ def runs(files, tiny_checkpoint):
     q2, q25, q3 = (tiny_checkpoint(a) for a in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"))
     f = files
     img = f / "img.png"
-    every = ["--model", q3, "--image", img, "--image", f / "cmyk.jpg", "--image", f / "gray16.png",
-             "--image", f / "la.png", "--compaction", "diversity", "--keep", "0.5", "--where", "encoder",
-             "--max-kv-tokens", "512", "--kv-bits", "8", "--max-pixels", "20000", "--max-tokens", "6",
-             "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--fit", "auto", "--memory-budget", "64GB"]
+    every = [
+        "--model",
+        q3,
+        "--image",
+        img,
+        "--image",
+        f / "cmyk.jpg",
+        "--image",
+        f / "gray16.png",
+        "--image",
+        f / "la.png",
+        "--compaction",
+        "diversity",
+        "--keep",
+        "0.5",
+        "--where",
+        "encoder",
+        "--max-kv-tokens",
+        "512",
+        "--kv-bits",
+        "8",
+        "--max-pixels",
+        "20000",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--fit",
+        "auto",
+        "--memory-budget",
+        "64GB",
+    ]
     bad = ["generate", "--model", q2, "--prompt", "hi"]
     cases = {
-        "chat": (["chat", "--model", q2, "--image", img, "--keep", "0.5", "--max-tokens", "4", "--system",
-                  "Be brief.", "--stats", "json"], CHAT_SCRIPT.format(img=img, session=f / "session")),
+        "chat": (
+            [
+                "chat",
+                "--model",
+                q2,
+                "--image",
+                img,
+                "--keep",
+                "0.5",
+                "--max-tokens",
+                "4",
+                "--system",
+                "Be brief.",
+                "--stats",
+                "json",
+            ],
+            CHAT_SCRIPT.format(img=img, session=f / "session"),
+        ),
         "generate_json": (["generate", "--prompt", "describe", *every, "--stats", "json"], None),
-        "plan_json": (["plan", "--model", q2, "--image", f / "big.png", "--image", img, "--keep", "0.5",
-                       "--max-kv-tokens", "4096", "--max-pixels", "200000", "--max-tokens", "64",
-                       "--memory-budget", "4MB", "--json"], None),
+        "plan_json": (
+            [
+                "plan",
+                "--model",
+                q2,
+                "--image",
+                f / "big.png",
+                "--image",
+                img,
+                "--keep",
+                "0.5",
+                "--max-kv-tokens",
+                "4096",
+                "--max-pixels",
+                "200000",
+                "--max-tokens",
+                "64",
+                "--memory-budget",
+                "4MB",
+                "--json",
+            ],
+            None,
+        ),
         # bad input: one line on stderr, exit 2
         "keep_above_1": (bad + ["--keep", "1.5"], None),
         "keep_zero": (["chat", "--keep", "0"], None),
@@ -189,8 +280,17 @@ def test_chat_from_a_pipe_keeps_its_cache_across_turns(runs, loaded, files):
 
 
 def test_chat_text_mode_streams_replies_and_prints_stats_on_stderr(tiny_checkpoint, capsys, monkeypatch):
-    argv = ["chat", "--model", tiny_checkpoint("qwen3_vl"), "--max-kv-tokens", "256", "--kv-bits", "8",
-            "--max-tokens", "3"]
+    argv = [
+        "chat",
+        "--model",
+        tiny_checkpoint("qwen3_vl"),
+        "--max-kv-tokens",
+        "256",
+        "--kv-bits",
+        "8",
+        "--max-tokens",
+        "3",
+    ]
     code, out, err = _main(argv, capsys, monkeypatch, "hello\nagain\n")
     assert code == 0
     stats = [line for line in err.splitlines() if line.startswith("prompt ")]
@@ -211,8 +311,21 @@ def test_generate_with_every_option_prints_one_json_object(runs):
 
 
 def test_generate_text_mode_streams_the_answer_and_stats_go_to_stderr(tiny_checkpoint, files, capsys, monkeypatch):
-    argv = ["generate", "--model", tiny_checkpoint("qwen2_5_vl"), "--prompt", "hi", "--image", files / "photo.jpg",
-            "--compaction", "floor", "--tokens", "5", "--max-tokens", "4"]
+    argv = [
+        "generate",
+        "--model",
+        tiny_checkpoint("qwen2_5_vl"),
+        "--prompt",
+        "hi",
+        "--image",
+        files / "photo.jpg",
+        "--compaction",
+        "floor",
+        "--tokens",
+        "5",
+        "--max-tokens",
+        "4",
+    ]
     code, out, err = _main(argv, capsys, monkeypatch)
     assert code == 0 and out.endswith("\n")
     [stats] = [line for line in err.splitlines() if line.startswith("prompt ")]
@@ -236,14 +349,37 @@ def test_plan_json_equals_memory_plan_in_process(runs, loaded, files, tiny_check
     # without the big PNG, the same budget is missed by the vision and KV peaks, which settings can shrink
     paths = paths[1:]
     kw["budget"] = plan(model, image_grids(proc, paths, 200000), text, **kw).peak - 1
-    got = json.loads(_run(["plan", "--model", tiny_checkpoint("qwen2_vl"), "--image", paths[0], "--keep", "0.5",
-                           "--max-kv-tokens", "4096", "--max-pixels", "200000", "--max-tokens", "64",
-                           "--memory-budget", str(kw["budget"]), "--json"]).stdout)
+    got = json.loads(
+        _run(
+            [
+                "plan",
+                "--model",
+                tiny_checkpoint("qwen2_vl"),
+                "--image",
+                paths[0],
+                "--keep",
+                "0.5",
+                "--max-kv-tokens",
+                "4096",
+                "--max-pixels",
+                "200000",
+                "--max-tokens",
+                "64",
+                "--memory-budget",
+                str(kw["budget"]),
+                "--json",
+            ]
+        ).stdout
+    )
     assert not got["fits"] and got["what_would_fit"]
     for advice in got["what_would_fit"]:  # every suggestion really fits
         opts = advice.split()
-        change = {"--max-pixels": ("mp", int), "--keep": ("keep", float), "--max-kv-tokens": ("max_kv_tokens", int),
-                  "--kv-bits": ("kv_bits", int)}
+        change = {
+            "--max-pixels": ("mp", int),
+            "--keep": ("keep", float),
+            "--max-kv-tokens": ("max_kv_tokens", int),
+            "--kv-bits": ("kv_bits", int),
+        }
         new = dict(kw, mp=200000)
         for flag, value in zip(opts[::2], opts[1::2]):
             name, cast = change[flag]
@@ -257,25 +393,34 @@ def test_plan_text_reads_headers_only_and_names_each_figure(tiny_checkpoint, loa
     code, out, _ = _main(argv, capsys, monkeypatch)  # big.png's pixel data is cut short: plan never decodes it
     assert code == 0
     model, proc = loaded["qwen2_vl"]
-    p = plan(model, image_grids(proc, [str(files / "big.png")]), len(proc.tokenizer("")["input_ids"]) + 32,
-             budget=8 * 2**30)
-    for name, value in (("weights", p.weights), ("KV cache", p.kv), ("vision peak", p.vision),
-                        ("prefill peak", p.prefill), ("device budget", p.budget)):
+    p = plan(
+        model, image_grids(proc, [str(files / "big.png")]), len(proc.tokenizer("")["input_ids"]) + 32, budget=8 * 2**30
+    )
+    for name, value in (
+        ("weights", p.weights),
+        ("KV cache", p.kv),
+        ("vision peak", p.vision),
+        ("prefill peak", p.prefill),
+        ("device budget", p.budget),
+    ):
         assert f"{name}: {fmt_bytes(value):>12}" in out
     assert "fits: yes" in out and "8000x6000 px" in out
 
 
-@pytest.mark.parametrize("name,message", [
-    ("keep_above_1", "keep must be a number in (0, 1]"),
-    ("keep_zero", "keep must be a number in (0, 1]"),
-    ("missing_image", "image not found"),
-    ("corrupt_image", "cannot read image"),
-    ("truncated_image", "corrupt or truncated"),
-    ("unsupported_mode", "unsupported format or pixel mode"),
-    ("not_qwen_vl", "not a supported Qwen-VL model"),
-    ("no_such_model", "does not exist"),
-    ("kv_bits_alone", "--kv-bits needs --max-kv-tokens"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("keep_above_1", "keep must be a number in (0, 1]"),
+        ("keep_zero", "keep must be a number in (0, 1]"),
+        ("missing_image", "image not found"),
+        ("corrupt_image", "cannot read image"),
+        ("truncated_image", "corrupt or truncated"),
+        ("unsupported_mode", "unsupported format or pixel mode"),
+        ("not_qwen_vl", "not a supported Qwen-VL model"),
+        ("no_such_model", "does not exist"),
+        ("kv_bits_alone", "--kv-bits needs --max-kv-tokens"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(runs, name, message):
     r = runs[name].result()
     assert r.returncode == 2, r.stderr
@@ -284,12 +429,15 @@ def test_bad_input_is_one_line_and_exit_2(runs, name, message):
     assert len(lines) == 1 and " error: " in lines[0] and message in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("arch,argv,message", [
-    ("qwen2_vl", ["--prompt", LONG, "--max-kv-tokens", "64"], "but the cache holds 64"),
-    ("qwen2_vl", ["--prompt", "hi", "--memory-budget", "1MB"], "would need about"),
-    ("qwen2_5_vl", ["--prompt", "hi", "--keep", "0.5", "--where", "encoder"], "use --where post"),
-    ("qwen2_vl", ["--prompt", "hi", "--max-kv-tokens", "256", "--kv-bits", "8"], "head size"),
-])
+@pytest.mark.parametrize(
+    "arch,argv,message",
+    [
+        ("qwen2_vl", ["--prompt", LONG, "--max-kv-tokens", "64"], "but the cache holds 64"),
+        ("qwen2_vl", ["--prompt", "hi", "--memory-budget", "1MB"], "would need about"),
+        ("qwen2_5_vl", ["--prompt", "hi", "--keep", "0.5", "--where", "encoder"], "use --where post"),
+        ("qwen2_vl", ["--prompt", "hi", "--max-kv-tokens", "256", "--kv-bits", "8"], "head size"),
+    ],
+)
 def test_bad_run_settings_are_one_line_and_exit_2(arch, argv, message, tiny_checkpoint, files, capsys, monkeypatch):
     argv = ["generate", "--model", tiny_checkpoint(arch), "--image", files / "img.png", *argv]
     code, out, err = _main(argv, capsys, monkeypatch)
@@ -298,16 +446,27 @@ def test_bad_run_settings_are_one_line_and_exit_2(arch, argv, message, tiny_chec
 
 
 def test_example_chat_about_image_runs(tiny_checkpoint, files, capsys):
-    _example("chat_about_image").main(["--model", str(tiny_checkpoint("qwen3_vl")), "--image", str(files / "img.png"),
-                                       "--max-tokens", "4"])
+    _example("chat_about_image").main(
+        ["--model", str(tiny_checkpoint("qwen3_vl")), "--image", str(files / "img.png"), "--max-tokens", "4"]
+    )
     out = capsys.readouterr().out
     assert "[turn 1]" in out and "[turn 2]" in out and "visual: none encoded" in out
 
 
 def test_example_compare_operators_prints_a_table_and_draws_kept_patches(tiny_checkpoint, files, capsys):
     png = files / "kept.png"
-    _example("compare_operators").main(["--model", str(tiny_checkpoint("qwen2_vl")), "--image",
-                                        str(files / "photo.jpg"), "--max-tokens", "2", "--out", str(png)])
+    _example("compare_operators").main(
+        [
+            "--model",
+            str(tiny_checkpoint("qwen2_vl")),
+            "--image",
+            str(files / "photo.jpg"),
+            "--max-tokens",
+            "2",
+            "--out",
+            str(png),
+        ]
+    )
     out = capsys.readouterr().out
     for name in METHODS:
         assert any(line.split()[:1] == [name] for line in out.splitlines()), name
@@ -316,8 +475,9 @@ def test_example_compare_operators_prints_a_table_and_draws_kept_patches(tiny_ch
 
 
 def test_example_plan_memory_prints_a_row_per_size_and_keep(tiny_checkpoint, capsys):
-    _example("plan_memory").main(["--model", str(tiny_checkpoint("qwen2_5_vl")), "--sizes", "1024x768", "4032x3024",
-                                  "--keep", "1", "0.25"])
+    _example("plan_memory").main(
+        ["--model", str(tiny_checkpoint("qwen2_5_vl")), "--sizes", "1024x768", "4032x3024", "--keep", "1", "0.25"]
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.split()[:1] in (["1024x768"], ["4032x3024"])]
     assert len(rows) == 4 and "16 GB Mac" in out
@@ -333,8 +493,10 @@ def test_the_pytorch_notice_of_transformers_never_reaches_stderr(capsys):
     level = log.level  # importing mlx_vlm (test_mlx_vlm_compat, collected first) sets transformers' to ERROR
     log.setLevel(logging.WARNING)
     try:
-        log.warning("PyTorch was not found. Models won't be available and only tokenizers, configuration and "
-                    "file/data utilities can be used.")
+        log.warning(
+            "PyTorch was not found. Models won't be available and only tokenizers, configuration and "
+            "file/data utilities can be used."
+        )
         log.warning("another transformers warning")
     finally:
         log.removeHandler(handler)
@@ -344,6 +506,14 @@ def test_the_pytorch_notice_of_transformers_never_reaches_stderr(capsys):
 
 
 def test_a_one_token_answer_reports_decode_as_not_applicable():
-    stats = {"prompt_tokens": 5, "generation_tokens": 1, "visual_tokens": [], "ttft_s": {"prefill": 0.1},
-             "decode_tokens_per_s": None, "kv_bytes_used": 0, "kv_bytes_allocated": 0, "peak_memory_bytes": 0}
+    stats = {
+        "prompt_tokens": 5,
+        "generation_tokens": 1,
+        "visual_tokens": [],
+        "ttft_s": {"prefill": 0.1},
+        "decode_tokens_per_s": None,
+        "kv_bytes_used": 0,
+        "kv_bytes_allocated": 0,
+        "peak_memory_bytes": 0,
+    }
     assert "decode n/a" in cli._stats_text(stats)

@@ -5,19 +5,18 @@ tokens masked out as keys (merge operators: with the kept rows' features replace
 in-encoder compaction equals the tower run at full length with later blocks' keys restricted to kept units.
 """
 
-
-import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
-from mlx_compact.loader import load
 import numpy as np
 import pytest
+from tiny_checkpoints import ARCHS
 
+import mlx_compact  # noqa: F401  (before mlx.core)
 from mlx_compact.cache import KVCache
 from mlx_compact.compaction import Compaction, assemble, tower_hooks
 from mlx_compact.generate import _sampler, generate, generate_step, make_cache, prefill, prepare
+from mlx_compact.loader import load
 from mlx_compact.memory import kv_bytes
 from mlx_compact.models.vision import attend, patch_coords, rope_angles, segment_bounds
-from tiny_checkpoints import ARCHS
 
 PROMPT = "what is in both pictures?"
 SELECTORS = {  # compact == masked full, features untouched
@@ -33,7 +32,9 @@ MERGERS = {  # compact == masked full with the kept rows' features replaced by t
     "saliency+context": Compaction("saliency", keep=0.5, contextual=0.3),
     "diversity+merge_dropped": Compaction("diversity", keep=0.34, merge_dropped=True, proportional=False),
 }
-ENCODER = {m: Compaction(m, keep=0.5, where="encoder", encoder_layer=1) for m in ("floor", "diversity", "saliency", "random")}
+ENCODER = {
+    m: Compaction(m, keep=0.5, where="encoder", encoder_layer=1) for m in ("floor", "diversity", "saliency", "random")
+}
 
 
 def _load(path):
@@ -143,10 +144,22 @@ def _video(model, proc, frames, c):
     per_frame = model.model_type == "qwen3_vl"
     blocks, ds = model.split_visual(out, grid, per_frame=per_frame)
     m = model.config.vision.spatial_merge_size
-    grids = [(1, h // m, w // m) for t, h, w in grid for _ in range(t)] if per_frame else [(t, h // m, w // m) for t, h, w in grid]
+    grids = (
+        [(1, h // m, w // m) for t, h, w in grid for _ in range(t)]
+        if per_frame
+        else [(t, h // m, w // m) for t, h, w in grid]
+    )
     positions, _ = model.positions(ids, [], grid, inputs["second_per_grid_ts"])
-    return assemble(model, ids, blocks, positions, grids, c, deepstack=ds if ds[0] else None, kept=None
-                    if out.units is None else _frame_units(out.units, grids, per_frame))
+    return assemble(
+        model,
+        ids,
+        blocks,
+        positions,
+        grids,
+        c,
+        deepstack=ds if ds[0] else None,
+        kept=None if out.units is None else _frame_units(out.units, grids, per_frame),
+    )
 
 
 def _frame_units(units, grids, per_frame):

@@ -1,10 +1,10 @@
 """Information proxies of the compaction operators on synthetic feature maps, plus argument checks."""
 
-import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_compact  # noqa: F401  (before mlx.core)
 from mlx_compact.compaction import (
     Compaction,
     VisualTokens,
@@ -124,8 +124,14 @@ def test_pool_averages_two_by_two_windows_at_top_left_positions():
     tokens = tokens_from(f, (1, 3, 5))
     out = compact(tokens, Compaction("pool"))
     assert np.array(out.source).tolist() == [0, 2, 4, 10, 12, 14]
-    expect = [f[[0, 1, 5, 6]].mean(0), f[[2, 3, 7, 8]].mean(0), f[[4, 9]].mean(0), f[[10, 11]].mean(0),
-              f[[12, 13]].mean(0), f[[14]].mean(0)]
+    expect = [
+        f[[0, 1, 5, 6]].mean(0),
+        f[[2, 3, 7, 8]].mean(0),
+        f[[4, 9]].mean(0),
+        f[[10, 11]].mean(0),
+        f[[12, 13]].mean(0),
+        f[[14]].mean(0),
+    ]
     np.testing.assert_allclose(np.array(out.features), np.stack(expect), rtol=1e-6)
 
 

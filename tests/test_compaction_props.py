@@ -1,13 +1,20 @@
 """Invariants of every compaction operator on random grids (odd, non-square, video, multi-image)."""
 
-import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_compact.compaction import (ENCODER_METHODS, METHODS, Compaction, VisualTokens, compact, compact_many,
-                                    unit_selector)
+import mlx_compact  # noqa: F401  (before mlx.core)
+from mlx_compact.compaction import (
+    ENCODER_METHODS,
+    METHODS,
+    Compaction,
+    VisualTokens,
+    compact,
+    compact_many,
+    unit_selector,
+)
 
 D = 8
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -97,13 +104,20 @@ def test_a_video_compacted_a_slice_at_a_time_keeps_what_kept_counts(grid, c):
 
 
 @SETTINGS
-@given(grid=grids, method=st.sampled_from(ENCODER_METHODS), keep=st.floats(0.01, 1.0),
-       tokens=st.one_of(st.none(), st.integers(1, 60)), floor_stride=st.sampled_from([None, 1, 3]),
-       proportional=st.booleans(), seed=st.integers(0, 3))
+@given(
+    grid=grids,
+    method=st.sampled_from(ENCODER_METHODS),
+    keep=st.floats(0.01, 1.0),
+    tokens=st.one_of(st.none(), st.integers(1, 60)),
+    floor_stride=st.sampled_from([None, 1, 3]),
+    proportional=st.booleans(),
+    seed=st.integers(0, 3),
+)
 def test_in_encoder_selection_keeps_what_kept_counts(grid, method, keep, tokens, floor_stride, proportional, seed):
     """The vision tower's unit selector (each temporal slice its own budget) keeps `Compaction.kept` units."""
-    c = Compaction(method, keep=keep, tokens=tokens, floor_stride=floor_stride, where="encoder",
-                   proportional=proportional)
+    c = Compaction(
+        method, keep=keep, tokens=tokens, floor_stride=floor_stride, where="encoder", proportional=proportional
+    )
     rng = np.random.default_rng(seed)
     n = int(np.prod(grid))
     units = mx.array(rng.normal(size=(n, 4, D)).astype(np.float32))  # [U, 4, D] hidden states of the merge units

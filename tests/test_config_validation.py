@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 
 import pytest
+import tiny_checkpoints as tiny
 
 import mlx_compact
-import tiny_checkpoints as tiny
 from mlx_compact.models import config as config_module
 from mlx_compact.models.config import ConfigError, ModelConfig
 
@@ -40,8 +40,18 @@ NOT_QWEN2 = ("qwen2_5_vl", "qwen3_vl")
 # (scope, key, bad values, archs). Scopes: "text" (top level and text_config), "rope" (their RoPE dicts),
 # "text+rope", "vision" (vision_config), "vision+rope" (and its rope_parameters), "vision+top".
 FIELDS = [
-    *[("text", k, SIZE_BAD, ALL) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                           "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")],
+    *[
+        ("text", k, SIZE_BAD, ALL)
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+        )
+    ],
     *[("text", k, SIZE_BAD, ALL) for k in TOKENS],
     ("text", "eos_token_id", ([2, 10**9], [2, "2"]), ALL),
     ("rope", "mrope_section", SIZE_BAD + ([1, 1, 1], [8, 8], [4, 4, 4, 4], [-2, 10, 8]), ALL),
@@ -50,9 +60,20 @@ FIELDS = [
     ("text", "attention_bias", FLAG_BAD, ALL),
     ("text", "tie_word_embeddings", FLAG_BAD, ALL),
     ("rope", "mrope_interleaved", FLAG_BAD, ALL),
-    *[("vision", k, SIZE_BAD, ALL) for k in ("depth", "hidden_size", "num_heads", "patch_size", "temporal_patch_size",
-                                             "spatial_merge_size", "in_channels", "window_size",
-                                             "num_position_embeddings")],
+    *[
+        ("vision", k, SIZE_BAD, ALL)
+        for k in (
+            "depth",
+            "hidden_size",
+            "num_heads",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "in_channels",
+            "window_size",
+            "num_position_embeddings",
+        )
+    ],
     ("vision", "embed_dim", SIZE_BAD, ("qwen2_vl",)),
     ("vision", "mlp_ratio", NUMBER_BAD + (10**9, 0.01), ("qwen2_vl",)),
     ("vision", "intermediate_size", SIZE_BAD, NOT_QWEN2),
@@ -90,8 +111,14 @@ def scope_dicts(cfg: dict, scope: str) -> list:
     rope = [d[k] for d in text for k in ("rope_parameters", "rope_scaling") if isinstance(d.get(k), dict)]
     vision = cfg["vision_config"]
     vision_rope = [vision["rope_parameters"]] if isinstance(vision.get("rope_parameters"), dict) else []
-    return {"text": text, "rope": rope, "text+rope": rope + text, "vision": [vision],
-            "vision+rope": vision_rope + [vision], "vision+top": [vision, cfg]}[scope]
+    return {
+        "text": text,
+        "rope": rope,
+        "text+rope": rope + text,
+        "vision": [vision],
+        "vision+rope": vision_rope + [vision],
+        "vision+top": [vision, cfg],
+    }[scope]
 
 
 def mutated(cfg: dict, scope: str, key: str, value=None, delete: bool = False) -> dict:
@@ -136,8 +163,10 @@ def accepted(arch: str, key: str, value) -> bool:
     )
 
 
-REQUIRED = {"text": ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"),
-            "vision": ("depth", "num_heads")}
+REQUIRED = {
+    "text": ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size"),
+    "vision": ("depth", "num_heads"),
+}
 WIDTH = {"qwen2_vl": "embed_dim", "qwen2_5_vl": "hidden_size", "qwen3_vl": "hidden_size"}
 
 CASES = [
@@ -190,18 +219,21 @@ def test_sections_that_are_not_objects(configs, variant, value):
     refused({**cfg, "vision_config": None}, "vision_config is null")
 
 
-@pytest.mark.parametrize("edit,words", [
-    ({"text": {"num_attention_heads": 6}}, ["num_attention_heads is 6", "divisor of hidden_size 64"]),
-    ({"text": {"num_key_value_heads": 3}}, ["num_key_value_heads is 3", "divisor of num_attention_heads 4"]),
-    ({"vision": {"num_heads": 3}}, ["vision_config.num_heads is 3", "vision width 32"]),
-    ({"vision": {"num_heads": 16}}, ["vision_config.num_heads is 16", "multiple of 4"]),
-    ({"vision": {"out_hidden_size": 48}}, ["vision_config.out_hidden_size is 48", "hidden_size 64"]),
-    ({"vision": {"window_size": 14}}, ["vision_config.window_size is 14", "= 28"]),
-    ({"vision": {"window_size": 0}}, ["vision_config.window_size is 0"]),
-    ({"vision": {"fullatt_block_indexes": [1, 3]}}, ["fullatt_block_indexes is [1, 3]", "from 0 to 2"]),
-    ({"rope": {"mrope_section": [4, 6, 6]}}, ["mrope_section is [4, 6, 6]", "head_dim / 2 = 8"]),
-    ({"text": {"head_dim": 32}}, ["mrope_section is [2, 3, 3]", "head_dim / 2 = 16"]),
-])
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        ({"text": {"num_attention_heads": 6}}, ["num_attention_heads is 6", "divisor of hidden_size 64"]),
+        ({"text": {"num_key_value_heads": 3}}, ["num_key_value_heads is 3", "divisor of num_attention_heads 4"]),
+        ({"vision": {"num_heads": 3}}, ["vision_config.num_heads is 3", "vision width 32"]),
+        ({"vision": {"num_heads": 16}}, ["vision_config.num_heads is 16", "multiple of 4"]),
+        ({"vision": {"out_hidden_size": 48}}, ["vision_config.out_hidden_size is 48", "hidden_size 64"]),
+        ({"vision": {"window_size": 14}}, ["vision_config.window_size is 14", "= 28"]),
+        ({"vision": {"window_size": 0}}, ["vision_config.window_size is 0"]),
+        ({"vision": {"fullatt_block_indexes": [1, 3]}}, ["fullatt_block_indexes is [1, 3]", "from 0 to 2"]),
+        ({"rope": {"mrope_section": [4, 6, 6]}}, ["mrope_section is [4, 6, 6]", "head_dim / 2 = 8"]),
+        ({"text": {"head_dim": 32}}, ["mrope_section is [2, 3, 3]", "head_dim / 2 = 16"]),
+    ],
+)
 def test_inconsistent_sizes_are_refused(configs, edit, words):
     cfg = configs["qwen2_5_vl-default"]
     for scope, values in edit.items():
@@ -215,8 +247,10 @@ def test_defaults_must_fit_too(configs):
     refused(mutated(qwen2, "rope", "mrope_section", delete=True), "mrope_section (absent: the default)", "= 8")
     absent = mutated(configs["qwen2_5_vl-default"], "vision", "window_size", delete=True)
     assert ModelConfig.from_dict(absent).vision.window_size == 112  # transformers' default
-    refused(mutated(configs["qwen3_vl-default"], "vision", "num_position_embeddings", delete=True),
-            "num_position_embeddings is 0")
+    refused(
+        mutated(configs["qwen3_vl-default"], "vision", "num_position_embeddings", delete=True),
+        "num_position_embeddings is 0",
+    )
 
 
 def test_accepted_variations(configs):
@@ -236,9 +270,14 @@ QUANT_OK = [
     {"group_size": 32, "bits": 4, "mode": "mxfp4"},
     {"group_size": 32, "bits": 8, "mode": "mxfp8"},
     {"group_size": 16, "bits": 4, "mode": "nvfp4"},
-    {"group_size": 64, "bits": 4, "vision_tower.blocks.0.mlp.fc1": False, "language_model.lm_head": True,
-     "language_model.model.layers.0.mlp.up_proj": {"group_size": 32, "bits": 8},
-     "language_model.model.layers.1.mlp.up_proj": {"bits": 6, "mode": "affine"}},
+    {
+        "group_size": 64,
+        "bits": 4,
+        "vision_tower.blocks.0.mlp.fc1": False,
+        "language_model.lm_head": True,
+        "language_model.model.layers.0.mlp.up_proj": {"group_size": 32, "bits": 8},
+        "language_model.model.layers.1.mlp.up_proj": {"bits": 6, "mode": "affine"},
+    },
 ]
 QUANT_BAD = [
     ({"group_size": 0, "bits": 4}, ["group_size is 0", "32, 64, 128"]),
@@ -313,29 +352,80 @@ def test_tables_match_mlx():
 
 # Hub configs of the largest checkpoints of the two dialect families (sizes as published).
 QWEN2_5_VL_72B = {
-    "model_type": "qwen2_5_vl", "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 152064, "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "image_token_id": 151655,
-    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-    "vision_token_id": 151654, "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 80,
-    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3456,
-                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 8192, "patch_size": 14,
-                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "model_type": "qwen2_5_vl",
+    "hidden_size": 8192,
+    "intermediate_size": 29568,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "max_window_layers": 80,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3456,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 8192,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
 }
 QWEN3_VL_8B = {
-    "model_type": "qwen3_vl", "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653, "tie_word_embeddings": False,
-    "text_config": {"attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
-                    "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
-                    "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_theta": 5000000,
-                    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
-                    "vocab_size": 151936},
-    "vision_config": {"deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_act": "gelu_pytorch_tanh",
-                      "hidden_size": 1152, "in_channels": 3, "intermediate_size": 4304, "num_heads": 16,
-                      "num_position_embeddings": 2304, "out_hidden_size": 4096, "patch_size": 16,
-                      "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "model_type": "qwen3_vl",
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "text_config": {
+        "attention_bias": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "head_dim": 128,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 36,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+        "vocab_size": 151936,
+    },
+    "vision_config": {
+        "deepstack_visual_indexes": [8, 16, 24],
+        "depth": 27,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "in_channels": 3,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "num_position_embeddings": 2304,
+        "out_hidden_size": 4096,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
 }
 
 

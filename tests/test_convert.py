@@ -18,11 +18,11 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from safetensors import safe_open
-
 from mlx_compact.convert import ConvertError, convert
-from mlx_compact.loader import LoadError, load_model
+from safetensors import safe_open
 from test_loader import ARCHS, TOL, our_logits, reference_inputs, reference_logits, rel_err
+
+from mlx_compact.loader import LoadError, load_model
 
 # convert() arguments: the bound on the relative error, the least argmax agreement, the least cosine
 CASES = {
@@ -69,8 +69,12 @@ def test_quantized_load_is_exact(ckpt, converted, arch):
     import mlx.nn as nn
 
     model = load_model(ckpt(arch))
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.startswith("vision_tower"))
+    nn.quantize(
+        model,
+        group_size=64,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.startswith("vision_tower"),
+    )
     inputs = reference_inputs(str(ckpt(arch)))
     assert rel_err(our_logits(load_model(converted(arch, "q4")), inputs), our_logits(model, inputs)) < 1e-6
 
@@ -79,9 +83,17 @@ def test_quantized_load_is_exact(ckpt, converted, arch):
 def test_output_layout_is_mlx_vlms(ckpt, converted, case):
     out = converted("qwen2_5_vl", case)
     names = sorted(p.name for p in out.iterdir())
-    for expected in ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                     "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                     "video_preprocessor_config.json", "generation_config.json"):
+    for expected in (
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "generation_config.json",
+    ):
         assert expected in names
     index = json.loads((out / "model.safetensors.index.json").read_text())
     with safe_open(str(out / "model.safetensors"), "np") as f:
@@ -106,8 +118,15 @@ def test_output_layout_is_mlx_vlms(ckpt, converted, case):
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_quantize_vision(ckpt, tmp_path, arch):
-    out = convert(ckpt(arch), tmp_path / "qv", quantize=True, q_group_size=32, quantize_vision=True,
-                  dtype="float32", progress=False)
+    out = convert(
+        ckpt(arch),
+        tmp_path / "qv",
+        quantize=True,
+        q_group_size=32,
+        quantize_vision=True,
+        dtype="float32",
+        progress=False,
+    )
     keys = mx.load(str(out / "model.safetensors")).keys()
     assert "vision_tower.blocks.0.mlp.linear_fc1.scales" in keys or "vision_tower.blocks.0.mlp.up_proj.scales" in keys
     assert "vision_tower.pos_embed.scales" not in keys  # Qwen3-VL's position table is read directly
@@ -119,8 +138,9 @@ def test_quantize_vision(ckpt, tmp_path, arch):
 def test_every_source_layout_converts(ckpt, tmp_path):
     ref = str(ckpt("qwen2_vl"))
     for layout, dialect in (("legacy_sharded", "flat44"), ("nested", "nested457")):
-        out = convert(ckpt("qwen2_vl", layout=layout, dialect=dialect), tmp_path / layout, dtype="float32",
-                      progress=False)
+        out = convert(
+            ckpt("qwen2_vl", layout=layout, dialect=dialect), tmp_path / layout, dtype="float32", progress=False
+        )
         assert rel_err(our_logits(load_model(out), reference_inputs(ref)), reference_logits(ref)) < TOL
 
 
@@ -165,8 +185,11 @@ def test_bad_sources_are_named(ckpt, tmp_path):
     for f in ckpt("qwen2_vl", dialect="flat44").iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
-    with pytest.raises(LoadError, match=r"tensor \S+ has shape \(\d+, \d+\) in the checkpoint but config.json "
-                                        r"implies \(\d+, \d+\)"):
+    with pytest.raises(
+        LoadError,
+        match=r"tensor \S+ has shape \(\d+, \d+\) in the checkpoint but config.json "
+        r"implies \(\d+, \d+\)",
+    ):
         convert(bad, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
     with pytest.raises(ConvertError, match="is the source checkpoint"):
@@ -175,14 +198,14 @@ def test_bad_sources_are_named(ckpt, tmp_path):
 
 def _cli(*args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "mlx_compact.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_compact.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_cli_converts(ckpt, tmp_path):
     out = tmp_path / "q8"
-    run = _cli("convert", "--hf-path", ckpt("qwen3_vl"), "--mlx-path", out, "-q", "--q-bits", "8",
-               "--dtype", "float32")
+    run = _cli("convert", "--hf-path", ckpt("qwen3_vl"), "--mlx-path", out, "-q", "--q-bits", "8", "--dtype", "float32")
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     ref = str(ckpt("qwen3_vl"))

@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
+from mlx_compact.convert import ConvertError, convert
 
 from mlx_compact.cli import main
-from mlx_compact.convert import ConvertError, convert
 from mlx_compact.files import InputError
 
 conv = importlib.import_module("mlx_compact.convert.convert")  # the module; the package's `convert` is the function
@@ -108,8 +108,17 @@ def _refusal(case, tmp_path, src, previous):
     raise ValueError(case)
 
 
-REFUSALS = ["parent", "grandparent", "source", "is a file", "parent is a file", "foreign file", "subfolder",
-            "no weights", "link"]
+REFUSALS = [
+    "parent",
+    "grandparent",
+    "source",
+    "is a file",
+    "parent is a file",
+    "foreign file",
+    "subfolder",
+    "no weights",
+    "link",
+]
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -245,8 +254,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _killed_mid_conversion(src, out, sig):
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "convert", "--hf-path", str(src), "--mlx-path",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI, "convert", "--hf-path", str(src), "--mlx-path", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     watchdog = threading.Timer(120, proc.kill)  # a regression fails instead of hanging
     watchdog.start()
     try:

@@ -25,8 +25,16 @@ def result(tiny_checkpoint, images, tmp_path_factory):
     qfile = folder / "questions.txt"
     qfile.write_text("Describe this image.\nWhat is here?\n")
     model, processor = mlx_compact.load(str(tiny_checkpoint("qwen2_vl")))
-    res = fidelity.label_free(model, processor, fidelity.load_images(folder), fidelity.load_questions(qfile),
-                              ops=OPS, keeps=KEEPS, max_tokens=4, log=lambda *a: None)
+    res = fidelity.label_free(
+        model,
+        processor,
+        fidelity.load_images(folder),
+        fidelity.load_questions(qfile),
+        ops=OPS,
+        keeps=KEEPS,
+        max_tokens=4,
+        log=lambda *a: None,
+    )
     return json.loads(json.dumps(res))  # must round-trip through JSON
 
 
@@ -69,16 +77,20 @@ def test_retention_picks_the_best_prompt_free_operator_and_checks_targets():
     fams = ["colour", "where", "read"]
 
     def row(setting, method, keep, acc):
-        return dict(setting=setting, method=method, keep=keep, accuracy=dict(zip(fams, acc)),
-                    mean_accuracy=sum(acc) / len(acc))
+        return dict(
+            setting=setting, method=method, keep=keep, accuracy=dict(zip(fams, acc)), mean_accuracy=sum(acc) / len(acc)
+        )
 
-    res = dict(families=fams, rows=[
-        row("full", "none", 1.0, [1.0, 0.8, 0.5]),
-        row("random@post", "random", 0.33, [1.0, 0.8, 0.5]),  # a baseline: never "best"
-        row("diversity@post", "diversity", 0.33, [1.0, 0.8, 0.45]),
-        row("floor@post", "floor", 0.33, [0.5, 0.4, 0.25]),
-        row("diversity@post", "diversity", 0.5, [1.0, 0.8, 0.5]),  # another keep: ignored
-    ])
+    res = dict(
+        families=fams,
+        rows=[
+            row("full", "none", 1.0, [1.0, 0.8, 0.5]),
+            row("random@post", "random", 0.33, [1.0, 0.8, 0.5]),  # a baseline: never "best"
+            row("diversity@post", "diversity", 0.33, [1.0, 0.8, 0.45]),
+            row("floor@post", "floor", 0.33, [0.5, 0.4, 0.25]),
+            row("diversity@post", "diversity", 0.5, [1.0, 0.8, 0.5]),  # another keep: ignored
+        ],
+    )
     ret = fidelity.retention(res, keep=0.33)
     assert [r["setting"] for r in ret["rows"]] == ["random@post", "diversity@post", "floor@post"]
     best = ret["best"]

@@ -1,18 +1,27 @@
 """The minimal generation path: cached decoding equals full recomputation, stats are filled in."""
 
-
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
-from mlx_compact.loader import load
-from mlx_compact.generate import generate
-from mlx_compact.memory import kv_bytes
 from tiny_checkpoints import ARCHS
 
+from mlx_compact.generate import generate
+from mlx_compact.loader import load
+from mlx_compact.memory import kv_bytes
+
 STATS_KEYS = {
-    "prompt_tokens", "generation_tokens", "visual_tokens", "kv_bytes_allocated", "kv_bytes_used",
-    "ttft_s", "decode_tokens_per_s", "peak_memory_bytes", "kv_evicted_tokens", "image_decode_bytes", "proportional", "finish_reason",
+    "prompt_tokens",
+    "generation_tokens",
+    "visual_tokens",
+    "kv_bytes_allocated",
+    "kv_bytes_used",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+    "kv_evicted_tokens",
+    "image_decode_bytes",
+    "proportional",
+    "finish_reason",
 }
 
 

@@ -11,23 +11,25 @@ Error: the largest absolute difference over the largest float32 magnitude. Toler
 a layer computed in the wrong dtype or with a float16 overflow is off by far more.
 """
 
-import mlx_compact  # noqa: F401  (before mlx.core)
-
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_checkpoints import ARCHS, MOE
 
+import mlx_compact  # noqa: F401  (before mlx.core)
 from mlx_compact.compaction import Compaction
 from mlx_compact.generate import make_cache, prefill, prepare
 from mlx_compact.loader import load
-from tiny_checkpoints import ARCHS, MOE
 
 HALF = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 TOLERANCE = {name: 10 * float(mx.finfo(dt).eps) for name, dt in HALF.items()}
 PROMPT = "describe the pictures"
 CPU_GATHER_MM = pytest.mark.xfail(
-    not mx.metal.is_available(), raises=RuntimeError, strict=True,
-    reason="MLX's CPU gather_mm (the MoE experts) takes float32 only; Metal runs them in half precision")
+    not mx.metal.is_available(),
+    raises=RuntimeError,
+    strict=True,
+    reason="MLX's CPU gather_mm (the MoE experts) takes float32 only; Metal runs them in half precision",
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,9 @@ def test_vision_tower_in_half_precision_matches_float32(arch, dtype, loaded, ima
     ref, out = ref_model.encode(pixels, grid), model.encode(pixels, grid)
     assert out.features.dtype == HALF[dtype] and all(d.dtype == HALF[dtype] for d in out.deepstack)
     errors = {"features": relative_error(out.features, ref.features)}
-    errors.update({f"deepstack {i}": relative_error(d, r) for i, (d, r) in enumerate(zip(out.deepstack, ref.deepstack))})
+    errors.update(
+        {f"deepstack {i}": relative_error(d, r) for i, (d, r) in enumerate(zip(out.deepstack, ref.deepstack))}
+    )
     _report(capsys, f"{arch} {dtype} vision vs float32", errors)
     assert len(out.deepstack) == len(ref.deepstack)
     assert max(errors.values()) <= TOLERANCE[dtype], errors

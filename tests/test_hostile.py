@@ -35,6 +35,7 @@ PROMPT = ["--prompt", "what colour is the circle?"]
 
 def png(path: Path, width: int, height: int, *, truncated: bool = False) -> Path:
     """A valid white RGB PNG of any size, written in bounded memory (or, ``truncated``, its header only)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -69,7 +70,7 @@ def exif_rotated_jpeg(path: Path) -> Path:
 def _header(path: Path) -> tuple:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _write_safetensors(path: Path, header: dict, body: bytes) -> None:
@@ -79,11 +80,13 @@ def _write_safetensors(path: Path, header: dict, body: bytes) -> None:
 
 def _edit_weights(fn):
     """A case setup that rewrites the checkpoint's safetensors header with ``fn(header, body) -> (header, body)``."""
+
     def setup(case):
         f = case.model / "model.safetensors"
         header, body = _header(f)
         header, body = fn(header, body)
         _write_safetensors(f, header, body)
+
     return setup
 
 
@@ -95,6 +98,7 @@ def _set_tensor(field, value):
     def fn(h, b):
         h[_first_tensor(h)][field] = value
         return h, b
+
     return fn
 
 
@@ -102,6 +106,7 @@ def _edit_json(name: str, fn):
     def setup(case):
         f = case.model / name
         f.write_text(json.dumps(fn(json.loads(f.read_text()))))
+
     return setup
 
 
@@ -109,6 +114,7 @@ def _text_config(key, value):
     def fn(c):
         c["text_config"][key] = value
         return c
+
     return _edit_json("config.json", fn)
 
 
@@ -117,6 +123,7 @@ def _write(name: str, content):
         f = case.model / name
         f.unlink(missing_ok=True)
         f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
+
     return setup
 
 
@@ -125,15 +132,18 @@ def _fifo(name: str):
         f = case.model / name
         f.unlink(missing_ok=True)
         os.mkfifo(f)
+
     return setup
 
 
 def _link_out(name: str):
     """Replace a checkpoint file by a link to the secret file outside the case's folder."""
+
     def setup(case):
         f = case.model / name
         f.unlink(missing_ok=True)
         f.symlink_to(case.secret)
+
     return setup
 
 
@@ -148,7 +158,7 @@ def _truncate(path: Path, keep) -> None:
 
 def _patch(path: Path, at: int, new: bytes) -> None:
     data = bytearray(path.read_bytes())
-    data[at:at + len(new)] = new
+    data[at : at + len(new)] = new
     path.write_bytes(bytes(data))
 
 
@@ -191,15 +201,29 @@ BAD = {
     # the index of shards
     "index_not_json": (_write("model.safetensors.index.json", "{oops"), [], 2),
     "index_weight_map_a_list": (_write("model.safetensors.index.json", '{"weight_map": []}'), [], 2),
-    "index_names_parent_dir": (_edit_json("model.safetensors.index.json",
-                                          lambda i: {**i, "weight_map": {k: "../outside/x.safetensors"
-                                                                         for k in i["weight_map"]}}), [], 2),
-    "index_names_absolute_path": (_edit_json("model.safetensors.index.json",
-                                             lambda i: {**i, "weight_map": {k: "/etc/passwd" for k in i["weight_map"]}}),
-                                  [], 2),
-    "index_names_missing_shard": (_edit_json("model.safetensors.index.json",
-                                             lambda i: {**i, "weight_map": {k: "gone.safetensors" for k in i["weight_map"]}}),
-                                  [], 2),
+    "index_names_parent_dir": (
+        _edit_json(
+            "model.safetensors.index.json",
+            lambda i: {**i, "weight_map": {k: "../outside/x.safetensors" for k in i["weight_map"]}},
+        ),
+        [],
+        2,
+    ),
+    "index_names_absolute_path": (
+        _edit_json(
+            "model.safetensors.index.json", lambda i: {**i, "weight_map": {k: "/etc/passwd" for k in i["weight_map"]}}
+        ),
+        [],
+        2,
+    ),
+    "index_names_missing_shard": (
+        _edit_json(
+            "model.safetensors.index.json",
+            lambda i: {**i, "weight_map": {k: "gone.safetensors" for k in i["weight_map"]}},
+        ),
+        [],
+        2,
+    ),
     # config.json
     "config_null": (_write("config.json", "null"), [], 2),
     "config_list": (_write("config.json", "[1, 2]"), [], 2),
@@ -214,8 +238,16 @@ BAD = {
     "config_heads_string": (_text_config("num_attention_heads", "six"), [], 2),
     "config_vocab_float": (_text_config("vocab_size", 65.5), [], 2),
     "config_vision_null": (_edit_json("config.json", lambda c: {**c, "vision_config": None}), [], 2),
-    "config_quantization_group_0": (_edit_json("config.json", lambda c: {**c, "quantization": {"group_size": 0, "bits": 4}}), [], 2),
-    "config_quantization_bits_7": (_edit_json("config.json", lambda c: {**c, "quantization": {"group_size": 64, "bits": 7}}), [], 2),
+    "config_quantization_group_0": (
+        _edit_json("config.json", lambda c: {**c, "quantization": {"group_size": 0, "bits": 4}}),
+        [],
+        2,
+    ),
+    "config_quantization_bits_7": (
+        _edit_json("config.json", lambda c: {**c, "quantization": {"group_size": 64, "bits": 7}}),
+        [],
+        2,
+    ),
     # tokenizer, processor and generation files
     "tokenizer_not_json": (_write("tokenizer.json", "{not json"), [], 2),
     "tokenizer_wrong_structure": (_write("tokenizer.json", '{"model": 5}'), [], 2),
@@ -226,8 +258,11 @@ BAD = {
     "preprocessor_fifo": (_fifo("preprocessor_config.json"), [], 2),
     "generation_config_not_json": (_write("generation_config.json", "]"), [], 2),
     # chat templates
-    "template_nested_loops": (_template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
-                                        "{% endfor %}"), [], 2),
+    "template_nested_loops": (
+        _template("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"),
+        [],
+        2,
+    ),
     "template_string_bomb": (_template("{{ 'x' * 10**10 }}"), [], 2),
     "template_include": (_template("{% include 'other.jinja' %}"), [], 2),
     "template_raises": (_template("{{ raise_exception('no images, please') }}"), [], 2),
@@ -239,16 +274,25 @@ BAD = {
     "image_fifo": (lambda c: os.mkfifo(c.dir / "img.png"), ["--image", "{dir}/img.png"], 2),
     "image_directory": (lambda c: (c.dir / "img.png").mkdir(), ["--image", "{dir}/img.png"], 2),
     "image_missing": (None, ["--image", "{dir}/nope.png"], 2),
-    "image_corrupt": (lambda c: (c.dir / "img.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4),
-                      ["--image", "{dir}/img.jpg"], 2),
+    "image_corrupt": (
+        lambda c: (c.dir / "img.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4),
+        ["--image", "{dir}/img.jpg"],
+        2,
+    ),
     "image_truncated": (lambda c: png(c.dir / "img.png", 640, 480, truncated=True), ["--image", "{dir}/img.png"], 2),
     "image_not_an_image": (lambda c: (c.dir / "img.png").write_text("hello"), ["--image", "{dir}/img.png"], 2),
     "image_aspect_300": (lambda c: png(c.dir / "img.png", 30000, 100, truncated=True), ["--image", "{dir}/img.png"], 2),
     "image_bomb": (lambda c: png(c.dir / "img.png", 20000, 20000, truncated=True), ["--image", "{dir}/img.png"], 2),
-    "image_13000_over_budget": (lambda c: png(c.dir / "img.png", 13000, 13000),
-                                ["--image", "{dir}/img.png", "--memory-budget", "200MB"], 2),
-    "plan_of_a_bomb": (lambda c: png(c.dir / "img.png", 20000, 20000, truncated=True),
-                       ["plan", "--image", "{dir}/img.png"], 2),
+    "image_13000_over_budget": (
+        lambda c: png(c.dir / "img.png", 13000, 13000),
+        ["--image", "{dir}/img.png", "--memory-budget", "200MB"],
+        2,
+    ),
+    "plan_of_a_bomb": (
+        lambda c: png(c.dir / "img.png", 20000, 20000, truncated=True),
+        ["plan", "--image", "{dir}/img.png"],
+        2,
+    ),
     # options and prompts
     "temperature_negative": (None, ["--temperature", "-1"], 2),
     "temperature_nan": (None, ["--temperature", "nan"], 2),
@@ -266,11 +310,16 @@ GOOD = {
     "seed_negative": (None, ["--seed", "-1", "--temperature", "0.7"]),
     "seed_huge": (None, ["--seed", str(2**70), "--temperature", "0.7"]),
     "cmyk_jpeg": (lambda c: _picture().convert("CMYK").save(c.dir / "img.jpg"), ["--image", "{dir}/img.jpg"]),
-    "gray16_png": (lambda c: Image.fromarray(np.asarray(_picture())[..., 0].astype(np.uint16) * 257).save(c.dir / "img.png"),
-                   ["--image", "{dir}/img.png"]),
-    "animated_gif": (lambda c: _picture().save(c.dir / "img.gif", save_all=True,
-                                                append_images=[_picture().rotate(90)], duration=100),
-                     ["--image", "{dir}/img.gif"]),
+    "gray16_png": (
+        lambda c: Image.fromarray(np.asarray(_picture())[..., 0].astype(np.uint16) * 257).save(c.dir / "img.png"),
+        ["--image", "{dir}/img.png"],
+    ),
+    "animated_gif": (
+        lambda c: _picture().save(
+            c.dir / "img.gif", save_all=True, append_images=[_picture().rotate(90)], duration=100
+        ),
+        ["--image", "{dir}/img.gif"],
+    ),
     "exif_rotated_jpeg": (lambda c: exif_rotated_jpeg(c.dir / "img.jpg"), ["--image", "{dir}/img.jpg"]),
     "hub_style_links_inside": (lambda c: _links_inside(c), []),
 }
@@ -283,8 +332,11 @@ def _flip_cases(n: int = 12) -> dict:
     out = {}
     for i in range(n):
         at, value = 8 + rng.randrange(header_len), rng.randrange(256)
-        out[f"weights_header_flip_{i}"] = (lambda c, at=at, v=value: _patch(c.model / "model.safetensors", at, bytes([v])),
-                                           [], (0, 2))
+        out[f"weights_header_flip_{i}"] = (
+            lambda c, at=at, v=value: _patch(c.model / "model.safetensors", at, bytes([v])),
+            [],
+            (0, 2),
+        )
     return out
 
 
@@ -395,13 +447,28 @@ def test_a_13000_px_png_over_budget_is_refused_before_decoding(tmp_path):
     """The issue's reproduction: max resident memory stays far below the 507 MB the pixels would take."""
     img = png(tmp_path / "big.png", 13000, 13000)
     code = subprocess.run(
-        [sys.executable, "-c",
-         "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
-         "print(r.returncode); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024);"
-         "print(r.stderr.strip())",
-         sys.executable, "-m", "mlx_compact.cli", "generate", "--prompt", "hi", "--image", str(img),
-         "--memory-budget", "200MB"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+            "print(r.returncode); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024);"
+            "print(r.stderr.strip())",
+            sys.executable,
+            "-m",
+            "mlx_compact.cli",
+            "generate",
+            "--prompt",
+            "hi",
+            "--image",
+            str(img),
+            "--memory-budget",
+            "200MB",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     rc, rss_mb, err = code.stdout.split("\n", 2)
     print(f"13000x13000 PNG, --memory-budget 200MB: exit {rc}, max RSS {rss_mb} MiB")
     assert rc == "2" and len(err.strip().splitlines()) == 1 and "image decode" in err, err
@@ -426,7 +493,23 @@ def test_decoded_pixels_are_planned_and_reported(tmp_path, capsys, monkeypatch):
 
 def test_fit_auto_says_what_it_changed(tmp_path, capsys):
     img = str(png(tmp_path / "wide.png", 2048, 1024))
-    code, out, err, _ = _run_main(["generate", "--prompt", "hi", "--max-tokens", "1", "--image", img,
-                                   "--max-pixels", str(2048 * 1024), "--memory-budget", "300MB", "--fit", "auto"], capsys)
+    code, out, err, _ = _run_main(
+        [
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+            "--image",
+            img,
+            "--max-pixels",
+            str(2048 * 1024),
+            "--memory-budget",
+            "300MB",
+            "--fit",
+            "auto",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "--fit auto: images shrunk" in err

@@ -11,11 +11,11 @@ against ``mx.quantize`` on the CPU; the model's shared arithmetic is checked aga
 import os
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlx_compact  # noqa: F401  (before mlx.core)
-import mlx.core as mx
 from mlx_compact import kernels
 from mlx_compact.kernels import rows
 
@@ -69,31 +69,31 @@ def _merge_reference(x, offsets, members, weights):
 def _quant_chunk(dtype, bits=4):
     """[B, H, L, D] K/V chunk: random rows and, in its first groups of 32, edge cases."""
     x = np.array(mx.random.normal((2, 3, 4, 128), key=mx.random.key(7))) * 3.0
-    g = x.reshape(-1, 32)                            # [96, 32] view of x
-    n_bins, s = (1 << bits) - 1, 2.0 ** -4
+    g = x.reshape(-1, 32)  # [96, 32] view of x
+    n_bins, s = (1 << bits) - 1, 2.0**-4
     ties = np.arange(30) % min(n_bins, 30) + 0.5
-    g[0] = 0.0                                       # all zeros
-    g[1] = 2.5                                       # constant positive group
-    g[2] = np.arange(32) * 0.25                      # exact ties in the rint of CPU MLX
-    g[3] = -np.arange(32) * 0.25                     # negative edge dominates
-    g[4] = np.linspace(-1e-9, 2e-9, 32)              # q0 == 0 branch
-    g[5] = np.linspace(-60000.0, 60000.0, 32)        # near the float16 range
+    g[0] = 0.0  # all zeros
+    g[1] = 2.5  # constant positive group
+    g[2] = np.arange(32) * 0.25  # exact ties in the rint of CPU MLX
+    g[3] = -np.arange(32) * 0.25  # negative edge dominates
+    g[4] = np.linspace(-1e-9, 2e-9, 32)  # q0 == 0 branch
+    g[5] = np.linspace(-60000.0, 60000.0, 32)  # near the float16 range
     g[6, ::2], g[6, 1::2] = 1.0, -1.0
     g[7] = np.linspace(-1.0, 1.0, 32) ** 3
     g[8] = np.concatenate([[0.0, n_bins], ties]) * s  # codes n_bins - k - 0.5: value ties
     g[9] = np.linspace(-(n_bins // 2 + 3) - 0.5, n_bins // 2 - 2.5, 32) * s  # edge / scale ties
-    g[10] = np.abs(g[10]) + 0.5                      # all positive
-    g[11] = -np.abs(g[11]) - 0.5                     # all negative: Metal's w_max is 0
-    g[12] = -1.75                                    # constant negative group
+    g[10] = np.abs(g[10]) + 0.5  # all positive
+    g[11] = -np.abs(g[11]) - 0.5  # all negative: Metal's w_max is 0
+    g[12] = -1.75  # constant negative group
     g[13] = -np.abs(g[13])
-    g[13, 0] = -0.0                                  # all non-positive, maximum -0
-    g[14] = np.linspace(1e-9, 3e-9, 32)              # tiny positive: q0 == 0 with scale 1e-7
+    g[13, 0] = -0.0  # all non-positive, maximum -0
+    g[14] = np.linspace(1e-9, 3e-9, 32)  # tiny positive: q0 == 0 with scale 1e-7
     return mx.array(x.astype(np.float32)).astype(dtype)
 
 
 def _codes(quantized, group_size, bits):
     """[G, group_size] integer codes unpacked from a (wq, scales, biases) triple."""
-    words = np.array(quantized[0]).reshape(-1, 1)                 # [W, 1]
+    words = np.array(quantized[0]).reshape(-1, 1)  # [W, 1]
     shifts = np.arange(32 // bits, dtype=np.uint32) * np.uint32(bits)
     return ((words >> shifts) & np.uint32((1 << bits) - 1)).reshape(-1, group_size)
 
@@ -220,14 +220,13 @@ def test_quantize_models_differ_where_mlx_backends_differ(bits):
     cpu = affine_quantize(x, 32, bits, metal=False)
     same = _group_equal(metal, cpu, 32, bits)
     assert same[[0, 1, 4, 10, 13, 14]].all()  # zeros, constant, tiny, all positive, max -0
-    assert not same[[8, 9, 11, 12]].any()      # ties, all negative
+    assert not same[[8, 9, 11, 12]].any()  # ties, all negative
     n_bins, k = (1 << bits) - 1, np.arange(30) % min((1 << bits) - 1, 30)
-    ties = n_bins - k - 0.5                                # group 8's exact quotients
+    ties = n_bins - k - 0.5  # group 8's exact quotients
     assert _codes(metal, 32, bits)[8].tolist() == [n_bins, 0, *(ties + 0.5).tolist()]
     assert _codes(cpu, 32, bits)[8].tolist() == [n_bins, 0, *np.rint(ties).tolist()]
-    y = _rand((16, 16, 256), mx.bfloat16, seed=5) * 3    # random bfloat16 groups
-    same = _group_equal(affine_quantize(y, 64, bits), affine_quantize(y, 64, bits, metal=False),
-                        64, bits)
+    y = _rand((16, 16, 256), mx.bfloat16, seed=5) * 3  # random bfloat16 groups
+    same = _group_equal(affine_quantize(y, 64, bits), affine_quantize(y, 64, bits, metal=False), 64, bits)
     assert 0.02 < 1 - same.mean() < 0.4
 
 
@@ -236,17 +235,27 @@ def test_quantize_models_differ_where_mlx_backends_differ(bits):
 
 def test_source_capture_shows_address_spaces():
     x, small, big = mx.zeros((3, 2)), mx.zeros((2,), mx.int32), mx.zeros((8,), mx.int32)
-    call = dict(template=[("T", mx.float32)], grid=(4, 1, 1), threadgroup=(4, 1, 1),
-                output_shapes=[(2, 2)], output_dtypes=[mx.float32])
+    call = dict(
+        template=[("T", mx.float32)],
+        grid=(4, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(2, 2)],
+        output_dtypes=[mx.float32],
+    )
     (src,) = metal_sources(rows._gather_kernel, inputs=[x, small], **call)
     assert "[[kernel]]" in src and "out[e] = x[size_t(index[k]) * D + d];" in src
     assert "const constant float* x" in src and "const constant int32_t* index" in src
     (src,) = metal_sources(rows._gather_kernel, inputs=[mx.zeros((4, 2)), big], **call)
     assert "const device float* x" in src and "const device int32_t* index" in src
-    (src,) = metal_sources(rows._quantize_kernel, inputs=[mx.zeros((1, 32)), 32, 4],
-                           template=[("T", mx.float32)], grid=(4, 1, 1), threadgroup=(4, 1, 1),
-                           output_shapes=[(1, 4), (1, 1), (1, 1)],
-                           output_dtypes=[mx.uint32, mx.float32, mx.float32])
+    (src,) = metal_sources(
+        rows._quantize_kernel,
+        inputs=[mx.zeros((1, 32)), 32, 4],
+        template=[("T", mx.float32)],
+        grid=(4, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(1, 4), (1, 1), (1, 1)],
+        output_dtypes=[mx.uint32, mx.float32, mx.float32],
+    )
     assert "const constant int32_t& bits" in src
     check_subset(src)
 
@@ -277,8 +286,13 @@ def test_gather_kernel_list_and_empty_grid(emulated):
         assert _equal(got, want)
     assert _equal(rows._gather_metal(xs[1], index), mx.take(xs[1], index, axis=0))
     (out,) = emulated.launch(
-        rows._gather_kernel, inputs=[xs[0], index[:0]], template=[("T", mx.float32)],
-        grid=(0, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(0, 6)], output_dtypes=[mx.float32],
+        rows._gather_kernel,
+        inputs=[xs[0], index[:0]],
+        template=[("T", mx.float32)],
+        grid=(0, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(0, 6)],
+        output_dtypes=[mx.float32],
     )
     assert out.shape == (0, 6)
 
@@ -335,7 +349,7 @@ def test_quantize_kernel_bit_exact(emulated, dtype, bits):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_quantize_kernel_random_groups(emulated, dtype):
-    x = _rand((4, 8, 256), dtype, seed=11) * 2           # 8192 values: 64-256 groups
+    x = _rand((4, 8, 256), dtype, seed=11) * 2  # 8192 values: 64-256 groups
     for bits, group_size in ((4, 64), (8, 128), (4, 32)):
         got = rows._quantize_metal(x, group_size, bits)
         want = affine_quantize(x, group_size, bits, metal=True)
@@ -345,7 +359,7 @@ def test_quantize_kernel_random_groups(emulated, dtype):
 
 def test_quantize_kernel_single_row_and_slice(emulated):
     ring = _rand((1, 2, 16, 64), mx.bfloat16, seed=3)
-    chunk = ring[:, :, -1:, :]                           # [1, 2, 1, 64], not contiguous
+    chunk = ring[:, :, -1:, :]  # [1, 2, 1, 64], not contiguous
     got, want = rows._quantize_metal(chunk, 32, 4), affine_quantize(chunk, 32, 4, metal=True)
     for a, b in zip(got, want):
         assert _equal(a, b)
@@ -358,13 +372,20 @@ def test_quantize_kernel_single_row_and_slice(emulated):
 
 
 def _broken_call(harness, source, header="", n=6, d=3, k=4, grid=None):
-    kernel = mx.fast.metal_kernel(name="broken", input_names=["x", "index"], output_names=["out"],
-                                  source=source, header=header)
+    kernel = mx.fast.metal_kernel(
+        name="broken", input_names=["x", "index"], output_names=["out"], source=source, header=header
+    )
     x = _rand((n, d), mx.float32)
     index = mx.array(np.arange(n - k, n, dtype=np.int32)[::-1].copy())
-    (out,) = harness.launch(kernel, inputs=[x, index], template=[("T", mx.float32)],
-                            grid=grid or (k * d, 1, 1), threadgroup=(1, 1, 1),
-                            output_shapes=[(k, d)], output_dtypes=[mx.float32])
+    (out,) = harness.launch(
+        kernel,
+        inputs=[x, index],
+        template=[("T", mx.float32)],
+        grid=grid or (k * d, 1, 1),
+        threadgroup=(1, 1, 1),
+        output_shapes=[(k, d)],
+        output_dtypes=[mx.float32],
+    )
     return out, mx.take(x, index, axis=0)
 
 

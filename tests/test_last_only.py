@@ -3,14 +3,14 @@ attention output and MLP for the last row only (the logits need no more) and sti
 values. Its logits and caches equal the full computation's, chunk after chunk, with DeepStack, key bias, an
 explicit mask and the fixed-size (float and 8-bit) caches."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
+from tiny_checkpoints import ARCHS
+
 from mlx_compact.generate import make_cache, prepare
 from mlx_compact.loader import load
-from tiny_checkpoints import ARCHS
 
 ATOL = 1e-5
 
@@ -34,8 +34,9 @@ def _chunks(model, prep, cache, cuts, last_only, key_bias=None):
     for i, j in zip(cuts[:-1], cuts[1:]):
         ds = [d[:, i:j] for d in prep.deepstack] if prep.deepstack else None
         kb = None if key_bias is None else key_bias[:, i:j]
-        lg = model.language_model(prep.embeds[:, i:j], prep.positions[:, :, i:j], cache=cache, deepstack=ds,
-                                  last_only=last_only, key_bias=kb)
+        lg = model.language_model(
+            prep.embeds[:, i:j], prep.positions[:, :, i:j], cache=cache, deepstack=ds, last_only=last_only, key_bias=kb
+        )
         assert lg.shape[1] == (1 if last_only else j - i)
         outs.append(lg[:, -1])
     return np.array(mx.concatenate(outs))

@@ -6,7 +6,7 @@ Also holds the small helpers the converter and mlx-vlm tests share (reference in
 
 import json
 import shutil
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
+from tiny_checkpoints import load_reference, load_reference_processor
 
 from mlx_compact.loader import LoadError, load, load_model
-from tiny_checkpoints import load_reference, load_reference_processor
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TOL = 1e-4  # max |ours - reference| / max |reference| for float32 weights
@@ -25,7 +25,7 @@ TOL = 1e-4  # max |ours - reference| / max |reference| for float32 weights
 # ---------------------------------------------------------------- shared helpers
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference_inputs(path: str) -> dict:
     """Numpy inputs for one chat prompt with one 90x60 image, made by transformers' processor."""
     from conftest import _noise_image
@@ -37,7 +37,7 @@ def reference_inputs(path: str) -> dict:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference_logits(path: str) -> np.ndarray:
     """transformers' logits [L, V] for `reference_inputs(path)`."""
     import torch
@@ -109,7 +109,8 @@ def test_per_module_quantization_overrides_are_honoured(ckpt, tmp_path):
         group_size=64,
         bits=4,
         class_predicate=lambda p, m: (
-            hasattr(m, "to_quantized") and not p.startswith("vision_tower")
+            hasattr(m, "to_quantized")
+            and not p.startswith("vision_tower")
             and ({"group_size": 64, "bits": 8} if p == "language_model.lm_head" else True)
         ),
     )
@@ -209,15 +210,21 @@ def test_shape_disagrees_with_config(ckpt, tmp_path):
     path = copy_checkpoint(ckpt("qwen2_vl", dialect="flat44"), tmp_path / "wide")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
-    with pytest.raises(LoadError, match=r"tensor language_model\.model\.layers\.0\.mlp\.\w+_proj\.weight has shape "
-                                        r"\((128, 64|64, 128)\) in the checkpoint but config.json implies"):
+    with pytest.raises(
+        LoadError,
+        match=r"tensor language_model\.model\.layers\.0\.mlp\.\w+_proj\.weight has shape "
+        r"\((128, 64|64, 128)\) in the checkpoint but config.json implies",
+    ):
         load_model(path)
 
 
-@pytest.mark.parametrize("edit,message", [
-    ("drop", "lacks 1 tensors the config needs: language_model.model.norm.weight"),
-    ("add", "has 1 tensors this model does not use: language_model.model.extra.weight"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ("drop", "lacks 1 tensors the config needs: language_model.model.norm.weight"),
+        ("add", "has 1 tensors this model does not use: language_model.model.extra.weight"),
+    ],
+)
 def test_missing_or_unexpected_tensor(ckpt, tmp_path, edit, message):
     path = copy_checkpoint(ckpt("qwen2_vl", layout="legacy"), tmp_path / edit)
     state = load_file(str(path / "model.safetensors"))

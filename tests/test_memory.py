@@ -3,10 +3,10 @@
 import importlib
 import json
 
-import pytest
-
 import mlx.core as mx
+import pytest
 from mlx.utils import tree_flatten
+
 from mlx_compact.cache import FixedKVCache
 from mlx_compact.compaction import Compaction
 from mlx_compact.loader import load
@@ -29,8 +29,9 @@ def _name(c) -> str:
 
 @pytest.mark.parametrize("c", [Compaction(keep=0.33), Compaction(tokens=3), Compaction("pool")], ids=_name)
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])  # a video is one block / one block per temporal slice
-def test_the_plan_counts_the_visual_tokens_of_a_video_the_run_keeps(arch, c, tiny_checkpoint, image_wide,
-                                                                   video_frames, monkeypatch):
+def test_the_plan_counts_the_visual_tokens_of_a_video_the_run_keeps(
+    arch, c, tiny_checkpoint, image_wide, video_frames, monkeypatch
+):
     model, proc = load(str(tiny_checkpoint(arch)))
     plans = []
     planned = gen.plan

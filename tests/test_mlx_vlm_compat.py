@@ -16,10 +16,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_compact.convert import convert
-from mlx_compact.loader import load_model
 from test_loader import ARCHS, our_logits, reference_inputs, rel_err
+
+from mlx_compact.loader import load_model
 
 mlx_vlm_utils = pytest.importorskip("mlx_vlm.utils")
 
@@ -30,8 +30,12 @@ TOL = 1e-5  # same weights, same float32 math: only summation order differs
 def mlx_vlm_logits(path, inputs) -> np.ndarray:
     """Logits [L, V] of mlx-vlm's own model for a directory (its Qwen-VL calling convention)."""
     model, _ = mlx_vlm_utils.load(str(path))
-    out = model(mx.array(inputs["input_ids"]), mx.array(inputs["pixel_values"]), mask=None,
-                image_grid_thw=mx.array(inputs["image_grid_thw"]))
+    out = model(
+        mx.array(inputs["input_ids"]),
+        mx.array(inputs["pixel_values"]),
+        mask=None,
+        image_grid_thw=mx.array(inputs["image_grid_thw"]),
+    )
     return np.array(out.logits[0].astype(mx.float32))
 
 

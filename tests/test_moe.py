@@ -12,22 +12,22 @@ logits with two images 1.0e-6 and with a video 1.2e-6 to 1.4e-6 (both layouts), 
 import copy
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
-import mlx_compact  # noqa: F401  (preloads BLAS before mlx)
-import mlx.core as mx
-from mlx_compact.generate import make_cache, prefill, prepare_ids
-from mlx_compact.loader import LoadError, load_model
-from mlx_compact.models import build_model
-from mlx_compact.models.config import ConfigError
-from mlx_compact.models import qwen3_vl_moe as moe_module
-from mlx_compact.models.qwen3_vl_moe import SparseMoeBlock, grouped_switch_glu
 from safetensors.numpy import load_file, save_file
 from test_loader import copy_checkpoint
 from test_parity import pixel_rows, prompt_ids, rel_err, run_reference
 from tiny_checkpoints import MOE, MOE_SIZES, load_reference
+
+import mlx_compact  # noqa: F401  (preloads BLAS before mlx)
+from mlx_compact.generate import make_cache, prefill, prepare_ids
+from mlx_compact.loader import LoadError, load_model
+from mlx_compact.models import build_model
+from mlx_compact.models import qwen3_vl_moe as moe_module
+from mlx_compact.models.config import ConfigError
+from mlx_compact.models.qwen3_vl_moe import SparseMoeBlock, grouped_switch_glu
 
 TOL = 1e-4
 VARIANTS = [(layout, dialect) for layout in ("default", "release") for dialect in ("default", "release")]
@@ -141,8 +141,9 @@ def test_position_ids_match_for_images_and_a_video(ours, ref, cfg):
     positions, delta = ours().positions(ids, IMAGES, vgrid)
     kinds = torch.tensor([ids])
     kinds = (kinds == cfg["image_token_id"]).long() + 2 * (kinds == cfg["video_token_id"]).long()
-    theirs, their_delta = ref.model.get_rope_index(torch.tensor([ids]), kinds, torch.tensor(IMAGES),
-                                                   torch.tensor(vgrid))
+    theirs, their_delta = ref.model.get_rope_index(
+        torch.tensor([ids]), kinds, torch.tensor(IMAGES), torch.tensor(vgrid)
+    )
     np.testing.assert_array_equal(np.array(positions), theirs[:, 0].numpy(), err_msg="position ids")
     assert delta == int(their_delta.reshape(-1)[0])
 
@@ -166,8 +167,9 @@ def test_logits_match_with_a_video_and_an_image(ours, ref, cfg, layout, dialect)
     pvv, pvi = pixel_rows(rng, vgrid, cfg), pixel_rows(rng, igrid, cfg)
     blocks = [(cfg["video_token_id"], 6), (cfg["video_token_id"], 6), (cfg["image_token_id"], 4)]  # a block per frame
     ids = prompt_ids(cfg, blocks, rng)
-    logits = np.array(model(mx.array([ids]), mx.array(pvi), igrid, pixel_values_videos=mx.array(pvv),
-                            video_grid_thw=vgrid))
+    logits = np.array(
+        model(mx.array([ids]), mx.array(pvi), igrid, pixel_values_videos=mx.array(pvv), video_grid_thw=vgrid)
+    )
     positions, _ = model.positions(ids, igrid, vgrid)
     visual = dict(pixel_values=pvi, image_grid_thw=igrid, pixel_values_videos=pvv, video_grid_thw=vgrid)
     assert router_gap(ref, lambda: run_reference(ref, ids, cfg, positions, **visual)) > 1e-4
@@ -186,10 +188,16 @@ def test_greedy_decoding_with_chunked_prefill_equals_transformers(ours, ref, cfg
     n = 12
     kinds = (torch.tensor([ids]) == cfg["image_token_id"]).long()
     with torch.no_grad():
-        out = ref.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(IMAGES), mm_token_type_ids=kinds,
-                           max_new_tokens=n, do_sample=False)
-    expected = out[0, len(ids):].tolist()
+        out = ref.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values=torch.tensor(pv),
+            image_grid_thw=torch.tensor(IMAGES),
+            mm_token_type_ids=kinds,
+            max_new_tokens=n,
+            do_sample=False,
+        )
+    expected = out[0, len(ids) :].tolist()
     eos = set(ref.generation_config.eos_token_id)
 
     prep = prepare_ids(model, ids, pv, IMAGES)
@@ -233,21 +241,31 @@ def _edited(src, dst, edit):
 
 def test_undecidable_or_mixed_expert_layouts_are_refused_in_one_line(ckpt, tmp_path):
     down = [f"model.language_model.layers.{i}.mlp.experts.down_proj" for i in (1, 3)]
-    only_gate_up = _edited(ckpt(MOE, moe="h2i", layout="release"), tmp_path / "undecidable",
-                           lambda s: [s.pop(k) for k in down])
-    with pytest.raises(LoadError, match=r"layout cannot be told from their shapes \(hidden_size 64 = 2 x "
-                                        r"moe_intermediate_size 32 and no down_proj") as e:
+    only_gate_up = _edited(
+        ckpt(MOE, moe="h2i", layout="release"), tmp_path / "undecidable", lambda s: [s.pop(k) for k in down]
+    )
+    with pytest.raises(
+        LoadError,
+        match=r"layout cannot be told from their shapes \(hidden_size 64 = 2 x "
+        r"moe_intermediate_size 32 and no down_proj",
+    ) as e:
         load_model(only_gate_up)
     assert "\n" not in str(e.value)
     key = "model.language_model.layers.2.mlp.experts.down_proj"
-    mixed = _edited(ckpt(MOE, layout="release"), tmp_path / "mixed",
-                    lambda s: s.update({key: np.ascontiguousarray(s[key].transpose(0, 2, 1))}))
+    mixed = _edited(
+        ckpt(MOE, layout="release"),
+        tmp_path / "mixed",
+        lambda s: s.update({key: np.ascontiguousarray(s[key].transpose(0, 2, 1))}),
+    )
     with pytest.raises(LoadError, match="are in different expert layouts"):
         load_model(mixed)
     key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
     wrong = _edited(ckpt(MOE), tmp_path / "wrong", lambda s: s.update({key: s[key][:, :100]}))
-    with pytest.raises(LoadError, match=r"layers\.0\.mlp\.experts\.gate_up_proj has shape \(6, 100, 96\); for "
-                                        r"hidden_size 96 and moe_intermediate_size 64 expected \[experts, 128, 96\]"):
+    with pytest.raises(
+        LoadError,
+        match=r"layers\.0\.mlp\.experts\.gate_up_proj has shape \(6, 100, 96\); for "
+        r"hidden_size 96 and moe_intermediate_size 64 expected \[experts, 128, 96\]",
+    ):
         load_model(wrong)
 
 

@@ -21,12 +21,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-
 from mlx_compact.convert import convert
 from mlx_compact.convert.convert import save_config, save_weights
-from mlx_compact.loader import load_model
 from test_loader import our_logits, reference_inputs, reference_logits, rel_err
 from tiny_checkpoints import MOE
+
+from mlx_compact.loader import load_model
 
 mlx_vlm_utils = pytest.importorskip("mlx_vlm.utils")
 
@@ -53,8 +53,12 @@ def mlx_vlm_model(path, gelus_put_right: bool = False):
 def mlx_vlm_logits(model, inputs=None) -> np.ndarray:
     if inputs is None:
         return np.array(model(mx.array([TEXT]), None, mask=None).logits[0])
-    out = model(mx.array(inputs["input_ids"]), mx.array(inputs["pixel_values"]), mask=None,
-                image_grid_thw=mx.array(inputs["image_grid_thw"]))
+    out = model(
+        mx.array(inputs["input_ids"]),
+        mx.array(inputs["pixel_values"]),
+        mask=None,
+        image_grid_thw=mx.array(inputs["image_grid_thw"]),
+    )
     return np.array(out.logits[0].astype(mx.float32))
 
 
@@ -85,7 +89,11 @@ def test_hf_checkpoint_converts_to_mlx_vlms_layout_with_transformers_logits(ckpt
     assert weights[prefix + "gate.weight"].shape == (6, 96)
     text = json.loads((out / "config.json").read_text())["text_config"]
     assert (text["num_experts"], text["rope_theta"], text["norm_topk_prob"], text["tie_word_embeddings"]) == (
-        6, 5e6, True, False)
+        6,
+        5e6,
+        True,
+        False,
+    )
     ref = str(ckpt(MOE))
     assert rel_err(our_logits(load_model(out), reference_inputs(ref)), reference_logits(ref)) < TOL
 
@@ -93,8 +101,9 @@ def test_hf_checkpoint_converts_to_mlx_vlms_layout_with_transformers_logits(ckpt
 @pytest.mark.parametrize("bits", [4, 6, 8])
 def test_quantized_conversion_keeps_routers_float_and_loads_exactly(ckpt, tmp_path, bits):
     src = ckpt(MOE)
-    out = convert(src, tmp_path / f"q{bits}", dtype="float32", quantize=True, q_bits=bits, q_group_size=32,
-                  progress=False)
+    out = convert(
+        src, tmp_path / f"q{bits}", dtype="float32", quantize=True, q_bits=bits, q_group_size=32, progress=False
+    )
     weights = mx.load(str(out / "model.safetensors"))
     prefix = "language_model.model.layers.2.mlp."
     assert weights[prefix + "gate.weight"].dtype == mx.float32 and prefix + "gate.scales" not in weights
@@ -114,8 +123,25 @@ def test_cli_converts_6_bit(ckpt, tmp_path, capsys):
     from mlx_compact.cli import main
 
     src, out = ckpt(MOE, layout="release", dialect="release"), tmp_path / "q6"
-    assert main(["convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", "--q-bits", "6", "--q-group-size",
-                 "32", "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--hf-path",
+                str(src),
+                "--mlx-path",
+                str(out),
+                "-q",
+                "--q-bits",
+                "6",
+                "--q-group-size",
+                "32",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 6
     inputs = reference_inputs(str(ckpt(MOE)))
     assert rel_err(our_logits(load_model(out), inputs), our_logits(in_memory_quantized(ckpt(MOE), 6), inputs)) < 1e-6
@@ -123,16 +149,21 @@ def test_cli_converts_6_bit(ckpt, tmp_path, capsys):
 
 def test_routers_quantized_on_request_and_8_bit_router_overrides_load(ckpt, tmp_path):
     src = ckpt(MOE)
-    out = convert(src, tmp_path / "qr", dtype="float32", quantize=True, q_group_size=32, quantize_router=True,
-                  progress=False)
+    out = convert(
+        src, tmp_path / "qr", dtype="float32", quantize=True, q_group_size=32, quantize_router=True, progress=False
+    )
     assert load_model(out).layers[0].mlp.gate.bits == 4
     # a 4-bit checkpoint whose routers are 8-bit, declared per module (as mlx-lm's MoE recipes write it)
     model = in_memory_quantized(src, 4, router_bits=8)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     save_weights(mixed, model, progress=False)
-    quant = {"group_size": 32, "bits": 4, "mode": "affine",
-             **{f"language_model.model.layers.{i}.mlp.gate": {"group_size": 32, "bits": 8} for i in (0, 2)}}
+    quant = {
+        "group_size": 32,
+        "bits": 4,
+        "mode": "affine",
+        **{f"language_model.model.layers.{i}.mlp.gate": {"group_size": 32, "bits": 8} for i in (0, 2)},
+    }
     config = json.loads((src / "config.json").read_text())
     save_config({**config, "quantization": quant, "quantization_config": quant}, mixed / "config.json")
     loaded = load_model(mixed)
@@ -146,8 +177,14 @@ def test_mlx_vlm_converted_loads_with_mlx_vlms_logits(ckpt, tmp_path, bits):
     from mlx_vlm.convert import convert as mlx_vlm_convert
 
     out = tmp_path / "mlx-vlm"
-    mlx_vlm_convert(str(ckpt(MOE, layout="release", dialect="release")), str(out), quantize=bits is not None,
-                    q_bits=bits or 4, q_group_size=32, dtype="float32")
+    mlx_vlm_convert(
+        str(ckpt(MOE, layout="release", dialect="release")),
+        str(out),
+        quantize=bits is not None,
+        q_bits=bits or 4,
+        q_group_size=32,
+        dtype="float32",
+    )
     weights = mx.load(str(out / "model.safetensors"))
     assert "language_model.model.layers.0.mlp.switch_mlp.gate_proj.weight" in weights
     if bits:  # mlx-vlm quantizes the routers too
@@ -164,8 +201,15 @@ def test_mlx_vlm_converted_loads_with_mlx_vlms_logits(ckpt, tmp_path, bits):
 @pytest.mark.parametrize("bits", [None, 4], ids=["float", "q4"])
 def test_our_converted_loads_in_mlx_vlm(ckpt, tmp_path, bits):
     # from the transformers-5 save (num_local_experts, rope_parameters), which mlx-vlm cannot read itself
-    out = convert(ckpt(MOE), tmp_path / "ours", dtype="float32", quantize=bits is not None, q_bits=bits or 4,
-                  q_group_size=32, progress=False)
+    out = convert(
+        ckpt(MOE),
+        tmp_path / "ours",
+        dtype="float32",
+        quantize=bits is not None,
+        q_bits=bits or 4,
+        q_group_size=32,
+        progress=False,
+    )
     ours = load_model(out)
     assert rel_err(mlx_vlm_logits(mlx_vlm_model(out)), text_logits(ours)) < SAME
     inputs = reference_inputs(str(ckpt(MOE)))

@@ -14,6 +14,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_compaction_e2e import PROMPT, check_masked_full, masked_tower
+from test_runtime import LONG, teacher_forced_logits, windowed_reference
+from tiny_checkpoints import MOE
 
 from mlx_compact.cache import FixedKVCache
 from mlx_compact.chat import ChatSession
@@ -22,9 +25,6 @@ from mlx_compact.generate import generate, image_patches, prepare
 from mlx_compact.loader import load
 from mlx_compact.memory import fmt_bytes, kv_bytes, moe_mlp_peak, plan, weights_bytes
 from mlx_compact.models import build_model
-from test_compaction_e2e import PROMPT, check_masked_full, masked_tower
-from test_runtime import LONG, teacher_forced_logits, windowed_reference
-from tiny_checkpoints import MOE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,9 +54,14 @@ def test_generate_equals_full_recomputation(loaded, images):
     assert result.tokens == expected and len(expected) > 1
 
 
-@pytest.mark.parametrize("c,merged", [(Compaction("diversity", keep=0.5, proportional=False), False),
-                                      (Compaction("merge", keep=0.5, proportional=False), True)],
-                         ids=["diversity", "merge"])
+@pytest.mark.parametrize(
+    "c,merged",
+    [
+        (Compaction("diversity", keep=0.5, proportional=False), False),
+        (Compaction("merge", keep=0.5, proportional=False), True),
+    ],
+    ids=["diversity", "merge"],
+)
 def test_post_merger_compaction_equals_masked_full_run(loaded, full, images, c, merged):
     model, proc = loaded
     comp = prepare(model, proc, PROMPT, images, compaction=c)
@@ -132,8 +137,9 @@ def test_plan_counts_every_expert_and_says_so(loaded, images):
     assert expert_bytes == t.sparse_layers * 3 * t.num_experts * t.moe_intermediate_size * t.hidden_size * 4
     p = plan(model, image_patches(proc, images), 20)
     assert p.weights == weights_bytes(model) == 4 * sum(v.size for _, v in tree_flatten(model.parameters()))
-    assert p.notes == ["all 6 experts resident in each of the 2 MoE layers (2 active per token): the weights count "
-                       "every expert"]
+    assert p.notes == [
+        "all 6 experts resident in each of the 2 MoE layers (2 active per token): the weights count every expert"
+    ]
     assert p.summary().splitlines()[-1].strip() == "note: " + p.notes[0]
     assert p.prefill >= moe_mlp_peak(t, 20 + sum(p.visual_tokens), 4)  # the whole prompt is one prefill chunk
 
@@ -149,18 +155,37 @@ def test_cli_plan_prints_the_expert_note(ckpt, image_wide, tmp_path, capsys):
 # ---------------------------------------------------------------- Qwen3-VL-30B-A3B, for the README
 
 QWEN3_VL_30B_A3B = {  # the release config.json, less what sizes nothing
-    "model_type": "qwen3_vl_moe", "tie_word_embeddings": False,
+    "model_type": "qwen3_vl_moe",
+    "tie_word_embeddings": False,
     "text_config": {
-        "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-        "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
-        "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
-        "rms_norm_eps": 1e-6, "rope_theta": 5000000,
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "vocab_size": 151936,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 5000000,
         "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
     },
     "vision_config": {
-        "depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304, "out_hidden_size": 2048,
-        "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [8, 16, 24], "hidden_act": "gelu_pytorch_tanh",
+        "depth": 27,
+        "hidden_size": 1152,
+        "num_heads": 16,
+        "intermediate_size": 4304,
+        "out_hidden_size": 2048,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+        "hidden_act": "gelu_pytorch_tanh",
     },
 }
 
@@ -172,8 +197,12 @@ def test_readme_states_the_30b_a3b_memory_the_planner_computes():
     model.set_dtype(mx.bfloat16)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     experts = sum(v.size for k, v in tree_flatten(model.parameters()) if ".switch_mlp." in k)
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.startswith("vision_tower"))
+    nn.quantize(
+        model,
+        group_size=64,
+        bits=4,
+        class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.startswith("vision_tower"),
+    )
     one_image = plan(model, [60 * 34 * 4], 20, max_tokens=512, fused=True)  # 1920x1080 -> 60 x 34 merged tokens
     text = (ROOT / "README.md").read_text()
     figures = {

@@ -6,14 +6,14 @@ A failure names the stage: vision features, DeepStack features, position ids, or
 import glob
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny_checkpoints import ARCHS, load_reference, make_checkpoint
 
 import mlx_compact  # noqa: F401  (preloads BLAS before mlx)
-import mlx.core as mx
 from mlx_compact.models import build_model
-from tiny_checkpoints import ARCHS, load_reference, make_checkpoint
 
 TOL = 1e-4
 

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tiny_checkpoints import ARCHS, TOKEN_IDS, load_reference_processor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as tf_smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as tf_smart_resize_video
 from transformers.utils import is_torchvision_available
 
 from mlx_compact.processor import Processor, smart_resize, smart_resize_video
-from tiny_checkpoints import ARCHS, TOKEN_IDS, load_reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,15 @@ def _messages(n_images, n_videos=0, text="Describe."):
 
 def _check_images(ours, ref, images, **kw):
     text = ours.build_prompt("Describe them.", len(images))
-    assert text == ref.apply_chat_template(_messages(len(images), text="Describe them."), add_generation_prompt=True,
-                                           tokenize=False)
+    assert text == ref.apply_chat_template(
+        _messages(len(images), text="Describe them."), add_generation_prompt=True, tokenize=False
+    )
     ref_kw = {}
     if kw:
-        ref_kw["size"] = {"shortest_edge": kw.get("min_pixels") or ours.image.min_pixels,
-                          "longest_edge": kw.get("max_pixels") or ours.image.max_pixels}
+        ref_kw["size"] = {
+            "shortest_edge": kw.get("min_pixels") or ours.image.min_pixels,
+            "longest_edge": kw.get("max_pixels") or ours.image.max_pixels,
+        }
     want = ref(text=[text], images=images, return_tensors="np", **ref_kw)
     got = ours(text, images, **kw)
     np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
@@ -76,7 +79,7 @@ def test_pixel_budget_override_matches_transformers(arch, pair):
 def test_modes_converted_like_transformers(pair, image_wide, mode):
     ours, ref = pair["qwen2_vl"]
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(image_wide.convert("L")).astype(np.uint16) * 200))
+        image = Image.fromarray(np.asarray(image_wide.convert("L")).astype(np.uint16) * 200)
     elif mode in ("RGBA", "LA"):
         image = image_wide.convert(mode)
         alpha = Image.fromarray(np.linspace(0, 255, 60 * 90).reshape(60, 90).astype(np.uint8))
@@ -105,15 +108,30 @@ def _video_expectation(ours, ref, frames, fps):
     lo, hi = size["shortest_edge"], size["longest_edge"]
     P = 16 if arch == "qwen3_vl" else 14
     if arch == "qwen3_vl":
-        h, w = tf_smart_resize_video(len(frames), frames[0].height, frames[0].width, temporal_factor=2,
-                                     factor=2 * P, min_pixels=lo, max_pixels=hi)
+        h, w = tf_smart_resize_video(
+            len(frames),
+            frames[0].height,
+            frames[0].width,
+            temporal_factor=2,
+            factor=2 * P,
+            min_pixels=lo,
+            max_pixels=hi,
+        )
     else:
         h, w = tf_smart_resize(frames[0].height, frames[0].width, 2 * P, lo, hi)
     resized = [f.resize((w, h), Image.Resampling.BICUBIC) for f in frames]
     resized += resized[-1:] * (len(resized) % 2)
     video_cfg = json.loads((ours.path / "video_preprocessor_config.json").read_text())
-    per_frame = [ref.image_processor(images=[f], do_resize=False, image_mean=video_cfg["image_mean"],
-                                     image_std=video_cfg["image_std"], return_tensors="np") for f in resized]
+    per_frame = [
+        ref.image_processor(
+            images=[f],
+            do_resize=False,
+            image_mean=video_cfg["image_mean"],
+            image_std=video_cfg["image_std"],
+            return_tensors="np",
+        )
+        for f in resized
+    ]
     grid = per_frame[0]["image_grid_thw"][0]
     n, C = int(np.prod(grid)), 3
     rows = []
@@ -127,8 +145,9 @@ def _video_expectation(ours, ref, frames, fps):
         from transformers import Qwen3VLProcessor
 
         stamps = Qwen3VLProcessor._calculate_timestamps(None, list(range(len(frames))), fps, 2)
-        pad = "".join(f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * tokens_per_frame + "<|vision_end|>"
-                      for s in stamps)
+        pad = "".join(
+            f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * tokens_per_frame + "<|vision_end|>" for s in stamps
+        )
     else:
         pad = "<|video_pad|>" * (tokens_per_frame * grid_thw[0])
     return np.concatenate(rows), grid_thw, pad
@@ -140,8 +159,7 @@ def test_video_hand_derived(arch, n_frames, pair, video_frames):
     ours, ref = pair[arch]
     frames = (video_frames * 2)[:n_frames]
     text = ours.build_prompt("What happens?", 0, 1)
-    assert text == ref.apply_chat_template(_messages(0, 1, "What happens?"), add_generation_prompt=True,
-                                           tokenize=False)
+    assert text == ref.apply_chat_template(_messages(0, 1, "What happens?"), add_generation_prompt=True, tokenize=False)
     got = ours(text, videos=[frames], video_fps=2.0)
     pixels, grid, pad = _video_expectation(ours, ref, frames, fps=2.0)
     assert got["video_grid_thw"].tolist() == [grid]
@@ -272,8 +290,9 @@ def test_ids_are_read_from_config(tiny_checkpoint, tmp_path):
 def test_decode_and_templates(pair):
     ours, ref = pair["qwen3_vl"]
     text = ours.apply_chat_template([{"role": "user", "content": "hello there"}])
-    assert text == ref.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
-                                           tokenize=False)
+    assert text == ref.apply_chat_template(
+        [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=False
+    )
     ids = ours(text)["input_ids"]
     assert ours.decode(ids, skip_special_tokens=False) == text
     assert "hello there" in ours.decode(ids)

@@ -6,16 +6,16 @@ each turn, the first answer as generated) recomputed from scratch by the model's
 
 import json
 
-import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_checkpoints import ARCHS
 
+import mlx_compact  # noqa: F401  (before mlx.core)
 from mlx_compact import cli, generate, make_prompt_cache
 from mlx_compact.loader import load
 from mlx_compact.processor import Processor
-from tiny_checkpoints import ARCHS
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,13 @@ def test_two_calls_on_one_prompt_cache_equal_the_whole_conversation_recomputed(a
     user1 = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this"}]}
     turn1 = proc.apply_chat_template([user1])
     answer = proc.decode(first.tokens)
-    conversation = proc.apply_chat_template([user1, {"role": "assistant", "content": answer},
-                                             {"role": "user", "content": [{"type": "text", "text": "and the colour?"}]}])
+    conversation = proc.apply_chat_template(
+        [
+            user1,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": [{"type": "text", "text": "and the colour?"}]},
+        ]
+    )
     done = turn1 + proc.decode(first.tokens, skip_special_tokens=False)
     ended = first.stats["finish_reason"] == "stop"
     im_end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -56,7 +61,7 @@ def test_two_calls_on_one_prompt_cache_equal_the_whole_conversation_recomputed(a
     assert conversation.startswith(done)
     inputs = proc(text=turn1, images=[image_wide])
     history = [int(i) for i in inputs["input_ids"][0]] + first.tokens + ([im_end] if ended else [])
-    turn2 = _ids(proc, conversation[len(done):])
+    turn2 = _ids(proc, conversation[len(done) :])
     assert second.stats["prompt_tokens"] == len(turn2)  # only the new turn is prefilled
     history += turn2
     pv, grid = mx.array(inputs["pixel_values"]), inputs["grid_thw"].tolist()
@@ -73,11 +78,24 @@ def test_cli_chat_answers_as_the_prompt_cache_does(tiny_checkpoint, loaded, imag
     image_wide.save(path)
     model, proc = loaded("qwen2_vl")
     cache = make_prompt_cache(model)
-    want = [generate(model, proc, q, imgs, max_tokens=5, prompt_cache=cache).text
-            for q, imgs in (("what is this", [str(path)]), ("and the colour?", []))]
+    want = [
+        generate(model, proc, q, imgs, max_tokens=5, prompt_cache=cache).text
+        for q, imgs in (("what is this", [str(path)]), ("and the colour?", []))
+    ]
     monkeypatch.setattr("sys.stdin", io.StringIO("what is this\nand the colour?\n"))
-    code = cli.main(["chat", "--model", str(tiny_checkpoint("qwen2_vl")), "--image", str(path), "--max-tokens", "5",
-                     "--stats", "json"])
+    code = cli.main(
+        [
+            "chat",
+            "--model",
+            str(tiny_checkpoint("qwen2_vl")),
+            "--image",
+            str(path),
+            "--max-tokens",
+            "5",
+            "--stats",
+            "json",
+        ]
+    )
     out = capsys.readouterr().out
     turns = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [t["text"] for t in turns] == want
@@ -117,8 +135,22 @@ def test_cli_and_python_api_give_the_same_inputs(name, make, tiny_checkpoint, lo
 
     monkeypatch.setattr(Processor, "__call__", spy)
     generate(model, proc, "what is this", [str(path)], max_tokens=1)
-    assert cli.main(["generate", "--model", str(tiny_checkpoint("qwen2_vl")), "--image", str(path),
-                     "--prompt", "what is this", "--max-tokens", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                str(tiny_checkpoint("qwen2_vl")),
+                "--image",
+                str(path),
+                "--prompt",
+                "what is this",
+                "--max-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     api, command = seen
     assert np.array_equal(api["input_ids"], command["input_ids"])

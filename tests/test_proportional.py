@@ -7,18 +7,18 @@ log(m) added to its logit, so the compact proportional run must equal it, in pre
 float and 8-bit caches, and across a rotating-cache wrap-around (the images are pinned in both).
 """
 
-import mlx_compact  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_checkpoints import ARCHS
 
+import mlx_compact  # noqa: F401  (before mlx.core)
 from mlx_compact.cache import FixedKVCache, KVCache, load_cache, save_cache
 from mlx_compact.chat import ChatSession
 from mlx_compact.compaction import Compaction
 from mlx_compact.generate import generate, pin_point, prefill, prepare
 from mlx_compact.loader import load
 from mlx_compact.memory import kv_group_size
-from tiny_checkpoints import ARCHS
 
 PROMPT = "how many shapes are there?"
 STEPS = 32
@@ -185,10 +185,12 @@ def test_session_save_load_keeps_the_bias(loaded, images, tmp_path):
 def test_kv_bytes_grow_by_one_float_per_slot_once_for_all_layers(loaded, images):
     model, proc = loaded("qwen2_vl")
     kw = dict(max_tokens=2, max_kv_size=256)
-    plain = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=False),
-                     **kw).stats
-    prop = generate(model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=True),
-                    **kw).stats
+    plain = generate(
+        model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=False), **kw
+    ).stats
+    prop = generate(
+        model, proc, PROMPT, images, compaction=Compaction("diversity", keep=0.34, proportional=True), **kw
+    ).stats
     assert prop["kv_bytes_allocated"] - plain["kv_bytes_allocated"] == 4 * 256  # once, not per layer
     assert prop["proportional"] and not plain["proportional"]
 

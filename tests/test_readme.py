@@ -29,7 +29,7 @@ def _ci_steps() -> list:
     steps = []
     for line in (ROOT / ".ci" / "run").read_text().splitlines():
         words = shlex.split(line, comments=True)
-        if words and words[0] in ("python3", "python", ".", "pip"):
+        if words and words[0] in ("python3", "python", ".", "pip", "ruff"):
             steps.append([w for w in words if w != "-q"] if words[0] == "pip" else words)
     return steps
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_checkpoints import ARCHS, TOKEN_IDS, load_reference
 
 from mlx_compact.models import rope_index
 from mlx_compact.models.rope_index import get_rope_index, visual_spans
-from tiny_checkpoints import ARCHS, TOKEN_IDS, load_reference
 
 IMG, VID = TOKEN_IDS["<|image_pad|>"], TOKEN_IDS["<|video_pad|>"]
 VS, VE = TOKEN_IDS["<|vision_start|>"], TOKEN_IDS["<|vision_end|>"]
@@ -48,13 +48,21 @@ def test_pure_python():
         found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
 
-    assert imports(rope_index) <= {"typing", "config"}  # the model types come from models.config, itself pure Python
-    assert imports(config) <= {"json", "math", "dataclasses", "typing"}
+    assert imports(rope_index) <= {"typing", "collections.abc", "config"}  # model types: models.config, pure Python
+    assert imports(config) <= {"json", "math", "dataclasses", "typing", "collections.abc"}
 
 
 def test_text_only():
-    pos, delta = get_rope_index([7, 8, 9], [], [], model_type="qwen2_vl", video_token_id=VID,
-                                image_token_id=IMG, vision_start_token_id=VS, spatial_merge_size=2)
+    pos, delta = get_rope_index(
+        [7, 8, 9],
+        [],
+        [],
+        model_type="qwen2_vl",
+        video_token_id=VID,
+        image_token_id=IMG,
+        vision_start_token_id=VS,
+        spatial_merge_size=2,
+    )
     assert pos == [[0, 1, 2]] * 3 and delta == 0
 
 
@@ -152,15 +160,22 @@ def test_numpy_grids_from_processor(tiny_checkpoint, image_wide, video_frames):
 
     proc = Processor.from_pretrained(tiny_checkpoint("qwen2_5_vl"))
     out = proc(proc.build_prompt("x", 1, 1), [image_wide], videos=[video_frames])
-    pos, delta = get_rope_index(out["input_ids"][0].tolist(), out["grid_thw"], out["video_grid_thw"],
-                                model_type="qwen2_5_vl", second_per_grid_ts=out["second_per_grid_ts"], **IDS)
+    pos, delta = get_rope_index(
+        out["input_ids"][0].tolist(),
+        out["grid_thw"],
+        out["video_grid_thw"],
+        model_type="qwen2_5_vl",
+        second_per_grid_ts=out["second_per_grid_ts"],
+        **IDS,
+    )
     assert len(pos[0]) == out["input_ids"].shape[1] and delta < 0
 
 
 def test_visual_spans():
     ids = [9] + _block(IMG, (1, 2, 4)) + [9, 9] + _block(VID, (2, 4, 2))
-    spans = visual_spans(ids, [(1, 2, 4)], [(2, 4, 2)], model_type="qwen2_5_vl", tokens_per_second=2,
-                         second_per_grid_ts=[0.5], **IDS)
+    spans = visual_spans(
+        ids, [(1, 2, 4)], [(2, 4, 2)], model_type="qwen2_5_vl", tokens_per_second=2, second_per_grid_ts=[0.5], **IDS
+    )
     assert [(s.kind, s.item, s.start, s.length, s.grid, s.t_index) for s in spans] == [
         ("image", 0, 2, 2, (1, 1, 2), (0,)),
         ("video", 0, 8, 4, (2, 2, 1), (0, 1)),

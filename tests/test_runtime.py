@@ -1,15 +1,15 @@
 """The runtime on tiny models: fixed and rotating caches in the model, quantized KV, the memory plan, chat."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from tiny_checkpoints import ARCHS
 
-import mlx.core as mx
 from mlx_compact.chat import ChatSession
 from mlx_compact.compaction import Compaction
 from mlx_compact.generate import check_memory, generate, image_patches, make_cache, pin_point, prefill, prepare
 from mlx_compact.loader import load
 from mlx_compact.memory import MemoryPlanError, plan, weights_bytes
-from tiny_checkpoints import ARCHS
 
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
 
@@ -53,7 +53,7 @@ def windowed_reference(model, prep, tokens, pinned, window):
     if prep.deepstack:
         ds = [mx.concatenate([d, mx.zeros((1, len(tokens), d.shape[-1]), d.dtype)], axis=1) for d in prep.deepstack]
     logits = model.language_model(h, pos, mask=mask, deepstack=ds)[0]
-    return np.array(logits[L - 1:])
+    return np.array(logits[L - 1 :])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -152,7 +152,9 @@ def test_follow_up_turn_reuses_the_cache_and_equals_full_recomputation(arch, loa
     # reference: the whole conversation recomputed from scratch, greedy
     inputs = proc(text=proc.build_prompt("what is this", n_images=1), images=[image_wide])
     im_end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    turn2 = ("\n" if closed else "<|im_end|>\n") + "<|im_start|>user\nand the colour?<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = (
+        "\n" if closed else "<|im_end|>\n"
+    ) + "<|im_start|>user\nand the colour?<|im_end|>\n<|im_start|>assistant\n"
     history = [int(i) for i in inputs["input_ids"][0]] + first.tokens + ([im_end] if closed else [])
     history += proc.tokenizer(turn2, add_special_tokens=False)["input_ids"]
     pv, grid = mx.array(inputs["pixel_values"]), inputs["grid_thw"].tolist()

@@ -91,6 +91,7 @@ def each_layer(fn):
     def edit(entries):
         for e in entries:
             fn(e)
+
     return edit
 
 
@@ -102,6 +103,7 @@ def keys_values(fn):
     def edit(arrays):
         for name in arrays:
             arrays[name] = fn(arrays[name])
+
     return edit
 
 
@@ -114,8 +116,10 @@ def drop_layer_1(arrays):
 def unblocked(fifo, after_s=10):
     """A process that opens both ends of `fifo` after `after_s`, so that code blocked in opening it (even
     in C++ holding the GIL, where a thread's join timeout cannot help) wakes and the test fails instead of hanging."""
-    code = "import os, sys, time; time.sleep(float(sys.argv[2])); fd = os.open(sys.argv[1], os.O_RDWR); " \
-           "time.sleep(0.5); os.close(fd)"
+    code = (
+        "import os, sys, time; time.sleep(float(sys.argv[2])); fd = os.open(sys.argv[1], os.O_RDWR); "
+        "time.sleep(0.5); os.close(fd)"
+    )
     watchdog = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(after_s)])
     try:
         yield
@@ -139,8 +143,14 @@ def test_round_trip_continues_the_conversation(models, kind, tmp_path):
     assert b.ask("and then?", max_tokens=4).tokens == a.ask("and then?", max_tokens=4).tokens
     state = json.loads(read_cache_file(tmp_path / "s.safetensors")["metadata"]["chat"])
     t = models["qwen3_vl"][0].config.text
-    assert state["model"] == {"model_type": "qwen3_vl", "layers": 2, "kv_heads": 2, "head_dim": 32,
-                              "hidden_size": t.hidden_size, "vocab_size": t.vocab_size}
+    assert state["model"] == {
+        "model_type": "qwen3_vl",
+        "layers": 2,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "hidden_size": t.hidden_size,
+        "vocab_size": t.vocab_size,
+    }
     assert not [p for p in os.listdir(tmp_path) if p != "s.safetensors"]  # no temporary file left
 
 
@@ -175,12 +185,15 @@ HOSTILE = {
     "wrong dtype": (dict(arrays=keys_values(lambda x: x.astype(mx.int32))), "dtype I32"),
     "3d keys": (dict(arrays=keys_values(lambda x: x[0])), r"not \[batch, kv_heads, tokens, head_dim\]"),
     "wrong layer count": (dict(arrays=drop_layer_1, caches=lambda es: es.pop()), "1 cache layers; this model has 2"),
-    "wrong head_dim": (dict(arrays=keys_values(lambda x: x[..., :16]), state=lambda s: s.pop("model")),
-                       "head_dim 16; this model's are 1, 2 and 32"),
-    "wrong kv heads": (dict(arrays=keys_values(lambda x: x[:, :1]), state=lambda s: s.pop("model")),
-                       "1 kv heads"),
-    "other fingerprint": (dict(state=lambda s: s["model"].update({"vocab_size": 151936})),
-                          "another model .*vocab_size 151936, this model's"),
+    "wrong head_dim": (
+        dict(arrays=keys_values(lambda x: x[..., :16]), state=lambda s: s.pop("model")),
+        "head_dim 16; this model's are 1, 2 and 32",
+    ),
+    "wrong kv heads": (dict(arrays=keys_values(lambda x: x[:, :1]), state=lambda s: s.pop("model")), "1 kv heads"),
+    "other fingerprint": (
+        dict(state=lambda s: s["model"].update({"vocab_size": 151936})),
+        "another model .*vocab_size 151936, this model's",
+    ),
     "no chat state": (dict(raw={"metadata": "{}"}), "no valid chat state"),
     "chat state not json": (dict(raw={"metadata": '{"chat": "{"}'}), "no valid chat state"),
     "negative next_pos": (dict(state=lambda s: s.update({"next_pos": -1})), "no valid chat state"),
@@ -203,13 +216,21 @@ def _write_safetensors(path, header: dict, data: bytes = b""):
     return path
 
 
-def test_a_cache_claiming_50_million_slots_is_refused_before_anything_is_allocated(models, sessions, tmp_path,
-                                                                                    monkeypatch):
-    huge = tamper(sessions["fixed"], tmp_path / "huge.safetensors", caches=each_layer(
-        lambda e: e.update(meta=["50000000", e["meta"][1], "512", "0", e["meta"][4], e["meta"][5]])))
+def test_a_cache_claiming_50_million_slots_is_refused_before_anything_is_allocated(
+    models, sessions, tmp_path, monkeypatch
+):
+    huge = tamper(
+        sessions["fixed"],
+        tmp_path / "huge.safetensors",
+        caches=each_layer(lambda e: e.update(meta=["50000000", e["meta"][1], "512", "0", e["meta"][4], e["meta"][5]])),
+    )
     # into the chat it was saved from: the settings differ
-    refused(chat(models, **FIXED), huge, "saved with --max-kv-tokens 50000000; this chat has --max-kv-tokens 64",
-            monkeypatch)
+    refused(
+        chat(models, **FIXED),
+        huge,
+        "saved with --max-kv-tokens 50000000; this chat has --max-kv-tokens 64",
+        monkeypatch,
+    )
     # into a chat of those settings, or as bare caches: its 2 x 2 x 50M slots of 2 x 32 floats do not fit
     monkeypatch.setattr(memory, "device_budget", lambda: {"total": 8 << 30, "available": 8 << 30, "source": "test"})
     big = ChatSession(*models["qwen3_vl"], max_kv_size=50_000_000)
@@ -231,10 +252,13 @@ def test_files_that_are_not_sessions_are_refused(models, sessions, tmp_path, mon
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     refused(s, tmp_path / "cut.safetensors", "truncated or corrupt", monkeypatch)
     # a header that claims 50M slots of data the file does not have
-    claim = {"__metadata__": {MARKER: "[]"}, "0.keys.0": {"dtype": "F32", "shape": [1, 2, 50_000_000, 32],
-                                                         "data_offsets": [0, 400_000_000 * 32]}}
-    refused(s, _write_safetensors(tmp_path / "claim.safetensors", claim, bytes(64)), "truncated or corrupt",
-            monkeypatch)
+    claim = {
+        "__metadata__": {MARKER: "[]"},
+        "0.keys.0": {"dtype": "F32", "shape": [1, 2, 50_000_000, 32], "data_offsets": [0, 400_000_000 * 32]},
+    }
+    refused(
+        s, _write_safetensors(tmp_path / "claim.safetensors", claim, bytes(64)), "truncated or corrupt", monkeypatch
+    )
     refused(s, tmp_path / "nothing.safetensors", "no session file", monkeypatch)
     (tmp_path / "dir.safetensors").mkdir()
     refused(s, tmp_path / "dir.safetensors", "is a directory", monkeypatch)
@@ -261,18 +285,37 @@ def test_a_session_of_another_model_is_refused(models, sessions, monkeypatch):
     refused(chat(models, "qwen2_vl"), sessions["float"], "model_type qwen3_vl", monkeypatch)
 
 
-@pytest.mark.parametrize("saved, settings, message", [
-    ("float", Q8, "was saved with a growing cache; this chat has --max-kv-tokens 64 --kv-bits 8: "
-                  "restart chat without them to load it"),
-    ("fixed8", {}, "was saved with --max-kv-tokens 64 --kv-bits 8; this chat has a growing cache: "
-                   "restart chat with --max-kv-tokens 64 --kv-bits 8 to load it"),
-    ("fixed", Q8, "was saved with --max-kv-tokens 64; this chat has --max-kv-tokens 64 --kv-bits 8: "
-                  "restart chat with --max-kv-tokens 64 to load it"),
-    ("fixed8", dict(max_kv_size=128, kv_bits=8), "this chat has --max-kv-tokens 128 --kv-bits 8: restart chat "
-                                                   "with --max-kv-tokens 64 --kv-bits 8"),
-])
-def test_a_session_of_other_cache_settings_is_refused_naming_them(models, sessions, saved, settings, message,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(
+    "saved, settings, message",
+    [
+        (
+            "float",
+            Q8,
+            "was saved with a growing cache; this chat has --max-kv-tokens 64 --kv-bits 8: "
+            "restart chat without them to load it",
+        ),
+        (
+            "fixed8",
+            {},
+            "was saved with --max-kv-tokens 64 --kv-bits 8; this chat has a growing cache: "
+            "restart chat with --max-kv-tokens 64 --kv-bits 8 to load it",
+        ),
+        (
+            "fixed",
+            Q8,
+            "was saved with --max-kv-tokens 64; this chat has --max-kv-tokens 64 --kv-bits 8: "
+            "restart chat with --max-kv-tokens 64 to load it",
+        ),
+        (
+            "fixed8",
+            dict(max_kv_size=128, kv_bits=8),
+            "this chat has --max-kv-tokens 128 --kv-bits 8: restart chat with --max-kv-tokens 64 --kv-bits 8",
+        ),
+    ],
+)
+def test_a_session_of_other_cache_settings_is_refused_naming_them(
+    models, sessions, saved, settings, message, monkeypatch
+):
     refused(chat(models, **settings), sessions[saved], message, monkeypatch)
 
 
@@ -288,11 +331,14 @@ def test_save_never_overwrites_a_file_that_is_not_a_session(models, tmp_path):
     (tmp_path / "folder.safetensors").mkdir()
     (tmp_path / "file").write_text("x")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    for target, match in [(weights, "not a session file of mlx-compact; refusing to overwrite it"),
-                          (tmp_path / "notes.txt", "refusing to overwrite"), (tmp_path / "empty", "refusing"),
-                          (tmp_path / "folder.safetensors", "it is a folder"),
-                          (tmp_path / "no" / "s.safetensors", "does not exist"),
-                          (tmp_path / "file" / "s.safetensors", "is not a folder")]:
+    for target, match in [
+        (weights, "not a session file of mlx-compact; refusing to overwrite it"),
+        (tmp_path / "notes.txt", "refusing to overwrite"),
+        (tmp_path / "empty", "refusing"),
+        (tmp_path / "folder.safetensors", "it is a folder"),
+        (tmp_path / "no" / "s.safetensors", "does not exist"),
+        (tmp_path / "file" / "s.safetensors", "is not a folder"),
+    ]:
         with pytest.raises(SessionError, match=match):
             s.save(target)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
@@ -325,8 +371,9 @@ def test_save_replaces_its_own_previous_session_atomically(models, tmp_path, mon
 # ---------------------------------------------------------------- the chat command
 
 
-def test_chat_survives_bad_load_save_and_failing_turns(tiny_checkpoint, models, sessions, tmp_path, capsys,
-                                                       monkeypatch):
+def test_chat_survives_bad_load_save_and_failing_turns(
+    tiny_checkpoint, models, sessions, tmp_path, capsys, monkeypatch
+):
     weights = tmp_path / "model.safetensors"
     mx.save_safetensors(str(weights), {"w": mx.ones((2,))})
     original = weights.read_bytes()
@@ -340,13 +387,36 @@ def test_chat_survives_bad_load_save_and_failing_turns(tiny_checkpoint, models, 
         return real_stream(self, prompt, *args, **kwargs)
 
     monkeypatch.setattr(ChatSession, "stream", stream)
-    script = "\n".join([
-        "hello", f"/load {tmp_path / 'missing'}", f"/load {tmp_path / 'notes'}", f"/load {sessions['float']}",
-        f"/load {sessions['fixed']}", f"/save {tmp_path / 'dir'}", f"/save {weights}", f"/save {tmp_path / 'no/s'}",
-        "explode", "again", f"/save {tmp_path / 'good'}", ""])
+    script = "\n".join(
+        [
+            "hello",
+            f"/load {tmp_path / 'missing'}",
+            f"/load {tmp_path / 'notes'}",
+            f"/load {sessions['float']}",
+            f"/load {sessions['fixed']}",
+            f"/save {tmp_path / 'dir'}",
+            f"/save {weights}",
+            f"/save {tmp_path / 'no/s'}",
+            "explode",
+            "again",
+            f"/save {tmp_path / 'good'}",
+            "",
+        ]
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    argv = ["chat", "--model", str(tiny_checkpoint("qwen3_vl")), "--max-kv-tokens", "64", "--kv-bits", "8",
-            "--max-tokens", "3", "--stats", "json"]
+    argv = [
+        "chat",
+        "--model",
+        str(tiny_checkpoint("qwen3_vl")),
+        "--max-kv-tokens",
+        "64",
+        "--kv-bits",
+        "8",
+        "--max-tokens",
+        "3",
+        "--stats",
+        "json",
+    ]
     code = cli.main(argv)
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if line.startswith("mlx-compact chat: error: ")]

@@ -82,9 +82,8 @@ def test_shipped_model_answers_test_split_questions(shipped):
 
 
 def test_shipped_example_image_matches_the_test_split(shipped):
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     image = Image.open(MODEL / "example.png").convert("RGB")
     scene = scenes.make_scene(*EXAMPLE, 1)

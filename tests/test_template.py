@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_checkpoints import ARCHS
 
 import mlx_compact
 from mlx_compact.files import InputError
 from mlx_compact.processor import Processor
 from mlx_compact.template import render
-from tiny_checkpoints import ARCHS
 
 ASSET = Path(mlx_compact.__file__).parent / "assets" / "qwen3-vl-tiny"
 
@@ -116,26 +116,53 @@ FEATURES_TEMPLATE = """\
 IMAGE = Image.new("RGB", (8, 8))
 CONVERSATIONS = {
     "image": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
-    "system": [{"role": "system", "content": "Answer in French."},
-               {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}, {"type": "image"}]}],
-    "multi_turn": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-                   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
-                   {"role": "assistant", "content": "A square."}, {"role": "user", "content": "Thanks!"}],
-    "media_objects": [{"role": "user", "content": [
-        {"type": "image", "image": IMAGE}, {"type": "image_url", "image_url": {"url": "file://x.png"}},
-        {"type": "video", "video": np.zeros((2, 4, 4, 3), np.uint8)}, {"type": "text", "text": "Compare."}]}],
+    "system": [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}, {"type": "image"}]},
+    ],
+    "multi_turn": [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": "A square."},
+        {"role": "user", "content": "Thanks!"},
+    ],
+    "media_objects": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": IMAGE},
+                {"type": "image_url", "image_url": {"url": "file://x.png"}},
+                {"type": "video", "video": np.zeros((2, 4, 4, 3), np.uint8)},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ],
     "none_values": [{"role": "user", "content": "hello", "name": None, "tool_calls": None}],
 }
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city, e.g. Zürich",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather of a city, e.g. Zürich",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TOOL_CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather in this city?"}]},
-    {"role": "assistant", "content": "<think>\nIt is Paris.\n</think>\n\nLet me check.",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-                    {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}]},
-    {"role": "tool", "content": '{"temp": 21}'}, {"role": "tool", "content": '{"temp": 19}'},
+    {
+        "role": "assistant",
+        "content": "<think>\nIt is Paris.\n</think>\n\nLet me check.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}},
+        ],
+    },
+    {"role": "tool", "content": '{"temp": 21}'},
+    {"role": "tool", "content": '{"temp": 19}'},
     {"role": "assistant", "content": "21 and 19 degrees.", "reasoning": "Both answered."},
     {"role": "user", "content": "Thanks"},
 ]
@@ -150,8 +177,9 @@ def processors(tiny_checkpoint):
 
 
 def _transformers(processor, messages, template=None, **kw):
-    return processor.tokenizer.apply_chat_template(messages, chat_template=template or processor.chat_template,
-                                                   tokenize=False, **kw)
+    return processor.tokenizer.apply_chat_template(
+        messages, chat_template=template or processor.chat_template, tokenize=False, **kw
+    )
 
 
 # ---------------------------------------------------------------- same text as transformers
@@ -178,8 +206,13 @@ def test_bundled_template_is_the_asset_file(processors):
 def test_tool_template_matches_transformers(processors, conversation, tools):
     ours = processors["qwen2_vl"]
     messages = TOOL_CONVERSATION if conversation == "tools" else CONVERSATIONS[conversation]
-    got = render(TOOLS_TEMPLATE, messages=messages, add_generation_prompt=True, tools=tools,
-                 special_tokens=ours.tokenizer.special_tokens_map)
+    got = render(
+        TOOLS_TEMPLATE,
+        messages=messages,
+        add_generation_prompt=True,
+        tools=tools,
+        special_tokens=ours.tokenizer.special_tokens_map,
+    )
     assert got == _transformers(ours, messages, TOOLS_TEMPLATE, add_generation_prompt=True, tools=tools)
     assert ("<tools>" in got) == (tools is not None)
 
@@ -187,8 +220,12 @@ def test_tool_template_matches_transformers(processors, conversation, tools):
 def test_features_match_transformers(processors):
     ours = processors["qwen2_vl"]
     messages = TOOL_CONVERSATION
-    got = render(FEATURES_TEMPLATE, messages=messages, add_generation_prompt=True,
-                 special_tokens=ours.tokenizer.special_tokens_map)
+    got = render(
+        FEATURES_TEMPLATE,
+        messages=messages,
+        add_generation_prompt=True,
+        special_tokens=ours.tokenizer.special_tokens_map,
+    )
     assert got == _transformers(ours, messages, FEATURES_TEMPLATE, add_generation_prompt=True)
     assert "even:USER | odd:ASSISTANT<|im_end|>" in got and "<|im_end|><|endoftext|>False" in got
 
@@ -203,8 +240,9 @@ def test_renders_in_threads_alike(processors):
     ours = processors["qwen2_vl"]
     want = ours.apply_chat_template(TOOL_CONVERSATION)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(ours.apply_chat_template(TOOL_CONVERSATION)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ours.apply_chat_template(TOOL_CONVERSATION))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -221,8 +259,11 @@ def test_trace_function_is_restored():
     try:
         render("{{ messages[0].content }}", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(InputError):
-            render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-                   messages=[{"role": "user", "content": "x"}], time_limit=0.2)
+            render(
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                messages=[{"role": "user", "content": "x"}],
+                time_limit=0.2,
+            )
         assert sys.gettrace() is tracer
     finally:
         sys.settrace(previous)
@@ -251,10 +292,15 @@ def _in_thread(fn, timeout: float = 30.0):
 
 LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 HOSTILE = {  # template -> what the one-line error says (renders with max_output=10_000, time_limit=1)
-    "nested_loops": ("{% for i in range(9999) %}{% for j in range(9999) %}{% for k in range(9999) %}{% endfor %}"
-                     "{% endfor %}{% endfor %}", "takes longer than 1 s"),
-    "exponential_macro": ("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(64) }}",
-                          "takes longer than 1 s"),
+    "nested_loops": (
+        "{% for i in range(9999) %}{% for j in range(9999) %}{% for k in range(9999) %}{% endfor %}"
+        "{% endfor %}{% endfor %}",
+        "takes longer than 1 s",
+    ),
+    "exponential_macro": (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(64) }}",
+        "takes longer than 1 s",
+    ),
     "string_times_huge": ("{{ 'x' * 10**13 }}", "builds a value of more than 10,000 characters"),
     "list_times_huge": ("{{ [0] * 10**13 }}", "builds a value of more than"),
     "center_huge": ("{{ 'x'|center(10**13) }}", "passes a number above 10,000"),
@@ -268,29 +314,45 @@ HOSTILE = {  # template -> what the one-line error says (renders with max_output
     "format_nested_width": ("{{ '{:{}}'.format('x', 10**13) }}", "width above"),
     "format_filter_width": ("{{ '%10000000000000s'|format('x') }}", "width above"),
     "power": ("{{ 10 ** 100000 }}", "computes a number of more than"),
-    "doubling_concat": ("{% set ns = namespace(s='x') %}{% for i in range(20) %}{% set ns.s = ns.s ~ ns.s %}"
-                        "{% endfor %}{{ ns.s|length }}", "builds a value of more than"),
-    "doubling_plus": ("{% set ns = namespace(s='x') %}{% for i in range(20) %}{% set ns.s = ns.s + ns.s %}"
-                      "{% endfor %}{{ ns.s|length }}", "builds a value of more than"),
-    "shared_nesting": ("{% set ns = namespace(l=[1]) %}{% for i in range(20) %}{% set ns.l = [ns.l, ns.l] %}"
-                       "{% endfor %}{{ ns.l }}", "builds a value of more than"),
+    "doubling_concat": (
+        "{% set ns = namespace(s='x') %}{% for i in range(20) %}{% set ns.s = ns.s ~ ns.s %}"
+        "{% endfor %}{{ ns.s|length }}",
+        "builds a value of more than",
+    ),
+    "doubling_plus": (
+        "{% set ns = namespace(s='x') %}{% for i in range(20) %}{% set ns.s = ns.s + ns.s %}"
+        "{% endfor %}{{ ns.s|length }}",
+        "builds a value of more than",
+    ),
+    "shared_nesting": (
+        "{% set ns = namespace(l=[1]) %}{% for i in range(20) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
+        "builds a value of more than",
+    ),
     "replace_multiplies": ("{{ ('x' * 1000)|replace('x', 'y' * 1000)|length }}", "builds a value of more than"),
     "join_multiplies": ("{{ range(1000)|join('y' * 1000)|length }}", "builds a value of more than"),
     "indent_multiplies": ("{{ ('\\n' * 1000)|indent(1000)|length }}", "builds a value of more than"),
-    "quadratic_sum": ("{% set l = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] * 200 %}{{ l|sum(start=[])|length }}",
-                      "sums 200 sequences"),
-    "block_set_grows": ("{% set y = 'y' * 1000 %}{% set x %}{% for i in range(9999) %}{{ y }}{% endfor %}{% endset %}"
-                        "{{ x|length }}", "builds a value of more than"),
-    "values_in_all": ("{% set a = 'y' * 9000 %}" + "".join(f"{{% set v{i} = a ~ {i} %}}" for i in range(100)),
-                      "characters of values in all"),
+    "quadratic_sum": (
+        "{% set l = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] * 200 %}{{ l|sum(start=[])|length }}",
+        "sums 200 sequences",
+    ),
+    "block_set_grows": (
+        "{% set y = 'y' * 1000 %}{% set x %}{% for i in range(9999) %}{{ y }}{% endfor %}{% endset %}{{ x|length }}",
+        "builds a value of more than",
+    ),
+    "values_in_all": (
+        "{% set a = 'y' * 9000 %}" + "".join(f"{{% set v{i} = a ~ {i} %}}" for i in range(100)),
+        "characters of values in all",
+    ),
     "output": ("{% for i in range(9999) %}xxxxxxxxxx{% endfor %}", "renders more than 10,000 characters"),
     "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recurses too deeply"),
     "include": ("{% include 'other.jinja' %}", "uses {% include %} at line 1"),
     "import": ("{% import 'macros.jinja' as m %}", "uses {% import %}"),
     "from_import": ("{% from 'macros.jinja' import m %}", "uses {% import %}"),
     "extends": ("{% extends 'base.jinja' %}", "uses {% extends %}"),
-    "raise_exception": ("{{ raise_exception('Roles must alternate user/assistant') }}",
-                        "rejects the conversation: Roles must alternate user/assistant"),
+    "raise_exception": (
+        "{{ raise_exception('Roles must alternate user/assistant') }}",
+        "rejects the conversation: Roles must alternate user/assistant",
+    ),
     "syntax_error": ("ok\n{% for x in %}", "has a syntax error at line 2"),
     "error_inside": ("line one\n{{ 1 // 0 }}", "fails at line 2: ZeroDivisionError"),
     "undefined_call": ("{{ nothing() }}", "UndefinedError"),
@@ -308,8 +370,9 @@ HOSTILE = {  # template -> what the one-line error says (renders with max_output
 @pytest.mark.parametrize("template, message", HOSTILE.values(), ids=HOSTILE)
 def test_hostile_templates_end_fast_with_one_line(template, message):
     messages = [{"role": "user", "content": "hi"}]
-    error, seconds = _in_thread(lambda: render(template, messages=messages, name="evil.jinja", time_limit=1.0,
-                                               max_output=10_000))
+    error, seconds = _in_thread(
+        lambda: render(template, messages=messages, name="evil.jinja", time_limit=1.0, max_output=10_000)
+    )
     assert isinstance(error, InputError), repr(error)
     assert str(error).startswith("chat template evil.jinja ") and message in str(error)
     assert "\n" not in str(error)
@@ -324,8 +387,10 @@ def test_default_limits_refuse(template):
 
 
 def test_escapes_render_nothing_secret():
-    out = render("{{ '{0.__class__}'.format('') }}|{{ ''.__class__ }}|{{ messages[0].content[0].image }}",
-                 messages=[{"role": "user", "content": [{"type": "image", "image": IMAGE}]}])
+    out = render(
+        "{{ '{0.__class__}'.format('') }}|{{ ''.__class__ }}|{{ messages[0].content[0].image }}",
+        messages=[{"role": "user", "content": [{"type": "image", "image": IMAGE}]}],
+    )
     assert out == "||<Image>"  # the image object itself (and its .save()) never reaches the template
 
 
@@ -385,8 +450,16 @@ def test_hub_snapshot_links_into_blobs_load(checkpoint, tmp_path, processors):
     assert got == processors["qwen2_vl"].apply_chat_template(CONVERSATIONS["multi_turn"])
 
 
-@pytest.mark.parametrize("name", ["chat_template.jinja", "preprocessor_config.json", "generation_config.json",
-                                  "tokenizer.json", "tokenizer_config.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ],
+)
 def test_link_out_of_the_checkpoint_is_refused(checkpoint, tmp_path, name):
     secret = tmp_path / "secret"
     secret.write_text((checkpoint / name).read_text().replace("<|im_start|>", "TOP-SECRET<|im_start|>"))
@@ -396,9 +469,18 @@ def test_link_out_of_the_checkpoint_is_refused(checkpoint, tmp_path, name):
     assert "TOP-SECRET" not in str(error)
 
 
-@pytest.mark.parametrize("name", ["chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                                  "video_preprocessor_config.json", "generation_config.json", "tokenizer.json",
-                                  "tokenizer_config.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chat_template.jinja",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ],
+)
 def test_fifo_is_refused_without_blocking(checkpoint, name):
     if name == "chat_template.json":
         (checkpoint / "chat_template.jinja").unlink()  # else the .json is never read
@@ -407,8 +489,17 @@ def test_fifo_is_refused_without_blocking(checkpoint, name):
     _fails(checkpoint, name, "not a regular file")
 
 
-@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json", "video_preprocessor_config.json",
-                                  "generation_config.json", "chat_template.json", "tokenizer_config.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "generation_config.json",
+        "chat_template.json",
+        "tokenizer_config.json",
+    ],
+)
 @pytest.mark.parametrize("content", ['{"patch_size": 14,', "[1, 2]", "\xff\xfe"])
 def test_corrupt_json_names_the_file(checkpoint, name, content):
     if name == "chat_template.json":
@@ -435,32 +526,39 @@ def test_corrupt_tokenizer_is_one_error(checkpoint, content):
 
 def test_tokenizer_remote_code_never_runs(checkpoint, tmp_path):
     marker = tmp_path / "ran"
-    (checkpoint / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (checkpoint / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
     cfg = json.loads((checkpoint / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]},
-               vocab_file=str(tmp_path / "elsewhere.json"))
+    cfg.update(
+        tokenizer_class="EvilTokenizer",
+        auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]},
+        vocab_file=str(tmp_path / "elsewhere.json"),
+    )
     (checkpoint / "tokenizer_config.json").write_text(json.dumps(cfg))
     _load(checkpoint)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name, field, value", [
-    ("preprocessor_config.json", "patch_size", "x"),
-    ("preprocessor_config.json", "patch_size", 4096),
-    ("preprocessor_config.json", "merge_size", 0),
-    ("preprocessor_config.json", "temporal_patch_size", 100),
-    ("preprocessor_config.json", "max_pixels", -5),
-    ("preprocessor_config.json", "max_pixels", 2**40),
-    ("preprocessor_config.json", "min_pixels", 10**9),  # above max_pixels
-    ("preprocessor_config.json", "rescale_factor", "1/255"),
-    ("preprocessor_config.json", "image_mean", [0.5, 0.5]),
-    ("preprocessor_config.json", "image_mean", [0.5, "a", 0.5]),
-    ("preprocessor_config.json", "image_std", [0.5, 0.0, 0.5]),
-    ("preprocessor_config.json", "size", "big"),
-    ("video_preprocessor_config.json", "merge_size", 1.5),
-    ("generation_config.json", "eos_token_id", "x"),
-])
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("preprocessor_config.json", "patch_size", "x"),
+        ("preprocessor_config.json", "patch_size", 4096),
+        ("preprocessor_config.json", "merge_size", 0),
+        ("preprocessor_config.json", "temporal_patch_size", 100),
+        ("preprocessor_config.json", "max_pixels", -5),
+        ("preprocessor_config.json", "max_pixels", 2**40),
+        ("preprocessor_config.json", "min_pixels", 10**9),  # above max_pixels
+        ("preprocessor_config.json", "rescale_factor", "1/255"),
+        ("preprocessor_config.json", "image_mean", [0.5, 0.5]),
+        ("preprocessor_config.json", "image_mean", [0.5, "a", 0.5]),
+        ("preprocessor_config.json", "image_std", [0.5, 0.0, 0.5]),
+        ("preprocessor_config.json", "size", "big"),
+        ("video_preprocessor_config.json", "merge_size", 1.5),
+        ("generation_config.json", "eos_token_id", "x"),
+    ],
+)
 def test_bad_fields_name_the_field(checkpoint, name, field, value):
     cfg = json.loads((checkpoint / name).read_text())
     cfg[field] = value

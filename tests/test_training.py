@@ -65,12 +65,33 @@ def test_two_rank_run_writes_a_checkpoint_our_loader_answers_with(tmp_path):
     pytest.importorskip("transformers")
     train = pytest.importorskip("training.train")
     from mlx_compact.convert import convert
+
     from mlx_compact.generate import generate
     from mlx_compact.loader import load
 
     out = tmp_path / "run"
-    train.main(["--out", str(out), "--ranks", "2", "--steps", "3", "--batch", "2", "--turns", "2",
-                "--vision-minutes", "0.05", "--vision-batch", "2", "--val-per-family", "1", "--warmup", "2"])
+    train.main(
+        [
+            "--out",
+            str(out),
+            "--ranks",
+            "2",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--turns",
+            "2",
+            "--vision-minutes",
+            "0.05",
+            "--vision-batch",
+            "2",
+            "--val-per-family",
+            "1",
+            "--warmup",
+            "2",
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["args"]["ranks"] == 2
     assert (out / "hf" / "model.safetensors").exists()

@@ -6,12 +6,13 @@ import json
 import os
 import sys
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_checkpoints import ARCHS, load_reference
 
-import mlx.core as mx
 from mlx_compact import cli
 from mlx_compact.chat import ChatSession
 from mlx_compact.compaction import Compaction
@@ -20,7 +21,6 @@ from mlx_compact.generate import generate, plan_run, prepare_ids, video_patches
 from mlx_compact.loader import load
 from mlx_compact.memory import MemoryPlanError
 from mlx_compact.video import MISSING_PYAV, even_indices, load_video, open_video, sample_count
-from tiny_checkpoints import ARCHS, load_reference
 
 try:
     import av
@@ -93,9 +93,13 @@ def reference_tokens(model, proc, text, frames, fps, n, images=(), ids=None):
         extra = dict(pixel_values=mx.array(inputs["pixel_values"]), grid_thw=inputs["grid_thw"].tolist())
     out = []
     for _ in range(n):
-        logits = model(mx.array([ids + out]), pixel_values_videos=mx.array(inputs["pixel_values_videos"]),
-                       video_grid_thw=inputs["video_grid_thw"].tolist(),
-                       second_per_grid_ts=inputs["second_per_grid_ts"], **extra)
+        logits = model(
+            mx.array([ids + out]),
+            pixel_values_videos=mx.array(inputs["pixel_values_videos"]),
+            video_grid_thw=inputs["video_grid_thw"].tolist(),
+            second_per_grid_ts=inputs["second_per_grid_ts"],
+            **extra,
+        )
         tok = int(mx.argmax(logits[0, -1]).item())
         if tok in proc.eos_token_ids:
             break
@@ -114,16 +118,19 @@ def slices(model, inputs) -> int:
 # ---------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("total, rate, fps, max_frames, want", [
-    (8, 4, 2.0, 768, 4),  # 2 s at 2 fps
-    (300, 30, 2.0, 768, 20),  # 10 s at 2 fps
-    (300, 30, 0.5, 768, 4),  # 5 frames asked for: rounded down to the temporal patch, at least MIN_FRAMES
-    (30, 30, 2.0, 768, 4),  # 1 s: 2 frames asked for, MIN_FRAMES given
-    (3, 30, 2.0, 768, 2),  # fewer frames than MIN_FRAMES: all it has, rounded down to the patch
-    (1, 30, 2.0, 768, 1),  # a single frame (repeated to the temporal patch at decode)
-    (100_000, 30, 2.0, 768, 768),  # the cap
-    (100_000, 30, 2.0, 7, 6),  # a cap rounded down to the patch
-])
+@pytest.mark.parametrize(
+    "total, rate, fps, max_frames, want",
+    [
+        (8, 4, 2.0, 768, 4),  # 2 s at 2 fps
+        (300, 30, 2.0, 768, 20),  # 10 s at 2 fps
+        (300, 30, 0.5, 768, 4),  # 5 frames asked for: rounded down to the temporal patch, at least MIN_FRAMES
+        (30, 30, 2.0, 768, 4),  # 1 s: 2 frames asked for, MIN_FRAMES given
+        (3, 30, 2.0, 768, 2),  # fewer frames than MIN_FRAMES: all it has, rounded down to the patch
+        (1, 30, 2.0, 768, 1),  # a single frame (repeated to the temporal patch at decode)
+        (100_000, 30, 2.0, 768, 768),  # the cap
+        (100_000, 30, 2.0, 7, 6),  # a cap rounded down to the patch
+    ],
+)
 def test_frame_count_is_qwen_vl_utils_smart_nframes(total, rate, fps, max_frames, want):
     assert sample_count(total, rate, fps, max_frames) == want
 
@@ -194,7 +201,7 @@ def test_generate_on_a_video_equals_the_models_forward(arch, source, loaded, vid
     result = generate(model, proc, PROMPT, videos=[video], fps=fps if source == "frames" else None, max_tokens=6)
     text = proc.build_prompt(PROMPT, n_videos=1)
     expected, inputs = reference_tokens(model, proc, text, frames, fps, 6)
-    assert len(expected) >= 3 and result.tokens[:len(expected)] == expected == visual_free(proc, result.tokens)
+    assert len(expected) >= 3 and result.tokens[: len(expected)] == expected == visual_free(proc, result.tokens)
     s = result.stats
     n = int(np.prod(inputs["video_grid_thw"][0])) // 4
     assert len(s["visual_tokens"]) == slices(model, inputs) and sum(v["before"] for v in s["visual_tokens"]) == n
@@ -208,7 +215,7 @@ def test_an_image_and_a_video_together_equal_the_models_forward(arch, loaded, im
     result = generate(model, proc, PROMPT, [image_wide], videos=[video_frames], max_tokens=5)
     text = proc.build_prompt(PROMPT, n_images=1, n_videos=1)
     expected, _ = reference_tokens(model, proc, text, video_frames, 2.0, 5, images=[image_wide])
-    assert len(expected) >= 3 and result.tokens[:len(expected)] == expected == visual_free(proc, result.tokens)
+    assert len(expected) >= 3 and result.tokens[: len(expected)] == expected == visual_free(proc, result.tokens)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -219,7 +226,7 @@ def test_a_one_frame_video_repeats_its_frame_to_the_temporal_patch(arch, loaded,
     result = generate(model, proc, PROMPT, videos=[video_frames[:1]], max_tokens=3)
     expected, inputs = reference_tokens(model, proc, proc.build_prompt(PROMPT, n_videos=1), frames, fps, 3)
     assert int(inputs["video_grid_thw"][0][0]) == 1 and len(result.stats["visual_tokens"]) == 1
-    assert result.tokens[:len(expected)] == expected == visual_free(proc, result.tokens)
+    assert result.tokens[: len(expected)] == expected == visual_free(proc, result.tokens)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -236,11 +243,18 @@ def test_generate_on_a_video_matches_transformers(arch, loaded, tiny_checkpoint,
     kinds = (np.array(seq) == proc.video_token_id).astype(np.int64) * 2
     ref = load_reference(tiny_checkpoint(arch))
     with torch.no_grad():
-        logits = ref(input_ids=torch.tensor([seq]), mm_token_type_ids=torch.tensor(kinds[None]),
-                     position_ids=torch.tensor(np.asarray(positions, np.int64)[:, None, :]),
-                     pixel_values_videos=torch.tensor(inputs["pixel_values_videos"]),
-                     video_grid_thw=torch.tensor(grid)).logits[0].numpy()
-    assert len(answer) >= 3 and logits[len(ids) - 1:].argmax(-1).tolist() == answer
+        logits = (
+            ref(
+                input_ids=torch.tensor([seq]),
+                mm_token_type_ids=torch.tensor(kinds[None]),
+                position_ids=torch.tensor(np.asarray(positions, np.int64)[:, None, :]),
+                pixel_values_videos=torch.tensor(inputs["pixel_values_videos"]),
+                video_grid_thw=torch.tensor(grid),
+            )
+            .logits[0]
+            .numpy()
+        )
+    assert len(answer) >= 3 and logits[len(ids) - 1 :].argmax(-1).tolist() == answer
 
 
 # ---------------------------------------------------------------- compaction per temporal slice
@@ -250,8 +264,9 @@ def test_generate_on_a_video_matches_transformers(arch, loaded, tiny_checkpoint,
 def test_compaction_on_a_video_counts_each_temporal_slice(arch, loaded, video_frames):
     model, proc = loaded(arch)
     full = generate(model, proc, PROMPT, videos=[video_frames], max_tokens=2).stats
-    comp = generate(model, proc, PROMPT, videos=[video_frames], max_tokens=2,
-                    compaction=Compaction("diversity", keep=0.5)).stats
+    comp = generate(
+        model, proc, PROMPT, videos=[video_frames], max_tokens=2, compaction=Compaction("diversity", keep=0.5)
+    ).stats
     before = [v["before"] for v in full["visual_tokens"]]
     assert [v["before"] for v in comp["visual_tokens"]] == before
     assert len(before) == (2 if arch == "qwen3_vl" else 1)  # Qwen3-VL: one entry (own budget) per slice
@@ -283,8 +298,11 @@ def test_kept_video_rows_stay_inside_their_own_slice(arch, where, loaded, video_
     model, proc = loaded(arch)
     inputs = proc(text=proc.build_prompt(PROMPT, n_videos=1), videos=[video_frames])
     ids = [int(i) for i in inputs["input_ids"][0]]
-    args = dict(pixel_values_videos=inputs["pixel_values_videos"], video_grid=inputs["video_grid_thw"],
-                second_per_grid_ts=inputs["second_per_grid_ts"])
+    args = dict(
+        pixel_values_videos=inputs["pixel_values_videos"],
+        video_grid=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+    )
     full = prepare_ids(model, ids, **args)
     comp = prepare_ids(model, ids, compaction=Compaction("diversity", keep=0.5, where=where), **args)
     runs = model.visual_runs(ids)
@@ -318,7 +336,7 @@ def test_chat_with_a_video_then_a_follow_up_equals_the_whole_conversation(arch, 
     ids1 = [int(i) for i in proc(text=text1, videos=[video_frames])["input_ids"][0]]
     ids = ids1 + first.tokens + closed + proc.tokenizer(text2, add_special_tokens=False)["input_ids"]
     expected, _ = reference_tokens(model, proc, text1, video_frames, 2.0, 4, ids=ids)
-    assert len(expected) >= 2 and second.tokens[:len(expected)] == expected == visual_free(proc, second.tokens)
+    assert len(expected) >= 2 and second.tokens[: len(expected)] == expected == visual_free(proc, second.tokens)
     assert chat.cache.messages[0]["content"][0] == {"type": "video"}
 
 
@@ -357,8 +375,10 @@ def _main(argv, capsys):
 
 def test_cli_generate_with_a_folder_of_frames(tiny_checkpoint, loaded, folder, video_frames, capsys):
     path = tiny_checkpoint("qwen3_vl")
-    code, out, err = _main(["generate", "--model", path, "--prompt", PROMPT, "--video", folder, "--max-tokens", 4,
-                            "--stats", "json"], capsys)
+    code, out, err = _main(
+        ["generate", "--model", path, "--prompt", PROMPT, "--video", folder, "--max-tokens", 4, "--stats", "json"],
+        capsys,
+    )
     assert code == 0, err
     got = json.loads(out)
     model, proc = loaded("qwen3_vl")
@@ -371,8 +391,9 @@ def test_cli_chat_attaches_a_video_with_a_command(tiny_checkpoint, folder, capsy
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {folder}\n{PROMPT}\nand then?\n"))
-    code, out, err = _main(["chat", "--model", tiny_checkpoint("qwen2_vl"), "--max-tokens", 3, "--stats", "json"],
-                           capsys)
+    code, out, err = _main(
+        ["chat", "--model", tiny_checkpoint("qwen2_vl"), "--max-tokens", 3, "--stats", "json"], capsys
+    )
     assert code == 0, err
     answers = [json.loads(line) for line in out.splitlines()]
     assert "attached to the next question" in err
@@ -438,15 +459,18 @@ def _corrupt_frame(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("make, message", [
-    (_fifo, "is not a regular file"),
-    (_subfolder, "holds a subfolder more"),
-    (_fifo_inside, "clip.mp4 is not a regular file"),
-    (_mixed_sizes, "b.png is 8x6 pixels"),
-    (_empty, "holds no image files"),
-    (_corrupt_frame, "cannot read image"),
-    (lambda p: p / "nope.mp4", "video not found"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_fifo, "is not a regular file"),
+        (_subfolder, "holds a subfolder more"),
+        (_fifo_inside, "clip.mp4 is not a regular file"),
+        (_mixed_sizes, "b.png is 8x6 pixels"),
+        (_empty, "holds no image files"),
+        (_corrupt_frame, "cannot read image"),
+        (lambda p: p / "nope.mp4", "video not found"),
+    ],
+)
 def test_hostile_videos_are_refused_in_one_line(make, message, tmp_path, capsys):
     path = make(tmp_path)
     with pytest.raises(InputError, match=message) as e:

@@ -29,10 +29,26 @@ MOE_DIALECTS = ("default", "release")  # release: num_experts, rope_scaling + ro
 # 6 experts top-2, layer 1 dense (mlp_only_layers). "h2i": H == 2I, where the fused gate_up
 # orientation cannot be told from its own shape, and decoder_sparse_step 2 (layers 1 and 3 sparse).
 MOE_SIZES = {
-    "odd": dict(hidden_size=96, intermediate_size=160, moe_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
-                num_hidden_layers=3, decoder_sparse_step=1, mlp_only_layers=[1]),
-    "h2i": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[]),
+    "odd": dict(
+        hidden_size=96,
+        intermediate_size=160,
+        moe_intermediate_size=64,
+        num_experts=6,
+        num_experts_per_tok=2,
+        num_hidden_layers=3,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
+    "h2i": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=4,
+        decoder_sparse_step=2,
+        mlp_only_layers=[],
+    ),
 }
 
 SPECIAL_TOKENS = [
@@ -149,23 +165,64 @@ def _text_config(arch: str, moe: str = "odd") -> dict:
 
 def _vision_config(arch: str, moe: str = "odd") -> dict:
     if arch == MOE:  # ViT width 40 (heads of 20), MLP 72
-        return dict(depth=3, hidden_size=40, intermediate_size=72, num_heads=2,
-                    out_hidden_size=MOE_SIZES[moe]["hidden_size"], patch_size=16, spatial_merge_size=2,
-                    temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
-                    deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+        return dict(
+            depth=3,
+            hidden_size=40,
+            intermediate_size=72,
+            num_heads=2,
+            out_hidden_size=MOE_SIZES[moe]["hidden_size"],
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            hidden_act="gelu_pytorch_tanh",
+        )
     if arch == "qwen2_vl":
         # trap: embed_dim is the ViT width, hidden_size the LLM width
-        return dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
     if arch == "qwen2_5_vl":
         # window_size 56 px = 2x2 merged tokens per window, so test images span several windows
-        return dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                    window_size=56, fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
-    return dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                num_position_embeddings=16, deepstack_visual_indexes=[0, 1],
-                hidden_act="gelu_pytorch_tanh")
+        return dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+            hidden_act="silu",
+        )
+    return dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+        hidden_act="gelu_pytorch_tanh",
+    )
 
 
 def _classes(arch: str):
@@ -218,21 +275,35 @@ def _preprocessor_config(arch: str) -> dict:
         return {
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": "Qwen3VLProcessor",
-            "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-            "merge_size": 2, "patch_size": 16, "temporal_patch_size": 2,
-            "resample": 3, "rescale_factor": 1 / 255,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "merge_size": 2,
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "resample": 3,
+            "rescale_factor": 1 / 255,
             "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 196},
         }
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2VLProcessor" if arch == "qwen2_vl" else "Qwen2_5_VLProcessor",
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "merge_size": 2, "patch_size": 14, "temporal_patch_size": 2,
-        "resample": 3, "rescale_factor": 1 / 255,
-        "min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 256,
+        "merge_size": 2,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "min_pixels": 28 * 28 * 4,
+        "max_pixels": 28 * 28 * 256,
     }
 
 
@@ -242,11 +313,20 @@ def _video_preprocessor_config(arch: str) -> dict:
     cfg.pop("min_pixels", None)
     cfg.pop("max_pixels", None)
     if arch in ("qwen3_vl", MOE):
-        cfg.update(video_processor_type="Qwen3VLVideoProcessor", fps=2, min_frames=4, max_frames=768,
-                   do_sample_frames=True, size={"shortest_edge": 32 * 32 * 8, "longest_edge": 32 * 32 * 256})
+        cfg.update(
+            video_processor_type="Qwen3VLVideoProcessor",
+            fps=2,
+            min_frames=4,
+            max_frames=768,
+            do_sample_frames=True,
+            size={"shortest_edge": 32 * 32 * 8, "longest_edge": 32 * 32 * 256},
+        )
     else:
-        cfg.update(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False,
-                   size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 128})
+        cfg.update(
+            video_processor_type="Qwen2VLVideoProcessor",
+            do_sample_frames=False,
+            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 128},
+        )
     return cfg
 
 
@@ -273,7 +353,7 @@ def _relayout(path: Path, layout: str) -> None:
         if k.startswith("visual."):  # legacy -> nested
             k = "model." + k
         elif k.startswith("model.") and not k.startswith(("model.language_model.", "model.visual.")):
-            k = "model.language_model." + k[len("model."):]
+            k = "model.language_model." + k[len("model.") :]
         if layout.startswith("legacy"):
             k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
         return k
@@ -284,7 +364,7 @@ def _relayout(path: Path, layout: str) -> None:
         save_file(state, str(path / "model.safetensors"), metadata=meta)
         return
     keys = sorted(state)
-    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
     weight_map = {}
     total = 0
     for i, part in enumerate(halves):
@@ -489,5 +569,9 @@ def load_reference_processor(path):
     image_processor = AutoImageProcessor.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *a: None):
-        return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                             chat_template=tokenizer.chat_template)
+        return processor_cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=tokenizer.chat_template,
+        )

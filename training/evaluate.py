@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import mlx_compact  # noqa: F401,E402  (before mlx.core)
 import numpy as np  # noqa: E402
 
+import mlx_compact  # noqa: F401,E402  (before mlx.core)
 from training import scenes  # noqa: E402
 
 
@@ -60,9 +60,13 @@ def logit_gap(hf: Path, model, processor, questions) -> float:
         x = processor(processor.build_prompt(q, 1), [image])
         ids = torch.from_numpy(x["input_ids"].astype(np.int64))
         with torch.no_grad():
-            want = ref(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(x["pixel_values"]),
-                       image_grid_thw=torch.from_numpy(x["grid_thw"].astype(np.int64)),
-                       mm_token_type_ids=(ids == processor.image_token_id).int()).logits.numpy()
+            want = ref(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=torch.from_numpy(x["pixel_values"]),
+                image_grid_thw=torch.from_numpy(x["grid_thw"].astype(np.int64)),
+                mm_token_type_ids=(ids == processor.image_token_id).int(),
+            ).logits.numpy()
         got = np.array(model(mx.array(x["input_ids"]), mx.array(x["pixel_values"]), x["grid_thw"]).astype(mx.float32))
         gap = max(gap, float(np.abs(want - got).max()))
     return gap
@@ -91,8 +95,15 @@ def main(argv=None):
     t1 = time.time()
     acc_mlx, wrong = mlx_accuracy(model, processor, questions)
     t2 = time.time()
-    res = {"questions": len(questions), "torch": acc_torch, "mlx": acc_mlx, "max_logit_gap": gap,
-           "torch_s": round(t1 - t0, 1), "mlx_s": round(t2 - t1, 1), "mlx_wrong_examples": wrong[:20]}
+    res = {
+        "questions": len(questions),
+        "torch": acc_torch,
+        "mlx": acc_mlx,
+        "max_logit_gap": gap,
+        "torch_s": round(t1 - t0, 1),
+        "mlx_s": round(t2 - t1, 1),
+        "mlx_wrong_examples": wrong[:20],
+    }
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -135,9 +135,9 @@ def render(rng: random.Random, objects, cell) -> Image.Image:
         else:
             font = _font(rng.randint(30, 38))
             ink = tuple(rng.randint(0, 70) for _ in range(3))
-            l, t, r, b = d.textbbox((0, 0), o.name, font=font, stroke_width=1)
-            w, h = r - l, b - t
-            x = cx0 + (cw - w) // 2 + rng.randint(-3, 3) - l
+            left, t, r, b = d.textbbox((0, 0), o.name, font=font, stroke_width=1)
+            w, h = r - left, b - t
+            x = cx0 + (cw - w) // 2 + rng.randint(-3, 3) - left
             y = cy0 + (ch - h) // 2 + rng.randint(-3, 3) - t
             d.text((x, y), o.name, fill=ink, font=font, stroke_width=1, stroke_fill=ink)
     return img
@@ -169,8 +169,12 @@ def _questions(rng: random.Random, objects) -> dict:
     yes = [(f"is there a {c} {s}?", "yes") for c, s in sorted(present)]
     yes += [(f"is there a {ch}?", "yes") for ch in sorted(present_chars)]
     # hard negatives share the shape or the colour with something in the picture
-    near = [(c, s) for c in COLOURS for s in SHAPES
-            if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)]
+    near = [
+        (c, s)
+        for c in COLOURS
+        for s in SHAPES
+        if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
+    ]
     far = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     no = [(f"is there a {c} {s}?", "no") for c, s in (near or far)]
     no += [(f"is there a {ch}?", "no") for ch in CHARS if ch not in present_chars]
@@ -195,8 +199,9 @@ def scene_rng(split: str, index: int) -> random.Random:
     return random.Random(SPLIT_BASE[split] + index)
 
 
-def make_scene(split: str, index: int, n_questions: int = 1, families=FAMILIES, max_objects: int = 6,
-               family_weights=None) -> Scene:
+def make_scene(
+    split: str, index: int, n_questions: int = 1, families=FAMILIES, max_objects: int = 6, family_weights=None
+) -> Scene:
     """The scene `index` of `split` with up to `n_questions` distinct questions from `families`
     (drawn uniformly, or by `family_weights`, a {family: weight} dict, for training mixes)."""
     rng = scene_rng(split, index)

@@ -23,14 +23,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import mlx_compact  # noqa: F401,E402  (before anything imports mlx.core)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import mlx_compact  # noqa: F401,E402  (before anything imports mlx.core)
 from training import scenes  # noqa: E402
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 TOKEN_IDS = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 UNK = "<unk>"
 CHAR0 = 1 + len(scenes.SHAPES) * len(scenes.COLOURS)  # first character class of the cell content
@@ -61,8 +68,14 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=UNK,
-        bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=4096, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=UNK,
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -70,34 +83,68 @@ def make_config(vocab_size: int, args):
     from transformers import Qwen3VLConfig
 
     text = dict(
-        vocab_size=vocab_size, hidden_size=args.width, intermediate_size=args.width * 2, num_hidden_layers=args.layers,
-        num_attention_heads=args.width // 32, num_key_value_heads=args.kv_heads, head_dim=32, rms_norm_eps=1e-6,
-        max_position_embeddings=4096, hidden_act="silu", attention_dropout=0.0,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta, "mrope_section": [6, 5, 5],
-                         "mrope_interleaved": True},
-        bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=TOKEN_IDS["<|im_end|>"],
+        vocab_size=vocab_size,
+        hidden_size=args.width,
+        intermediate_size=args.width * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.width // 32,
+        num_key_value_heads=args.kv_heads,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        hidden_act="silu",
+        attention_dropout=0.0,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": args.rope_theta,
+            "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=TOKEN_IDS["<|endoftext|>"],
+        eos_token_id=TOKEN_IDS["<|im_end|>"],
         pad_token_id=TOKEN_IDS["<|endoftext|>"],
     )
     vision = dict(
-        depth=args.vdepth, hidden_size=args.vwidth, intermediate_size=args.vwidth * 2, num_heads=args.vwidth // 32,
-        out_hidden_size=args.width, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-        num_position_embeddings=18 * 18, deepstack_visual_indexes=list(range(args.deepstack)),
+        depth=args.vdepth,
+        hidden_size=args.vwidth,
+        intermediate_size=args.vwidth * 2,
+        num_heads=args.vwidth // 32,
+        out_hidden_size=args.width,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        num_position_embeddings=18 * 18,
+        deepstack_visual_indexes=list(range(args.deepstack)),
         hidden_act="gelu_pytorch_tanh",
     )
     return Qwen3VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=False,
-        image_token_id=TOKEN_IDS["<|image_pad|>"], video_token_id=TOKEN_IDS["<|video_pad|>"],
-        vision_start_token_id=TOKEN_IDS["<|vision_start|>"], vision_end_token_id=TOKEN_IDS["<|vision_end|>"],
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=False,
+        image_token_id=TOKEN_IDS["<|image_pad|>"],
+        video_token_id=TOKEN_IDS["<|video_pad|>"],
+        vision_start_token_id=TOKEN_IDS["<|vision_start|>"],
+        vision_end_token_id=TOKEN_IDS["<|vision_end|>"],
     )
 
 
 def preprocessor_config() -> dict:
     # 36..64 merged tokens: the scene sizes (36 or 54 tokens) pass through smart_resize unchanged
     return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "merge_size": 2, "patch_size": 16, "temporal_patch_size": 2, "resample": 3, "rescale_factor": 1 / 255,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "merge_size": 2,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
         "size": {"shortest_edge": 32 * 32 * 36, "longest_edge": 32 * 32 * 64},
     }
 
@@ -111,8 +158,12 @@ def write_sidecars(path: Path) -> None:
     tok.save_pretrained(str(path))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
-    GenerationConfig(bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=[TOKEN_IDS["<|im_end|>"]],
-                     pad_token_id=TOKEN_IDS["<|endoftext|>"], do_sample=False).save_pretrained(str(path))
+    GenerationConfig(
+        bos_token_id=TOKEN_IDS["<|endoftext|>"],
+        eos_token_id=[TOKEN_IDS["<|im_end|>"]],
+        pad_token_id=TOKEN_IDS["<|endoftext|>"],
+        do_sample=False,
+    ).save_pretrained(str(path))
 
 
 # ---------------------------------------------------------------- batches
@@ -160,7 +211,9 @@ class Batcher:
             labels[b, : len(ids)] = torch.from_numpy(lab)
             mask[b, : len(ids)] = 1
         return dict(
-            input_ids=input_ids, attention_mask=mask, labels=labels,
+            input_ids=input_ids,
+            attention_mask=mask,
+            labels=labels,
             mm_token_type_ids=(input_ids == self.image_id).int(),
             pixel_values=torch.from_numpy(np.concatenate([it[2] for it in items])),
             image_grid_thw=torch.from_numpy(np.stack([it[3] for it in items]).astype(np.int64)),
@@ -178,8 +231,9 @@ def train_batch(batcher, args, step, max_objects=6):
     items, cells, regions = [], [], []
     for i in rank_share(args.batch, args):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
-        s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights,
-                              max_objects=max_objects)
+        s = scenes.make_scene(
+            "train", idx, n_questions=args.turns, family_weights=args.family_weights, max_objects=max_objects
+        )
         items.append(batcher.encode(s.image, [(q, a) for _, q, a in s.qa]))
         cells += s.cell_labels()
         regions += s.cell_regions()
@@ -192,9 +246,14 @@ def train_batch(batcher, args, step, max_objects=6):
 def val_batches(batcher, questions, size=50):
     out = []
     for i in range(0, len(questions), size):
-        chunk = questions[i: i + size]
-        out.append(([f for f, *_ in chunk], [a for *_, a in chunk],
-                    batcher.collate([batcher.encode(img, [(q, a)]) for _, img, q, a in chunk])))
+        chunk = questions[i : i + size]
+        out.append(
+            (
+                [f for f, *_ in chunk],
+                [a for *_, a in chunk],
+                batcher.collate([batcher.encode(img, [(q, a)]) for _, img, q, a in chunk]),
+            )
+        )
     return out
 
 
@@ -249,7 +308,7 @@ def all_reduce_grads(params, args):
     flat /= args.ranks
     i = 0
     for p in with_grad:
-        p.grad.copy_(flat[i: i + p.numel()].view_as(p))
+        p.grad.copy_(flat[i : i + p.numel()].view_as(p))
         i += p.numel()
 
 
@@ -282,27 +341,41 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
         visual(torch.from_numpy(pix), grid_thw=torch.from_numpy(np.asarray(grids).astype(np.int64)))
         z = aux_head(captured["merged"])
         cells_t, regions_t = torch.tensor(cells), torch.tensor(regions)
-        loss = (torch.nn.functional.cross_entropy(z[:, : scenes.N_CLASSES], cells_t)
-                + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES:], regions_t))
+        loss = torch.nn.functional.cross_entropy(z[:, : scenes.N_CLASSES], cells_t) + torch.nn.functional.cross_entropy(
+            z[:, scenes.N_CLASSES :], regions_t
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_grads(params, args)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         pred = z[:, : scenes.N_CLASSES].argmax(-1)
-        acc = [(pred[m] == cells_t[m]).float().mean().item() for m in (cells_t > 0, (cells_t > 0) & (cells_t < CHAR0), cells_t >= CHAR0)]
+        acc = [
+            (pred[m] == cells_t[m]).float().mean().item()
+            for m in (cells_t > 0, (cells_t > 0) & (cells_t < CHAR0), cells_t >= CHAR0)
+        ]
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         acc_ema = acc if acc_ema is None else [0.95 * e + 0.05 * a for e, a in zip(acc_ema, acc)]
         step += 1
         t = time.time() - t0
         if args.rank == 0 and (t >= next_log or t >= args.vision_minutes * 60):
-            rec = {"phase": "vision", "step": step, "minutes": round(t / 60, 2), "images": step * args.vision_batch,
-                   "aux_loss": round(ema, 4), "content_acc_occupied": round(acc_ema[0], 3),
-                   "shape_acc": round(acc_ema[1], 3), "char_acc": round(acc_ema[2], 3)}
+            rec = {
+                "phase": "vision",
+                "step": step,
+                "minutes": round(t / 60, 2),
+                "images": step * args.vision_batch,
+                "aux_loss": round(ema, 4),
+                "content_acc_occupied": round(acc_ema[0], 3),
+                "shape_acc": round(acc_ema[1], 3),
+                "char_acc": round(acc_ema[2], 3),
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            print(f"[vision {t / 60:5.2f} min] step {step:5d} aux loss {ema:.3f} content acc (occupied) {acc_ema[0]:.2f}"
-                  f" shapes {acc_ema[1]:.2f} chars {acc_ema[2]:.2f}", flush=True)
+            print(
+                f"[vision {t / 60:5.2f} min] step {step:5d} aux loss {ema:.3f} content acc (occupied) {acc_ema[0]:.2f}"
+                f" shapes {acc_ema[1]:.2f} chars {acc_ema[2]:.2f}",
+                flush=True,
+            )
             next_log = t + 60.0
     return time.time() - t0
 
@@ -329,31 +402,55 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=float, default=4.0, help="minutes between validation runs")
     ap.add_argument("--val-per-family", type=int, default=30)
     ap.add_argument("--max-minutes", type=float, default=43.0, help="safety stop (wall clock)")
-    ap.add_argument("--minutes", type=float, default=0.0,
-                    help="wall-clock budget (vision phase included): run until it is spent, lr decay placed by time "
-                         "(0: run --steps, decay placed by steps)")
-    ap.add_argument("--vision-minutes", type=float, default=0.0,
-                    help="first train the vision tower alone on the auxiliary loss for this long (0: off)")
-    ap.add_argument("--easy-minutes", type=float, default=0.0,
-                    help="curriculum: the first minutes of phase 2 use scenes of 2-3 objects (default 0: off)")
-    ap.add_argument("--family-weights", default=None,
-                    help="phase 2 question mix, e.g. count=2,where=2,exists=2 (others 1; default: uniform)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="wall-clock budget (vision phase included): run until it is spent, lr decay placed by time "
+        "(0: run --steps, decay placed by steps)",
+    )
+    ap.add_argument(
+        "--vision-minutes",
+        type=float,
+        default=0.0,
+        help="first train the vision tower alone on the auxiliary loss for this long (0: off)",
+    )
+    ap.add_argument(
+        "--easy-minutes",
+        type=float,
+        default=0.0,
+        help="curriculum: the first minutes of phase 2 use scenes of 2-3 objects (default 0: off)",
+    )
+    ap.add_argument(
+        "--family-weights",
+        default=None,
+        help="phase 2 question mix, e.g. count=2,where=2,exists=2 (others 1; default: uniform)",
+    )
     ap.add_argument("--vision-lr", type=float, default=None, help="phase 1 learning rate (default: --lr)")
-    ap.add_argument("--freeze-vision", action="store_true",
-                    help="after the vision phase, freeze the tower (DeepStack mergers excepted) and drop the auxiliary loss")
+    ap.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="after the vision phase, freeze the tower (DeepStack mergers excepted) and drop the auxiliary loss",
+    )
     ap.add_argument("--vision-only", action="store_true", help="stop after the vision phase (to try recipes)")
     ap.add_argument("--vision-batch", type=int, default=32, help="images per step in the vision phase")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (1 is fastest here)")
-    ap.add_argument("--ranks", type=int, default=1,
-                    help="data-parallel processes, one per core, each pinned to its core (gradients averaged "
-                         "every step; --batch and --vision-batch are split between them)")
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="data-parallel processes, one per core, each pinned to its core (gradients averaged "
+        "every step; --batch and --vision-batch are split between them)",
+    )
     ap.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launch_ranks
     args = ap.parse_args(argv)
     if args.family_weights:
         w = dict(kv.split("=") for kv in args.family_weights.split(","))
         args.family_weights = {f: float(w.get(f, 1.0)) for f in scenes.FAMILIES}
     if args.batch % args.ranks or args.vision_batch % args.ranks:
-        ap.error(f"--batch ({args.batch}) and --vision-batch ({args.vision_batch}) must divide by --ranks ({args.ranks})")
+        ap.error(
+            f"--batch ({args.batch}) and --vision-batch ({args.vision_batch}) must divide by --ranks ({args.ranks})"
+        )
     if args.ranks == 1 or args.rank is not None:
         return run(args)
     launch_ranks(args, sys.argv[1:] if argv is None else argv)
@@ -373,8 +470,13 @@ def launch_ranks(args, argv):
     procs = []
     for r in range(args.ranks):
         core = {cores[r % len(cores)]}
-        procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--rank", str(r)], env=env,
-                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, c)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, *argv, "--rank", str(r)],
+                env=env,
+                preexec_fn=lambda c=core: os.sched_setaffinity(0, c),
+            )
+        )
     try:
         codes = [p.wait() for p in procs]
     finally:
@@ -417,8 +519,12 @@ def run(args):
     params = list(model.parameters()) + (list(aux_head.parameters()) if args.aux > 0 else [])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
 
     if args.rank > 0:
         val, log = None, open(os.devnull, "w")
@@ -430,13 +536,22 @@ def run(args):
 
     def report(step, t, loss):
         acc = evaluate(model, val)
-        rec = {"step": step, "minutes": round(t / 60, 2), "images": step * args.batch,
-               "answers": step * args.batch * args.turns, "loss": round(loss, 4), **{f: round(a, 3) for f, a in acc.items()},
-               "content_acc_occupied": None if aux_acc is None else round(aux_acc, 3)}
+        rec = {
+            "step": step,
+            "minutes": round(t / 60, 2),
+            "images": step * args.batch,
+            "answers": step * args.batch * args.turns,
+            "loss": round(loss, 4),
+            **{f: round(a, 3) for f, a in acc.items()},
+            "content_acc_occupied": None if aux_acc is None else round(aux_acc, 3),
+        }
         log.write(json.dumps(rec) + "\n")
         log.flush()
-        print(f"[{rec['minutes']:6.2f} min] step {step:5d} loss {loss:.3f}  "
-              + "  ".join(f"{f} {a:.2f}" for f, a in acc.items()), flush=True)
+        print(
+            f"[{rec['minutes']:6.2f} min] step {step:5d} loss {loss:.3f}  "
+            + "  ".join(f"{f} {a:.2f}" for f, a in acc.items()),
+            flush=True,
+        )
         return acc
 
     t_vision = vision_phase(model, aux_head, captured, batcher, args, log) if args.vision_minutes > 0 else 0.0
@@ -456,8 +571,9 @@ def run(args):
     done = 0
     for step in range(10**9 if budget else args.steps):
         t = time.time() - t0
-        frac, eval_now, stop = sync_clock((t - t_vision) / budget if budget else -1.0, t >= next_eval,
-                                          t > args.max_minutes * 60, args)
+        frac, eval_now, stop = sync_clock(
+            (t - t_vision) / budget if budget else -1.0, t >= next_eval, t > args.max_minutes * 60, args
+        )
         if eval_now and step > 0:
             if args.rank == 0:
                 report(step, t, ema)
@@ -478,12 +594,15 @@ def run(args):
         labels = batch.pop("labels")
         cells, regions = batch.pop("cell_labels"), batch.pop("cell_regions")
         logits = model(**batch).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         total = loss
         if args.aux > 0:
             z = aux_head(captured["merged"])
-            aux = (torch.nn.functional.cross_entropy(z[:, : scenes.N_CLASSES], cells)
-                   + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES:], regions))
+            aux = torch.nn.functional.cross_entropy(
+                z[:, : scenes.N_CLASSES], cells
+            ) + torch.nn.functional.cross_entropy(z[:, scenes.N_CLASSES :], regions)
             total = total + args.aux * aux
             occ = cells > 0
             a = (z[:, : scenes.N_CLASSES].argmax(-1)[occ] == cells[occ]).float().mean().item()
@@ -497,8 +616,11 @@ def run(args):
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step == 9 and args.rank == 0:
             tt = time.time() - t0 - t_vision
-            print(f"speed after 10 steps: {tt / 10:.2f} s/step ({args.batch * 10 / tt:.1f} images/s, "
-                  f"data {t_data / tt:.0%}, {args.ranks} rank(s))", flush=True)
+            print(
+                f"speed after 10 steps: {tt / 10:.2f} s/step ({args.batch * 10 / tt:.1f} images/s, "
+                f"data {t_data / tt:.0%}, {args.ranks} rank(s))",
+                flush=True,
+            )
     if args.ranks > 1:  # every rank applied the same averaged gradients: the weights must be identical
         mine = torch.stack([p.detach().double().sum() for p in params])
         first = mine.clone()
@@ -514,8 +636,15 @@ def run(args):
     final = report(done, t, ema)
     model.save_pretrained(str(hf))
     write_sidecars(hf)  # save_pretrained may rewrite generation_config.json
-    summary = {"steps": done, "vision_minutes": round(t_vision / 60, 2), "minutes": round(t / 60, 2), "params": n_params, "stopped_early": stopped,
-               "val": final, "args": vars(args)}
+    summary = {
+        "steps": done,
+        "vision_minutes": round(t_vision / 60, 2),
+        "minutes": round(t / 60, 2),
+        "params": n_params,
+        "stopped_early": stopped,
+        "val": final,
+        "args": vars(args),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
 

@@ -3,6 +3,7 @@
 from .assembler import Assembled, assemble
 from .attention import attention_received, reduce_to_units
 from .compose import compact, compact_many, plan
+from .encoder import tower_hooks, unit_selector
 from .ops import (
     Selection,
     diversity,
@@ -16,8 +17,7 @@ from .ops import (
     saliency,
     uniform,
 )
-from .encoder import tower_hooks, unit_selector
-from .types import ENCODER_METHODS, METHODS, CompactVisual, Compaction, VisualTokens, as_compaction
+from .types import ENCODER_METHODS, METHODS, Compaction, CompactVisual, VisualTokens, as_compaction
 
 __all__ = [
     "ENCODER_METHODS",

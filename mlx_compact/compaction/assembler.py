@@ -6,8 +6,8 @@ the uncompacted maximum, and decode step n sits at max + 1 + n (`generate_step`)
 run. DeepStack rows are compacted with the features' index map.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -20,14 +20,14 @@ from .types import Compaction, CompactVisual, VisualTokens
 class Assembled:
     """A compact prompt ready for the LLM: it and its KV cache only ever see L_compact rows."""
 
-    input_ids: List[int]  # [Lc] each run of visual tokens shortened to its block's K
+    input_ids: list[int]  # [Lc] each run of visual tokens shortened to its block's K
     embeds: mx.array  # [1, Lc, D]
     positions: mx.array  # [3, 1, Lc] full-sequence M-RoPE ids of the kept rows
-    deepstack: Optional[List[mx.array]]  # each [1, Lc, D] (Qwen3-VL), else None
+    deepstack: list[mx.array] | None  # each [1, Lc, D] (Qwen3-VL), else None
     kept: np.ndarray  # [Lc] row of the uncompacted sequence each compact row comes from (merged: its representative)
-    visual: List[CompactVisual]  # one per visual block, in prompt order
-    visual_tokens: List[dict]  # one {"before": N, "after": K} per visual block
-    mass: Optional[np.ndarray] = None  # [Lc] float32 tokens each row stands for (proportional), None: all 1
+    visual: list[CompactVisual]  # one per visual block, in prompt order
+    visual_tokens: list[dict]  # one {"before": N, "after": K} per visual block
+    mass: np.ndarray | None = None  # [Lc] float32 tokens each row stands for (proportional), None: all 1
 
 
 def assemble(
@@ -36,13 +36,13 @@ def assemble(
     blocks: Sequence[mx.array],
     positions,
     grids: Sequence[tuple],
-    compaction: Optional[Compaction] = None,
+    compaction: Compaction | None = None,
     *,
-    deepstack: Optional[Sequence[List[mx.array]]] = None,
-    attention: Optional[Sequence[mx.array]] = None,
-    kept: Optional[Sequence] = None,
-    unit_mass: Optional[Sequence] = None,
-    prompt_ids: Optional[Sequence[int]] = None,
+    deepstack: Sequence[list[mx.array]] | None = None,
+    attention: Sequence[mx.array] | None = None,
+    kept: Sequence | None = None,
+    unit_mass: Sequence | None = None,
+    prompt_ids: Sequence[int] | None = None,
 ) -> Assembled:
     """Compact every visual block of a prompt and build the LLM's input.
 
@@ -64,7 +64,9 @@ def assemble(
         raise ValueError(f"positions must be [3, {len(ids)}] for the uncompacted prompt, got {P.shape}")
     runs = [(start, n) for start, n, _ in model.visual_runs(ids)]
     if not len(runs) == len(blocks) == len(grids):
-        raise ValueError(f"the prompt has {len(runs)} visual blocks but {len(blocks)} blocks / {len(grids)} grids were given")
+        raise ValueError(
+            f"the prompt has {len(runs)} visual blocks but {len(blocks)} blocks / {len(grids)} grids were given"
+        )
     prompt_embeds = None
     if compaction is not None and compaction.single_turn:
         if prompt_ids is None:
@@ -77,7 +79,9 @@ def assemble(
     for j, ((start, n), feats, grid) in enumerate(zip(runs, blocks, grids)):
         grid = tuple(int(g) for g in grid)
         if int(np.prod(grid)) != n:
-            raise ValueError(f"visual block {j}: the prompt has {n} tokens but its grid {grid} holds {int(np.prod(grid))}")
+            raise ValueError(
+                f"visual block {j}: the prompt has {n} tokens but its grid {grid} holds {int(np.prod(grid))}"
+            )
         ds = list(deepstack[j]) if deepstack is not None else []
         if kept is not None:  # compacted inside the vision tower
             src = np.asarray(kept[j], np.int64).reshape(-1)
@@ -99,8 +103,10 @@ def assemble(
         new_ids += ids[prev:start] + [ids[start]] * cv.k
         rows.append(np.arange(prev, start))
         rows.append(start + src)
-        masses += [np.ones(start - prev, np.float32),
-                   np.ones(cv.k, np.float32) if cv.mass is None else np.array(cv.mass, np.float32)]
+        masses += [
+            np.ones(start - prev, np.float32),
+            np.ones(cv.k, np.float32) if cv.mass is None else np.array(cv.mass, np.float32),
+        ]
         visual.append(cv)
         counts.append({"before": n, "after": cv.k})
         prev = start + n
@@ -108,7 +114,9 @@ def assemble(
     rows.append(np.arange(prev, len(ids)))
     rows = np.concatenate(rows).astype(np.int64)  # [Lc]
     has_ds = any(cv.deepstack for cv in visual)
-    embeds, ds_dense = model.splice(new_ids, [cv.features for cv in visual], [cv.deepstack for cv in visual] if has_ds else None)
+    embeds, ds_dense = model.splice(
+        new_ids, [cv.features for cv in visual], [cv.deepstack for cv in visual] if has_ds else None
+    )
     pos = P[:, rows]  # [3, Lc] text keeps its full-sequence positions
     mass = None
     if any(cv.mass is not None for cv in visual):

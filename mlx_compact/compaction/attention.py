@@ -1,6 +1,6 @@
 """Attention received per visual token, computed blockwise at a full-attention ViT block."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -11,8 +11,8 @@ def attention_received(
     k: mx.array,
     scale: float,
     block: int = 1024,
-    cu_seqlens: Optional[Sequence[int]] = None,
-    queries: Optional[int] = None,
+    cu_seqlens: Sequence[int] | None = None,
+    queries: int | None = None,
 ) -> mx.array:
     """Column sums of softmax(q k^T * scale), averaged over heads: how much attention each key receives.
 

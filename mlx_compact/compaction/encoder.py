@@ -77,7 +77,8 @@ def tower_hooks(model, c) -> dict:
         if model.config.model_type == "qwen2_5_vl":
             raise ValueError(
                 "in-encoder compaction needs a full-attention vision tower (Qwen2-VL, Qwen3-VL); Qwen2.5-VL's "
-                "windowed ViT is served post-merger: use --where post (Compaction(where='post'))")
+                "windowed ViT is served post-merger: use --where post (Compaction(where='post'))"
+            )
         hooks.update(select=unit_selector(c), select_at=_layer(model, c))
     if c.method == "saliency":
         hooks.update(received=_received, received_at=_layer(model, c))

@@ -6,7 +6,7 @@ Selectors return the kept raster indices (np.int64, unique, in selection order).
 `start` is the floor: indices every selector keeps first and then fills up to the budget.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -16,8 +16,8 @@ from .types import VisualTokens
 
 class Selection(NamedTuple):
     keep: np.ndarray  # [K] raster indices of the kept (representative) tokens
-    assign: Optional[np.ndarray] = None  # [N] slot in `keep` each token is averaged into, -1 = dropped
-    weight: Optional[np.ndarray] = None  # [N] weight of each token in its slot's average (None = 1)
+    assign: np.ndarray | None = None  # [N] slot in `keep` each token is averaged into, -1 = dropped
+    weight: np.ndarray | None = None  # [N] weight of each token in its slot's average (None = 1)
 
 
 def _idx(start) -> np.ndarray:
@@ -161,7 +161,8 @@ def saliency(tokens: VisualTokens, k: int, start=None, contextual: float = 0.15)
     if tokens.attention_received is None:
         raise ValueError(
             "saliency needs tokens.attention_received: compute it with attention_received(q, k, scale) at a "
-            "full-attention ViT block and reduce_to_units(...), or use method='diversity'")
+            "full-attention ViT block and reduce_to_units(...), or use method='diversity'"
+        )
     n, start = tokens.n, _idx(start)
     att = np.array(tokens.attention_received.astype(mx.float32))  # [N]
     kc = min(int(round(contextual * k)), k - len(start))

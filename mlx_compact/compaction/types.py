@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -40,10 +39,10 @@ class VisualTokens:
     features: mx.array
     grid: tuple
     positions: object
-    vit_features: Optional[mx.array] = None
-    attention_received: Optional[mx.array] = None
-    deepstack: Optional[list] = None
-    prompt_embeds: Optional[mx.array] = None
+    vit_features: mx.array | None = None
+    attention_received: mx.array | None = None
+    deepstack: list | None = None
+    prompt_embeds: mx.array | None = None
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -71,8 +70,7 @@ class VisualTokens:
         if self.prompt_embeds is not None:
             p = self.prompt_embeds
             if p.ndim != 2 or p.shape[1] != self.features.shape[1]:
-                raise ValueError(
-                    f"prompt_embeds must be [P, {self.features.shape[1]}], got {tuple(p.shape)}")
+                raise ValueError(f"prompt_embeds must be [P, {self.features.shape[1]}], got {tuple(p.shape)}")
 
     @property
     def n(self) -> int:
@@ -100,9 +98,9 @@ class CompactVisual:
     source: mx.array
     deepstack: list = field(default_factory=list)
     grid: tuple = (1, 1, 1)
-    weights: Optional[mx.array] = None
-    groups: Optional[mx.array] = None
-    mass: Optional[mx.array] = None
+    weights: mx.array | None = None
+    groups: mx.array | None = None
+    mass: mx.array | None = None
 
     @property
     def k(self) -> int:
@@ -150,8 +148,8 @@ class Compaction:
 
     method: str = "diversity"
     keep: float = 0.33
-    tokens: Optional[int] = None
-    floor_stride: Optional[int] = 3
+    tokens: int | None = None
+    floor_stride: int | None = 3
     merge_dropped: bool = False
     window: int = 2
     contextual: float = 0.15
@@ -159,8 +157,8 @@ class Compaction:
     prompt_weighted: bool = False
     seed: int = 0
     where: str = "post"
-    encoder_layer: Optional[int] = None
-    proportional: Optional[bool] = None
+    encoder_layer: int | None = None
+    proportional: bool | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -192,7 +190,8 @@ class Compaction:
             if self.method not in ENCODER_METHODS:
                 raise ValueError(
                     f"Compaction(where='encoder') selects whole merge units on ViT hidden states: method must be "
-                    f"one of {ENCODER_METHODS}, got {self.method!r} (use where='post' for it)")
+                    f"one of {ENCODER_METHODS}, got {self.method!r} (use where='post' for it)"
+                )
             if self.merge_dropped:
                 raise ValueError("Compaction(where='encoder') keeps whole units: merge_dropped is post-merger only")
 
@@ -236,8 +235,7 @@ class Compaction:
         return self.budget(t * h * w)
 
 
-
-def as_compaction(spec) -> Optional[Compaction]:
+def as_compaction(spec) -> Compaction | None:
     """A `Compaction` from a user-facing spec (for loaders and command lines).
 
     None -> None (no compaction); a Compaction -> itself; a dict -> Compaction(**spec); a string

@@ -170,9 +170,7 @@ def _gather_metal(x: mx.array, index: mx.array, verbose: bool = False) -> mx.arr
     d = x2.shape[1]
     if k * d == 0:
         return mx.zeros((k, *x.shape[1:]), dtype=x.dtype)
-    (out,) = _launch(
-        _gather_kernel, [x2, index], [("T", x.dtype)], k * d, [(k, d)], [x.dtype], verbose
-    )
+    (out,) = _launch(_gather_kernel, [x2, index], [("T", x.dtype)], k * d, [(k, d)], [x.dtype], verbose)
     return out.reshape(k, *x.shape[1:])
 
 
@@ -283,11 +281,7 @@ def _quantize_metal(x, group_size, bits, verbose: bool = False):
     words = x.size * bits // 32
     if words == 0:
         return tuple(mx.zeros(s, dtype=t) for s, t in zip(shapes, dtypes))
-    return tuple(
-        _launch(
-            _quantize_kernel, [x, group_size, bits], [("T", x.dtype)], words, shapes, dtypes, verbose
-        )
-    )
+    return tuple(_launch(_quantize_kernel, [x, group_size, bits], [("T", x.dtype)], words, shapes, dtypes, verbose))
 
 
 def quantize_rows(x: mx.array, group_size: int = 64, bits: int = 4):

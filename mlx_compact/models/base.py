@@ -1,6 +1,6 @@
 """What the Qwen-VL models share: splicing visual tokens into text, positions, loading hook."""
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,12 +11,11 @@ from .rope_index import PER_FRAME_VIDEO, get_rope_index, visual_runs
 from .vision import VisionOutput
 
 
-def _grid_list(grid) -> List[tuple]:
+def _grid_list(grid) -> list[tuple]:
     if grid is None:
         return []
     rows = grid.tolist() if hasattr(grid, "tolist") else grid
     return [tuple(int(v) for v in g) for g in rows]
-
 
 
 class WeightsError(ValueError):
@@ -68,7 +67,7 @@ class VLModel(nn.Module):
             second_per_grid_ts=second_per_grid_ts,
         )
 
-    def splice(self, input_ids: Sequence[int], visual: List[mx.array], deepstack: Optional[List[List[mx.array]]] = None):
+    def splice(self, input_ids: Sequence[int], visual: list[mx.array], deepstack: list[list[mx.array]] | None = None):
         """Embeddings [1, L, D] with each run of visual tokens replaced by the next visual block.
 
         ``visual``: one [n_i, D] block per run of image/video tokens, in order. ``deepstack``: per
@@ -117,7 +116,9 @@ class VLModel(nn.Module):
             for units, (t, h, w) in zip(out.units, grid_thw):
                 n, kept = t * h * w // merge, units.tolist()
                 slices = range(t) if per_frame else [None]
-                sizes += [len(kept) if s is None else sum(s * n // t <= u < (s + 1) * n // t for u in kept) for s in slices]
+                sizes += [
+                    len(kept) if s is None else sum(s * n // t <= u < (s + 1) * n // t for u in kept) for s in slices
+                ]
         elif per_frame:
             sizes = [h * w // merge for t, h, w in grid_thw for _ in range(t)]
         else:
@@ -132,9 +133,9 @@ class VLModel(nn.Module):
     def __call__(
         self,
         input_ids: mx.array,
-        pixel_values: Optional[mx.array] = None,
+        pixel_values: mx.array | None = None,
         grid_thw=None,
-        pixel_values_videos: Optional[mx.array] = None,
+        pixel_values_videos: mx.array | None = None,
         video_grid_thw=None,
         cache=None,
         second_per_grid_ts=None,
@@ -167,12 +168,12 @@ class VLModel(nn.Module):
         positions = mx.stack(positions, axis=1)  # [3, B, L]
         return self.language_model(mx.concatenate(embeds), positions, cache=cache, deepstack=deepstack)
 
-    def visual_runs(self, ids: Sequence[int]) -> List[tuple]:
+    def visual_runs(self, ids: Sequence[int]) -> list[tuple]:
         """(start, length, "image" | "video") of every visual block of ``ids``, in prompt order."""
         return visual_runs(ids, self.config.image_token_id, self.config.video_token_id)
 
-    def visual_kinds(self, ids: Sequence[int]) -> List[str]:
-        """"image" or "video" for each run of visual tokens, in prompt order."""
+    def visual_kinds(self, ids: Sequence[int]) -> list[str]:
+        """ "image" or "video" for each run of visual tokens, in prompt order."""
         return [kind for _, _, kind in self.visual_runs(ids)]
 
     def sanitize(self, weights: dict) -> dict:

@@ -13,7 +13,6 @@ mlx-vlm writes the Hugging Face config back with a ``quantization`` key added, s
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # the Qwen3-VL vision tower, DeepStack and Qwen3 attention
@@ -128,7 +127,7 @@ class ModelConfig:
     vision_start_token_id: int = TOKEN_ID_KEYS["vision_start_token_id"][1]
     vision_end_token_id: int = TOKEN_ID_KEYS["vision_end_token_id"][1]
     eos_token_id: list = field(default_factory=lambda: [151645])
-    quantization: Optional[dict] = None
+    quantization: dict | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
@@ -145,8 +144,7 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(
-                f"model_type {model_type!r} is not a supported Qwen-VL model "
-                f"(expected one of {', '.join(MODEL_TYPES)})"
+                f"model_type {model_type!r} is not a supported Qwen-VL model (expected one of {', '.join(MODEL_TYPES)})"
             )
         if "vision_config" not in raw:
             raise ConfigError("config.json has no vision_config: this is not a Qwen-VL checkpoint")
@@ -170,7 +168,7 @@ class ModelConfig:
         )
 
 
-def token_ids(raw: dict, vocab_size: Optional[int] = None) -> dict:
+def token_ids(raw: dict, vocab_size: int | None = None) -> dict:
     """The special token ids of a raw config.json, as `ModelConfig` fields (`TOKEN_ID_KEYS`): each read at the top
     level, then in ``text_config``, under its name or an alias; Qwen's id when absent; checked to be a token id
     (below ``vocab_size`` when given). The one reading of them: the model (`ModelConfig.from_dict`) and the
@@ -193,8 +191,7 @@ def _show(value) -> str:
 
 
 def _kind(value) -> str:
-    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "a list"}
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
     return kinds.get(type(value), f"a {type(value).__name__}")
 
 
@@ -297,8 +294,11 @@ def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
         or any(type(s) is not int or s < 0 for s in section)
         or 2 * sum(section) != head_dim
     ):
-        _bad(name or "mrope_section (absent: the default)", section,
-             f"3 whole numbers that sum to head_dim / 2 = {head_dim / 2:g}")
+        _bad(
+            name or "mrope_section (absent: the default)",
+            section,
+            f"3 whole numbers that sum to head_dim / 2 = {head_dim / 2:g}",
+        )
     layers = f.whole("num_hidden_layers")
     return TextConfig(
         hidden_size=hidden,
@@ -356,8 +356,11 @@ def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> Visi
         _bad(f"vision_config.{out_key}", out_width, f"the language model's hidden_size {llm_width}")
     depth, heads = v.whole("depth"), v.whole("num_heads")
     if width % heads or (width // heads) % 4:
-        _bad("vision_config.num_heads", heads,
-             f"a divisor of the vision width {width} into heads whose size is a multiple of 4")
+        _bad(
+            "vision_config.num_heads",
+            heads,
+            f"a divisor of the vision width {width} into heads whose size is a multiple of 4",
+        )
     patch = v.whole("patch_size", "spatial_patch_size", default=16 if model_type in QWEN3 else 14)
     merge = v.whole("spatial_merge_size", default=2)
     window = v.whole("window_size", default=112 if model_type == "qwen2_5_vl" else 0)  # transformers' default
@@ -388,7 +391,7 @@ def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> Visi
     )
 
 
-def _quantization(raw: dict) -> Optional[dict]:
+def _quantization(raw: dict) -> dict | None:
     """The quantization settings as given, the mlx kind (not ``quant_method`` ones: the loader's) validated."""
     q, qc = raw.get("quantization"), raw.get("quantization_config")
     if q is not None:

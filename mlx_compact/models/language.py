@@ -3,7 +3,7 @@
 A model file may give its own MLP per layer (``mlp(cfg, layer) -> module``; Qwen3-VL-MoE: experts).
 """
 
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -103,7 +103,9 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         if last_only:
             cos_q, sin_q, mask = cos[..., -1:, :], sin[..., -1:, :], last_row_mask(mask)
-        q = self.q_proj(x[:, -1:] if last_only else x).reshape(B, 1 if last_only else L, self.n_heads, -1)  # [B, Lq, H, hd]
+        q = self.q_proj(x[:, -1:] if last_only else x).reshape(
+            B, 1 if last_only else L, self.n_heads, -1
+        )  # [B, Lq, H, hd]
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)  # [B, Hkv, L, hd]
         if "q_norm" in self:
@@ -138,7 +140,7 @@ def dense_mlp(cfg: TextConfig, layer: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, mlp: Optional[nn.Module] = None):
+    def __init__(self, cfg: TextConfig, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = mlp if mlp is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
@@ -185,11 +187,11 @@ class LanguageModel(nn.Module):
         self,
         inputs_embeds: mx.array,
         positions: mx.array,
-        cache: Optional[list] = None,
-        deepstack: Optional[List[mx.array]] = None,
+        cache: list | None = None,
+        deepstack: list[mx.array] | None = None,
         mask=None,
         last_only: bool = False,
-        key_bias: Optional[mx.array] = None,
+        key_bias: mx.array | None = None,
     ) -> mx.array:
         """Logits [B, L, V] for embeddings [B, L, D] at positions [3, B, L] ([B, 1, V] if ``last_only``).
 

@@ -68,7 +68,8 @@ class Qwen25VisionTower(VisionTower):
     def __call__(self, pixel_values, grid_thw, select=None, select_at: int = 0, received=None, received_at: int = 0):
         if select is not None:
             raise NotImplementedError(
-                "Qwen2.5-VL's windowed ViT does not support in-encoder compaction; use post-merger compaction")
+                "Qwen2.5-VL's windowed ViT does not support in-encoder compaction; use post-merger compaction"
+            )
         return super().__call__(pixel_values, grid_thw, received=received, received_at=received_at)
 
 

@@ -82,8 +82,10 @@ def expert_orientation(weights: dict, hidden: int, inter: int):
     """Which layout the fused experts of ``weights`` are in: "transformers" ([E, 2I, H] / [E, H, I]),
     "release" ([E, H, 2I] / [E, I, H]), or None when there are none. One checkpoint has one layout, so
     a tensor whose shape fits both (gate_up when H == 2I, down when H == I) is decided by the others."""
-    shapes = {GATE_UP: {"transformers": (2 * inter, hidden), "release": (hidden, 2 * inter)},
-              DOWN: {"transformers": (hidden, inter), "release": (inter, hidden)}}
+    shapes = {
+        GATE_UP: {"transformers": (2 * inter, hidden), "release": (hidden, 2 * inter)},
+        DOWN: {"transformers": (hidden, inter), "release": (inter, hidden)},
+    }
     left, first = None, None
     for key, v in weights.items():
         suffix = next((s for s in shapes if key.endswith(s)), None)
@@ -94,14 +96,16 @@ def expert_orientation(weights: dict, hidden: int, inter: int):
             raise WeightsError(
                 f"{key} has shape {tuple(v.shape)}; for hidden_size {hidden} and moe_intermediate_size {inter} "
                 f"expected [experts, {', '.join(map(str, shapes[suffix]['transformers']))}] (a transformers save) "
-                f"or [experts, {', '.join(map(str, shapes[suffix]['release']))}] (the Qwen release)")
+                f"or [experts, {', '.join(map(str, shapes[suffix]['release']))}] (the Qwen release)"
+            )
         if left is not None and not left & fits:
             raise WeightsError(f"{first} and {key} are in different expert layouts; re-save the checkpoint")
         left, first = (fits if left is None else left & fits), first or key
     if left is not None and len(left) > 1:
         raise WeightsError(
             f"the experts' layout cannot be told from their shapes (hidden_size {hidden} = 2 x "
-            f"moe_intermediate_size {inter} and no down_proj to decide); re-save it with transformers 5")
+            f"moe_intermediate_size {inter} and no down_proj to decide); re-save it with transformers 5"
+        )
     return None if left is None else left.pop()
 
 

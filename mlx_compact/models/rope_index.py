@@ -7,7 +7,8 @@ t_index is ti for Qwen2-VL, int(ti * second_per_grid_t * tokens_per_second) for 
 writes each temporal patch of a video as its own block (timestamps in between are text).
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .config import MODEL_TYPES, QWEN3
 
@@ -21,11 +22,11 @@ class VisualSpan(NamedTuple):
     item: int  # index of the image / video among its kind
     start: int  # index of the first visual token in the sequence
     length: int  # number of visual tokens = t * h * w of `grid`
-    grid: Tuple[int, int, int]  # merged (t, h, w) of this block
-    t_index: Tuple[int, ...]  # temporal position offset of each of the t slices
+    grid: tuple[int, int, int]  # merged (t, h, w) of this block
+    t_index: tuple[int, ...]  # temporal position offset of each of the t slices
 
 
-def visual_runs(input_ids: Sequence[int], image_token_id: int, video_token_id: int) -> List[Tuple[int, int, str]]:
+def visual_runs(input_ids: Sequence[int], image_token_id: int, video_token_id: int) -> list[tuple[int, int, str]]:
     """(start, length, "image" | "video") of every maximal run of image or video tokens, in prompt order.
 
     The one place visual blocks are found in a token sequence: `visual_spans` (which checks them against the
@@ -53,8 +54,8 @@ def visual_spans(
     spatial_merge_size: int,
     model_type: str,
     tokens_per_second: float = 2,
-    second_per_grid_ts: Optional[Sequence[float]] = None,
-) -> List[VisualSpan]:
+    second_per_grid_ts: Sequence[float] | None = None,
+) -> list[VisualSpan]:
     """The visual blocks of one sequence, in order; grids are the processor's (unmerged) grid_thw.
 
     Raises ValueError when the visual tokens do not match the grids.
@@ -96,8 +97,8 @@ def visual_spans(
 
 def get_rope_index(
     input_ids: Sequence[int],
-    image_grid_thw: Optional[Sequence[Sequence[int]]] = None,
-    video_grid_thw: Optional[Sequence[Sequence[int]]] = None,
+    image_grid_thw: Sequence[Sequence[int]] | None = None,
+    video_grid_thw: Sequence[Sequence[int]] | None = None,
     *,
     image_token_id: int,
     video_token_id: int,
@@ -105,8 +106,8 @@ def get_rope_index(
     spatial_merge_size: int,
     model_type: str,
     tokens_per_second: float = 2,
-    second_per_grid_ts: Optional[Sequence[float]] = None,
-) -> Tuple[List[List[int]], int]:
+    second_per_grid_ts: Sequence[float] | None = None,
+) -> tuple[list[list[int]], int]:
     """M-RoPE positions of one sequence: (3 rows of len(input_ids) ints, rope_delta).
 
     `rope_delta = max(positions) + 1 - len(input_ids)`; a token generated at sequence offset `k`
@@ -124,7 +125,7 @@ def get_rope_index(
         tokens_per_second=tokens_per_second,
         second_per_grid_ts=second_per_grid_ts,
     )
-    rows: List[List[int]] = [[], [], []]
+    rows: list[list[int]] = [[], [], []]
     cur = 0  # next free position id
     pos = 0  # index in input_ids
     for span in spans + [VisualSpan("end", 0, len(input_ids), 0, (0, 0, 0), ())]:

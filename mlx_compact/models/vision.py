@@ -1,7 +1,7 @@
 """Blocks shared by the three Qwen-VL vision towers."""
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,10 +24,10 @@ class VisionOutput:
     """What a vision tower hands on: merged tokens in raster order per image/slice."""
 
     features: mx.array  # [M, D_llm]
-    deepstack: List[mx.array] = field(default_factory=list)  # each [M, D_llm]
-    units: Optional[List[mx.array]] = None  # kept merge-unit indices per image (in-encoder compaction)
-    unit_mass: Optional[List[mx.array]] = None  # [k] per image: tokens each kept unit stands for (when select gives it)
-    attention: Optional[mx.array] = None  # [U] attention received per merge unit (when asked), raster order
+    deepstack: list[mx.array] = field(default_factory=list)  # each [M, D_llm]
+    units: list[mx.array] | None = None  # kept merge-unit indices per image (in-encoder compaction)
+    unit_mass: list[mx.array] | None = None  # [k] per image: tokens each kept unit stands for (when select gives it)
+    attention: mx.array | None = None  # [U] attention received per merge unit (when asked), raster order
 
 
 def fused_attention_available() -> bool:
@@ -110,7 +110,7 @@ def rope_angles(coords: mx.array, head_dim: int, theta: float) -> mx.array:
     return ang.reshape(ang.shape[0], -1)
 
 
-def segment_bounds(grid_thw) -> List[int]:
+def segment_bounds(grid_thw) -> list[int]:
     """Cumulative patch bounds of every temporal slice of every image."""
     bounds = [0]
     for t, h, w in grid_thw:
@@ -209,7 +209,8 @@ class VisionTower(nn.Module):
                 out.attention = self.finish(att.reshape(-1, self.cfg.spatial_merge_size**2).sum(-1), ctx)  # [U]
             if select is not None and i == select_at:
                 x, cos, sin, ctx["bounds"], out.units, units, out.unit_mass = self.keep_units(
-                    x, cos, sin, grid_thw, select, out.attention)
+                    x, cos, sin, grid_thw, select, out.attention
+                )
                 out.deepstack = [d[units] for d in out.deepstack]  # [K, D]: the same unit map
             x = blk(x, cos, sin, self.block_bounds(i, ctx))
             self.after_block(i, x, out)

@@ -19,9 +19,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ORDERS = ("forward", "reverse", "shuffle")
@@ -115,7 +114,7 @@ def _parse(source: str):
     inst = re.search(r"^template \[\[host_name.*?decltype\((\w+)(<.*?>)?\).*$", source, flags=re.M)
     if inst:
         name, targs = inst.group(1), inst.group(2) or ""
-        body = source[: inst.start()] + source[inst.end():]
+        body = source[: inst.start()] + source[inst.end() :]
     else:
         name = re.search(r"\[\[kernel\]\]\s*void\s+(\w+)\s*\(", source).group(1)
         targs, body = "", source
@@ -144,10 +143,7 @@ def _cpp(source: str) -> str:
         args.append(f"{'*' if p['ref'] == '&' else ''}({ctype}*)buffers[{j}]")
         j += 1
     call = f"{name}{targs}({', '.join(args)})"
-    return (
-        f'#include "metal_stub.h"\n{body}\n'
-        f'extern "C" void harness_entry(void** buffers, uint3 t) {{ {call}; }}\n'
-    )
+    return f'#include "metal_stub.h"\n{body}\nextern "C" void harness_entry(void** buffers, uint3 t) {{ {call}; }}\n'
 
 
 def _raw(a) -> np.ndarray:
@@ -168,8 +164,13 @@ class Harness:
     """Builds (once per source) and runs kernels; objects and binaries live under ``workdir``."""
 
     FLAGS = [
-        "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-ffp-contract=off",
-        "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+        "-std=c++17",
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-ffp-contract=off",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
     ]
 
     def __init__(self, workdir):
@@ -180,8 +181,7 @@ class Harness:
         self.launcher = None
 
     def _gxx(self, *args):
-        res = subprocess.run(["g++", *self.FLAGS, f"-I{HERE}", *map(str, args)],
-                             capture_output=True, text=True)
+        res = subprocess.run(["g++", *self.FLAGS, f"-I{HERE}", *map(str, args)], capture_output=True, text=True)
         if res.returncode:
             raise HarnessError(f"C++ build failed:\n{res.stderr[-4000:]}")
 
@@ -249,8 +249,7 @@ class Harness:
 
     def launch(self, kernel, *, inputs, grid, output_shapes, output_dtypes, **call):
         """Drop-in for ``kernel(inputs=..., grid=..., ...)`` that runs the generated source here."""
-        call = dict(call, inputs=inputs, grid=grid, output_shapes=output_shapes,
-                    output_dtypes=output_dtypes)
+        call = dict(call, inputs=inputs, grid=grid, output_shapes=output_shapes, output_dtypes=output_dtypes)
         call.pop("verbose", None)
         (source,) = metal_sources(kernel, **call)
         return self.run_source(source, inputs, output_shapes, output_dtypes, grid)
