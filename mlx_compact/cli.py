@@ -66,16 +66,19 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- argument types
 
 
-def _keep(text: str) -> float:
+def _number(text: str, ok, what: str) -> float:
+    """A float argument that satisfies ``ok``; otherwise argparse's one-line error naming ``what``."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(
-            f"keep must be a number in (0, 1] (the share of visual tokens kept), got {text!r}"
-        )
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return value
+
+
+def _keep(text: str) -> float:
+    return _number(text, lambda v: 0.0 < v <= 1.0, "keep must be a number in (0, 1] (the share of visual tokens kept)")
 
 
 def _positive_int(text: str) -> int:
@@ -89,33 +92,17 @@ def _positive_int(text: str) -> int:
 
 
 def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0 (0: greedy), got {text!r}")
-    return value
+    return _number(text, lambda v: math.isfinite(v) and v >= 0, "temperature must be a finite number >= 0 (0: greedy)")
 
 
 def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"fps must be a number > 0 (frames per second, e.g. 2 or 0.5), got {text!r}")
-    return value
+    return _number(
+        text, lambda v: math.isfinite(v) and v > 0, "fps must be a number > 0 (frames per second, e.g. 2 or 0.5)"
+    )
 
 
 def _top_p(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"top-p must be a number in (0, 1] (1: no cut), got {text!r}")
-    return value
+    return _number(text, lambda v: 0.0 < v <= 1.0, "top-p must be a number in (0, 1] (1: no cut)")
 
 
 _UNITS = {
