@@ -36,6 +36,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_compact.files import InputError, checked_file, checkpoint_root, inside, read_bytes, read_json
+from mlx_compact.fp8 import fp8_config
 from mlx_compact.loader import DTYPES, LoadError, load_model, read_config, resolve
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-vlm
@@ -69,6 +70,8 @@ def convert(
     quantize: affine-quantize the language model's linears and embeddings to ``q_bits`` bits with
     groups of ``q_group_size``; layers whose input width is not a multiple of the group size stay float.
     dtype: the dtype of the float parameters (and of the quantization scales).
+    An FP8 block-quantized source (``quantization_config.quant_method: fp8``, the Qwen FP8 releases) is
+    dequantized into ``dtype`` (`mlx_compact.fp8`), then quantized if asked.
     quantize_vision: quantize the vision tower too (kept float by default).
     quantize_router: quantize the MoE routers (``mlp.gate``, Qwen3-VL-MoE) too; kept float by default: they
     are small (experts x hidden per layer) and pick which experts run.
@@ -94,7 +97,9 @@ def convert(
 
     with _stop_signals_interrupt():
         config = read_config(src)
-        model = load_model(src, dtype=DTYPES[dtype], lazy=True)
+        model = load_model(src, dtype=DTYPES[dtype], lazy=True, dequantize_fp8=True)
+        if fp8_config(config) is not None:  # dequantized by the load: the output is a float checkpoint
+            config = {k: v for k, v in config.items() if k != "quantization_config"}
         if quantize:
             if model.config.quantization:
                 raise ConvertError(f"{src} is already quantized; convert from the float checkpoint")

@@ -844,7 +844,8 @@ def add_convert_parser(subparsers) -> None:
         "convert",
         help="convert a Hugging Face Qwen-VL checkpoint into an MLX directory",
         description="Convert a Hugging Face Qwen-VL checkpoint (directory or repo id) into an MLX directory "
-        "that mlx-compact and mlx-vlm both load. Not needed for the mlx-community checkpoints.",
+        "that mlx-compact and mlx-vlm both load. Not needed for the mlx-community checkpoints. FP8 releases "
+        "(quant_method fp8, 128x128 block scales) are dequantized into --dtype, then quantized if asked.",
     )
     p.add_argument("--hf-path", required=True, help="source checkpoint directory or Hugging Face repo id")
     p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")

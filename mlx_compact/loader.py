@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .compaction.types import as_compaction
 from .files import InputError, checked_file, checkpoint_root, plain_name, read_json, safetensors_header
+from .fp8 import FP8Error, dequantize, fp8_config
 from .models import build_model
 from .models.base import WeightsError
 from .models.config import MODEL_TYPES, ConfigError
@@ -75,11 +76,24 @@ def load_model(
     revision: str | None = None,
     lazy: bool = False,
     memory_budget: int | None = None,
+    dequantize_fp8: bool = False,
 ):
     """Load only the model (see `load`). ``lazy=True`` leaves the weights unevaluated (for conversion and
-    planning) and skips the memory check."""
+    planning) and skips the memory check. ``dequantize_fp8``: an FP8 block-quantized checkpoint is dequantized
+    (`mlx_compact.fp8`; the converter's path); without it such a checkpoint is refused, naming the converter."""
     path = resolve(path_or_repo, revision=revision)
     config = read_config(path)
+    try:
+        fp8 = fp8_config(config)
+    except FP8Error as e:
+        raise LoadError(f"{path}: {e}") from None
+    if fp8 is not None:
+        if not dequantize_fp8:
+            raise LoadError(
+                f"{path} is an FP8 checkpoint; convert it first (it is dequantized on the way): mlx-compact "
+                f"convert --hf-path {path} --mlx-path OUTPUT [--quantize]"
+            )
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         model = build_model(config)
     except ConfigError as e:
@@ -92,8 +106,11 @@ def load_model(
     if not lazy:
         _check_weights_fit(path, headers, _resolve_dtype(dtype), memory_budget)
     try:
-        weights = model.sanitize(read_weights(path, files))
-    except WeightsError as e:
+        weights = read_weights(path, files)
+        if fp8 is not None:
+            weights = dequantize(weights, headers, fp8)
+        weights = model.sanitize(weights)
+    except (WeightsError, FP8Error) as e:
         raise LoadError(f"{path}: {e}") from None
     quantization = _quantization(config)
     if quantization is not None:
