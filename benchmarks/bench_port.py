@@ -36,6 +36,7 @@ what other processes time-sharing the core add (the wall-clock figures include i
 
 import argparse
 import gc
+import re
 import sys
 import time
 from pathlib import Path
@@ -568,7 +569,7 @@ def table(results, args):
 # ----- end to end: each library's public load + generate on one converted directory -------------
 
 TINY = Path(__file__).resolve().parent.parent / "mlx_compact" / "assets" / "qwen3-vl-tiny"
-E2E_PROMPT = "what colour is the circle at the top left ?"  # words of the tiny model's vocabulary
+E2E_PROMPT = "what colour is the circle at the top left?"  # the tiny model's own kind of question
 E2E_IDS = {"image_token_id": 5, "video_token_id": 6, "vision_start_token_id": 3, "vision_end_token_id": 4}
 
 
@@ -576,12 +577,13 @@ def write_e2e_checkpoint(model_type: str, args, path: Path) -> Path:
     """A converted directory as ``convert`` writes one (`convert.save_weights`: mlx-vlm's layout, float32;
     config.json through `convert._mlx_config`) at real widths and reduced depth, with random weights as in
     the side-by-side mode; the tokenizer, chat template and generation config of the shipped tiny model (a
-    word-level vocabulary of 65 ids, 0-7 special) and the release's image preprocessing for the model (patch
+    byte-level BPE of 640 ids, 0-6 special) and the release's image preprocessing for the model (patch
     size, mean/std; the pixel bounds of `make_image_rows`), plus the 1280x720 image as image.png.
 
-    The embedding rows (tied with the output head) of ids outside that vocabulary and of its special tokens
-    are zero, so every greedy token is a word both tokenizers decode and none ends the reply: both libraries
-    generate exactly the tokens asked for.
+    The embedding rows (tied with the output head) of every id but the whole-word tokens of that vocabulary
+    (letters, optionally after a space: no special token, no lone byte) are zero, so every greedy token is
+    a word both tokenizers decode and none ends the reply: both libraries generate exactly the tokens asked
+    for.
     """
     import json
     import shutil
@@ -602,9 +604,10 @@ def write_e2e_checkpoint(model_type: str, args, path: Path) -> Path:
     model = common.build_ours(cfg)
     weights = common.random_weights(model, seed=args.seed)
     name = "language_model.model.embed_tokens.weight"
-    words = len(json.loads((TINY / "tokenizer.json").read_text())["model"]["vocab"])
-    rows = mx.arange(weights[name].shape[0])[:, None]
-    weights[name] = mx.where((rows >= 8) & (rows < words), weights[name], 0.0)
+    vocab = json.loads((TINY / "tokenizer.json").read_text())["model"]["vocab"]
+    words = np.zeros((weights[name].shape[0], 1), bool)
+    words[[i for t, i in vocab.items() if re.fullmatch("\u0120?[a-z]{2,}", t) and i < len(words)]] = True
+    weights[name] = mx.where(mx.array(words), weights[name], 0.0)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     save_weights(path, model, progress=False)

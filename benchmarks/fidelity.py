@@ -1,9 +1,12 @@
 """Fidelity of compact visual tokens: task accuracy and KL(full || compact) at the answer position.
 
-Default mode (the shipped tiny Qwen3-VL on the synthetic test split of `training/scenes.py`): for every
-operator and keep ratio, post-merger (and in-encoder with --encoder), accuracy per question family on
-`eval_questions("test", N)` and KL(full || compact) of the next-token distribution at the first answer
-position, averaged over the questions:
+Default mode (the shipped tiny Qwen3-VL on the synthetic test split of `training/scenes.py`, or with
+`--world grid` of the first edition's 3x3-grid world, `training/grid_scenes.py`): for every operator and
+keep ratio, post-merger (and in-encoder with --encoder), accuracy per question family on
+`eval_questions("test", N)` (describe: the same set of objects and positions, in any order) and
+KL(full || compact) of the next-token distribution at the first answer position, averaged over the
+questions. With --kept-picture, also a picture per operator of the visual tokens it keeps on a few test
+images (at the keep nearest 1/3):
 
     python benchmarks/fidelity.py [--ops pool,floor,...] [--keeps 1.0,0.5,...] [--per-family 20] [--encoder]
     python benchmarks/fidelity.py --quick
@@ -234,6 +237,27 @@ def _fmt(v) -> str:
 # ----------------------------------------------------------------------------- default (labelled) mode
 
 
+def world_module(name: str = "free"):
+    """The synthetic world of the labelled mode: "free" (training/scenes.py) or "grid" (grid_scenes.py)."""
+    if name == "grid":
+        from training import grid_scenes as world
+    else:
+        from training import scenes as world
+    return world
+
+
+def _right(world, family: str, answer: str, got: str) -> bool:
+    score = getattr(world, "score", None)
+    return bool(score(family, answer, got)) if score else got.strip() == answer
+
+
+def _budget(family: str, max_tokens: int) -> int:
+    return max(max_tokens, LONG_ANSWER) if family == "describe" else max_tokens
+
+
+LONG_ANSWER = 120  # tokens for a describe answer (9 objects)
+
+
 def labelled(
     model,
     processor,
@@ -244,16 +268,18 @@ def labelled(
     max_tokens: int = 4,
     log=print,
     proportional=False,
+    world="free",
 ) -> dict:
     """Accuracy per family and mean KL(full || compact) at the answer position, per setting."""
-    from training.scenes import FAMILIES
+    world = world_module(world) if isinstance(world, str) else world
+    FAMILIES = world.FAMILIES
 
     full = []
-    for _, image, q, _ in questions:
-        full.append(run_one(model, processor, q, [image], None, max_tokens))
+    for fam, image, q, _ in questions:
+        full.append(run_one(model, processor, q, [image], None, _budget(fam, max_tokens)))
     base_right = {f: [] for f in FAMILIES}
     for (fam, _, _, a), (_, toks, _) in zip(questions, full):
-        base_right[fam].append(processor.decode(toks).strip() == a)
+        base_right[fam].append(_right(world, fam, a, processor.decode(toks)))
     rows = [
         dict(
             setting="full",
@@ -274,8 +300,8 @@ def labelled(
         right = {f: [] for f in FAMILIES}
         kls, agree, stats = [], [], []
         for (fam, image, q, a), (flogp, ftoks, _) in zip(questions, full):
-            logp, toks, st = run_one(model, processor, q, [image], c, max_tokens)
-            right[fam].append(processor.decode(toks).strip() == a)
+            logp, toks, st = run_one(model, processor, q, [image], c, _budget(fam, max_tokens))
+            right[fam].append(_right(world, fam, a, processor.decode(toks)))
             kls.append(kl(flogp, logp))
             agree.append(toks == ftoks)
             stats.append(st)
@@ -418,6 +444,50 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
+def kept_tokens(model, processor, image, compaction, prompt: str = "Describe this image.") -> tuple:
+    """(merged grid rows, cols, indices in raster order of the visual tokens the compaction keeps)."""
+    prep = prepare(model, processor, prompt, [image], compaction=compaction)
+    full = prepare(model, processor, prompt, [image], compaction=None)
+    image_rows = np.flatnonzero(np.array(full.input_ids) == processor.image_token_id)  # [N]
+    rows_kept = np.arange(len(prep.input_ids)) if prep.kept is None else np.asarray(prep.kept)
+    kept = np.flatnonzero(np.isin(image_rows, rows_kept))  # [K]
+    t, h, w = (int(v) for v in processor(processor.build_prompt(prompt, 1), [image])["grid_thw"][0])
+    merge = processor.image.merge_size
+    return h // merge, w // merge, kept
+
+
+def kept_picture(model, processor, images, ops, keep: float, encoder: bool, path: Path) -> None:
+    """One row per image, one column per operator (and where): dropped tokens greyed out, kept ones as is."""
+    from PIL import Image, ImageDraw
+
+    cols = [("full", None)]
+    for where in ("post", "encoder") if encoder else ("post",):
+        for op in ops:
+            if where == "encoder" and op not in ENCODER_METHODS:
+                continue
+            cols.append((f"{op}@{where}", Compaction(op, keep=keep, where=where)))
+    cell = 200
+    sheet = Image.new("RGB", (cell * len(cols), 18 + cell * len(images)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    for j, (label, c) in enumerate(cols):
+        d.text((j * cell + 4, 3), label if c is None else f"{label} {keep}", fill=(0, 0, 0))
+    for i, image in enumerate(images):
+        scale = min(cell / image.width, cell / image.height) * 0.95
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        for j, (_, c) in enumerate(cols):
+            rows, ncols, kept = kept_tokens(model, processor, image, c)
+            shown = np.asarray(image.convert("RGB").resize(size)).astype(np.float32)  # [H, W, 3]
+            mask = np.zeros((rows, ncols), bool)
+            mask.flat[kept] = True
+            ys = np.minimum((np.arange(size[1]) * rows) // size[1], rows - 1)
+            xs = np.minimum((np.arange(size[0]) * ncols) // size[0], ncols - 1)
+            dropped = ~mask[ys][:, xs]  # [H, W]
+            shown[dropped] = 0.25 * shown[dropped] + 0.75 * 128
+            sheet.paste(Image.fromarray(shown.astype(np.uint8)), (j * cell, 18 + i * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 # ----------------------------------------------------------------------------- label-free mode
 
 
@@ -520,6 +590,16 @@ def main(argv=None):
         action="store_true",
         help="run every setting twice: as is and with size-aware (proportional) attention",
     )
+    ap.add_argument(
+        "--world", choices=("free", "grid"), default="free", help="default mode: the synthetic world (default free)"
+    )
+    ap.add_argument(
+        "--kept-picture",
+        type=int,
+        default=0,
+        metavar="N",
+        help="default mode: draw what each operator keeps (keep nearest 1/3) on the first N test images",
+    )
     ap.add_argument("--out", help="JSON output path")
     ap.add_argument("--plot", help="PNG output path (default mode)")
     args = ap.parse_args(argv)
@@ -560,13 +640,21 @@ def main(argv=None):
         first = (questions[0], images[0][1])
         out = Path(args.out) if args.out else RESULTS / f"fidelity_labelfree{suffix}.json"
     else:
-        from training.scenes import eval_questions
-
-        qs = eval_questions("test", n)
+        world = world_module(args.world)
+        qs = world.eval_questions("test", n)
         with mass_repeat() if args.mass_repeat else contextlib.nullcontext():
             res = labelled(
-                model, processor, qs, ops, keeps, args.encoder, args.max_tokens or 4, proportional=args.proportional
+                model,
+                processor,
+                qs,
+                ops,
+                keeps,
+                args.encoder,
+                args.max_tokens or 4,
+                proportional=args.proportional,
+                world=world,
             )
+        res["world"] = args.world
         res["per_family"] = n
         res["mass_repeat"] = args.mass_repeat
         if args.mass_repeat:
@@ -577,11 +665,17 @@ def main(argv=None):
         if args.mass_repeat:
             print("(a diagnostic: the targets are for real compaction, whose KV is short; this one's is full length)")
         first = (qs[0][2], qs[0][1])
+        suffix = ("_grid" if args.world == "grid" else "") + suffix
         name = "fidelity_mass.json" if args.mass_repeat else f"fidelity{suffix}.json"
         out = Path(args.out) if args.out else RESULTS / name
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         if plot(res, png):
             print(f"wrote {png}")
+        if args.kept_picture:
+            k = min(keeps, key=lambda v: abs(v - 0.33))
+            pic = out.with_name(out.stem + "_kept.png")
+            kept_picture(model, processor, [im for _, im, _, _ in qs[: args.kept_picture]], ops, k, args.encoder, pic)
+            print(f"wrote {pic}")
     if args.proportional:
         res["proportional_cost"] = proportional_cost(model, processor, *first, res["rows"], ops, keeps, args.encoder)
         print_cost(res["proportional_cost"])

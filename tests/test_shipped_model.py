@@ -1,6 +1,6 @@
 """The shipped tiny Qwen3-VL answers held-out synthetic visual questions through our loader and generate.
 
-The questions are regenerated from the seed (`training.scenes.eval_questions("test", PER_FAMILY)`), never
+The questions are regenerated from the seed (`training.grid_scenes.eval_questions("test", PER_FAMILY)`), never
 stored. The issue's goal is >= 0.90 on every family, and that is the floor asserted for each.
 
 The test asks the first 20 questions of each family: 100 questions, ~5 s with OpenBLAS and ~20 s with MLX's
@@ -46,7 +46,7 @@ OVERALL_FLOOR = 0.95
 EXAMPLE = ("test", 6)  # the scene behind example.png (README's main command)
 
 sys.path.insert(0, str(ROOT))
-scenes = pytest.importorskip("training.scenes")
+scenes = pytest.importorskip("training.grid_scenes")  # the world the shipped model was trained on
 
 
 @pytest.fixture(scope="module")

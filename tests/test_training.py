@@ -1,5 +1,7 @@
-"""The training data and script behind the shipped model: scenes are seeded and self-consistent, ranks split
-a step's scenes without changing them, and a short two-rank run writes a checkpoint our loader answers with."""
+"""The training data and script behind the shipped model: scenes are seeded and self-consistent (answers follow
+from the objects, the objects are in the pixels), phrasings and sizes are held out, the tokenizer encodes any
+text, ranks split a step's scenes without changing them, and a short two-rank run writes a checkpoint our
+loader answers with."""
 
 import json
 import sys
@@ -22,23 +24,73 @@ def test_scene_is_a_pure_function_of_split_and_index():
 
 
 def test_answers_follow_from_the_objects():
+    """Each answer recomputed from the scene's objects, and the objects found in the picture's pixels."""
     for i in range(60):
         s = scenes.make_scene("train", i, 8)
+        w, h = s.image.size
+        assert scenes.MIN_SIDE <= min(w, h) and max(w, h) <= scenes.MAX_SIDE and w % 16 == 0 and h % 16 == 0
+        assert 1 <= len(s.objects) <= scenes.MAX_OBJECTS
         shapes = [o for o in s.objects if o.kind == "shape"]
-        ch, cw = s.cell
-        assert s.image.size == (3 * cw, 3 * ch)
-        assert len(s.cell_labels()) == (3 * ch // scenes.MERGED_PX) * (3 * cw // scenes.MERGED_PX)
-        for family, q, a in s.qa:
-            words = q.rstrip("?").split()
-            if q == "how many shapes are there?":
-                assert a == str(len(shapes))
-            elif family == "count" and words[2] in scenes.COLOURS:
-                assert a == str(sum(o.colour == words[2] for o in shapes))
+        pixels = np.asarray(s.image)
+        for o in shapes:  # a circle's, square's, star's centre has the shape's colour, unless another covers it
+            x, y = int((o.box[0] + o.box[2]) / 2), int((o.box[1] + o.box[3]) / 2 + (o.box[3] - o.box[1]) * 0.2)
+            if s.labels[y, x] == o.label:
+                assert np.abs(pixels[y, x].astype(int) - scenes.COLOURS[o.colour]).max() <= 2
+        for (family, _, answer), (kind, subject), template in zip(s.qa, s.subjects, s.templates):
+            assert template not in scenes.HELD_OUT  # training never sees a held-out phrasing
+            if family == "colour":
+                assert [o.colour for o in shapes if o.name == subject] == [answer]
+            elif family == "count":
+                words = subject.split()
+                match = [o for o in shapes if subject == "shapes" or o.name + "s" == words[-1] or words[-1] == "shapes"]
+                match = [o for o in match if len(words) == 1 or o.colour == words[0]]
+                assert answer == str(len(match))
+            elif family == "where":
+                name = subject.split()[-1]
+                found = [
+                    o
+                    for o in s.objects
+                    if o.name == name
+                    and (len(subject.split()) == 1 or subject.split()[0] in (o.colour, "number", "letter", "word"))
+                ]
+                assert [o.region for o in found] == [answer]
             elif family == "read":
-                region = " ".join(words[5:])
-                assert [o.name for o in s.objects if o.region == region] == [a]
-            elif family == "exists" and len(words) == 4:
-                assert a == ("yes" if any(o.name == words[3] for o in s.objects if o.kind == "char") else "no")
+                assert [
+                    o.name for o in s.objects if o.kind == "text" and scenes.region_phrase(o.region) == subject
+                ] == [answer]
+            elif family == "exists":
+                name = subject.split()[-1].removesuffix("s") if kind == "plural_exists" else subject.split()[-1]
+                colour = subject.split()[0] if len(subject.split()) == 2 else None
+                there = any(o.name == name and (colour is None or o.colour == colour) for o in s.objects)
+                assert answer == ("yes" if there else "no")
+            elif family == "describe":
+                assert len(scenes.describe_items(answer)) == len(s.objects)
+                for o in s.objects:
+                    assert f"{o.phrase} {scenes.region_phrase(o.region)}" in scenes.describe_items(answer)
+
+
+def test_object_centres_keep_out_of_the_bands_between_regions():
+    for i in range(40):
+        s = scenes.make_scene("test", i, 0)
+        w, h = s.image.size
+        assert w % 16 and h % 16  # test sizes are never training sizes
+        for o in s.objects:
+            for v, side in (((o.box[0] + o.box[2]) / 2, w), ((o.box[1] + o.box[3]) / 2, h)):
+                assert min(abs(v / side - 1 / 3), abs(v / side - 2 / 3)) >= scenes.BAND
+
+
+def test_val_and_test_use_held_out_phrasings():
+    qs = scenes.eval_questions("test", 10, held=True)
+    assert {f for f, *_ in qs} == set(scenes.FAMILIES)
+    assert 0.2 < sum(held for *_, held in qs) / len(qs) < 0.8
+
+
+def test_describe_score_ignores_order_but_not_content():
+    a = "a red circle at the top left, the number 7 in the center"
+    assert scenes.score("describe", a, "the number 7 in the center, a red circle at the top left")
+    assert not scenes.score("describe", a, "a red circle at the top left")
+    assert scenes.describe_f1(a, "a red circle at the top left") == pytest.approx(2 / 3)
+    assert scenes.score("count", "3", " 3") and not scenes.score("count", "3", "4")
 
 
 def test_ranks_split_a_step_without_changing_its_scenes():
@@ -46,10 +98,10 @@ def test_ranks_split_a_step_without_changing_its_scenes():
 
     class Recorder:  # stands in for the Batcher: records the questions of each encoded scene
         def encode(self, image, qa):
-            return qa
+            return qa, None, None, (1, 4, 4), None
 
         def collate(self, items):
-            return {"items": items}
+            return {"items": [qa for qa, *_ in items]}
 
     def step_items(ranks, rank):
         args = SimpleNamespace(batch=4, ranks=ranks, rank=rank, seed=3, turns=2, family_weights=None)
@@ -82,8 +134,8 @@ def test_two_rank_run_writes_a_checkpoint_our_loader_answers_with(tmp_path):
             "2",
             "--turns",
             "2",
-            "--vision-minutes",
-            "0.05",
+            "--vision-steps",
+            "2",
             "--vision-batch",
             "2",
             "--val-per-family",
@@ -100,3 +152,11 @@ def test_two_rank_run_writes_a_checkpoint_our_loader_answers_with(tmp_path):
     scene = scenes.make_scene("test", 0)
     text = generate(model, processor, "how many shapes are there?", [scene.image], max_tokens=2).text
     assert isinstance(text, str)
+    tok = processor.tokenizer  # the byte-level BPE trained on the corpus: special tokens at the config's ids
+    config = json.loads((out / "hf" / "config.json").read_text())
+    for name, key in (("<|image_pad|>", "image_token_id"), ("<|vision_start|>", "vision_start_token_id")):
+        assert tok.convert_tokens_to_ids(name) == config[key]
+    assert tok.convert_tokens_to_ids("<|im_end|>") == config["text_config"]["eos_token_id"]
+    odd = "What COLOR is the \u00e9toile? \U0001f534 <none>"
+    ids = tok(odd, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == odd and tok.unk_token_id is None

@@ -39,8 +39,8 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 TOKEN_IDS = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-UNK = "<unk>"
-CHAR0 = 1 + len(scenes.SHAPES) * len(scenes.COLOURS)  # first character class of the cell content
+CHAR0 = 1 + len(scenes.SHAPES) * len(scenes.COLOURS)  # first text class of the token content
+VOCAB_SIZE = 640  # byte-level BPE: 7 special tokens, 256 bytes, the rest merges learned on the corpus
 
 # Qwen's chat template without the default system turn (shorter sequences; a system message still works).
 CHAT_TEMPLATE = (
@@ -56,22 +56,28 @@ CHAT_TEMPLATE = (
 
 
 def make_tokenizer():
-    """A word-level tokenizer: the Qwen special tokens at ids 0..6, <unk> at 7, then the scene vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer (GPT-2 / Qwen pre-tokenization) trained on the scenes' questions and
+    answers: the Qwen special tokens at ids 0..6, then the 256 bytes, then the merges, so any text encodes
+    (nothing is ever unknown). Deterministic: the corpus is a function of the seedless scene generator."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = dict(TOKEN_IDS)
-    vocab[UNK] = len(vocab)
-    for w in scenes.vocabulary():
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(scenes.corpus(), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    assert all(tok.token_to_id(t) == i for t, i in TOKEN_IDS.items())
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token=UNK,
         bos_token=None,
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
@@ -130,7 +136,8 @@ def make_config(vocab_size: int, args):
 
 
 def preprocessor_config() -> dict:
-    # 36..64 merged tokens: the scene sizes (36 or 54 tokens) pass through smart_resize unchanged
+    # 16..200 merged tokens: 128 px to 448 px a side pass through smart_resize at their size (to a multiple
+    # of 32 px); larger images are scaled down to 200 tokens
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor",
@@ -145,16 +152,15 @@ def preprocessor_config() -> dict:
         "temporal_patch_size": 2,
         "resample": 3,
         "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": 32 * 32 * 36, "longest_edge": 32 * 32 * 64},
+        "size": {"shortest_edge": 32 * 32 * 16, "longest_edge": 32 * 32 * 200},
     }
 
 
-def write_sidecars(path: Path) -> None:
+def write_sidecars(path: Path, tok) -> None:
     """Tokenizer, chat template, preprocessor and generation configs (everything but config + weights)."""
     from transformers import GenerationConfig
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer()
     tok.save_pretrained(str(path))
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(), indent=2) + "\n")
@@ -175,9 +181,8 @@ class Batcher:
     def __init__(self, processor):
         self.p = processor
         tok = processor.tokenizer
-        self.im_start = TOKEN_IDS["<|im_start|>"]
         self.im_end = TOKEN_IDS["<|im_end|>"]
-        self.assistant = tok.convert_tokens_to_ids("assistant")
+        self.header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.image_id = processor.image_token_id
 
     def encode(self, image, qa):
@@ -190,30 +195,37 @@ class Batcher:
         x = self.p(text, [image])
         ids = x["input_ids"][0].astype(np.int64)
         labels = np.full_like(ids, -100)
-        in_answer = False
-        for i in range(1, len(ids)):
-            if ids[i - 1] == self.assistant and ids[i - 2] == self.im_start:
-                in_answer = True
-            if in_answer:
-                labels[i] = ids[i]
-                if ids[i] == self.im_end:
-                    in_answer = False
-        return ids, labels, x["pixel_values"], x["grid_thw"][0]
+        weights = np.zeros(len(ids), dtype=np.float32)
+        h, n = self.header, len(self.header)
+        i = 0
+        while i < len(ids):
+            if list(ids[i : i + n]) == h:
+                j = i + n
+                while j < len(ids) and ids[j] != self.im_end:
+                    j += 1
+                labels[i + n : j + 1] = ids[i + n : j + 1]
+                weights[i + n : j + 1] = 1 / math.sqrt(j + 1 - i - n)  # long answers (describe) weigh less a token
+                i = j
+            i += 1
+        return ids, labels, x["pixel_values"], x["grid_thw"][0], weights
 
     def collate(self, items):
         L = max(len(ids) for ids, *_ in items)
         B = len(items)
         input_ids = torch.zeros(B, L, dtype=torch.long)
         labels = torch.full((B, L), -100, dtype=torch.long)
+        weights = torch.zeros(B, L)
         mask = torch.zeros(B, L, dtype=torch.long)
-        for b, (ids, lab, _, _) in enumerate(items):
+        for b, (ids, lab, _, _, w) in enumerate(items):
             input_ids[b, : len(ids)] = torch.from_numpy(ids)
             labels[b, : len(ids)] = torch.from_numpy(lab)
+            weights[b, : len(ids)] = torch.from_numpy(w)
             mask[b, : len(ids)] = 1
         return dict(
             input_ids=input_ids,
             attention_mask=mask,
             labels=labels,
+            loss_weights=weights,
             mm_token_type_ids=(input_ids == self.image_id).int(),
             pixel_values=torch.from_numpy(np.concatenate([it[2] for it in items])),
             image_grid_thw=torch.from_numpy(np.stack([it[3] for it in items]).astype(np.int64)),
@@ -226,17 +238,21 @@ def rank_share(n: int, args) -> range:
     return range(args.rank * per_rank, (args.rank + 1) * per_rank)
 
 
-def train_batch(batcher, args, step, max_objects=6):
+def token_labels(scene, grid) -> tuple:
+    """(content, region) of each merged token of the image's grid_thw (t, h, w) in patches."""
+    return scene.token_labels(int(grid[1]) // 2, int(grid[2]) // 2)
+
+
+def train_batch(batcher, args, step):
     """This rank's share of the step's images, tokenized and batched."""
     items, cells, regions = [], [], []
     for i in rank_share(args.batch, args):
         idx = args.seed * 1_000_000_000 + step * args.batch + i
-        s = scenes.make_scene(
-            "train", idx, n_questions=args.turns, family_weights=args.family_weights, max_objects=max_objects
-        )
+        s = scenes.make_scene("train", idx, n_questions=args.turns, family_weights=args.family_weights)
         items.append(batcher.encode(s.image, [(q, a) for _, q, a in s.qa]))
-        cells += s.cell_labels()
-        regions += s.cell_regions()
+        c, r = token_labels(s, items[-1][3])
+        cells += c
+        regions += r
     batch = batcher.collate(items)
     batch["cell_labels"] = torch.tensor(cells, dtype=torch.long)
     batch["cell_regions"] = torch.tensor(regions, dtype=torch.long)
@@ -263,7 +279,7 @@ def evaluate(model, batches) -> dict:
     model.eval()
     right, total = {f: 0 for f in scenes.FAMILIES}, {f: 0 for f in scenes.FAMILIES}
     for fams, _, batch in batches:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}).logits
         pred = logits[:, :-1].argmax(-1)
         lab = batch["labels"][:, 1:]
         ok = ((pred == lab) | (lab == -100)).all(-1)
@@ -322,17 +338,23 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
     opt = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.wd)
     t0, step, ema, acc_ema, next_log = time.time(), 0, None, None, 60.0
     while True:
-        frac, _, stop = sync_clock((time.time() - t0) / (args.vision_minutes * 60), False, False, args)
+        if args.vision_steps:
+            frac, stop = step / args.vision_steps, False
+        else:
+            frac, _, stop = sync_clock((time.time() - t0) / (args.vision_minutes * 60), False, False, args)
         if frac >= 1.0 or stop:
             break
-        images, cells, regions = [], [], []
+        images, found = [], []
         for i in rank_share(args.vision_batch, args):
             idx = args.seed * 1_000_000_000 + 500_000_000 + step * args.vision_batch + i
-            s = scenes.make_scene("train", idx, n_questions=0)
-            images.append(s.image)
-            cells += s.cell_labels()
-            regions += s.cell_regions()
+            found.append(scenes.make_scene("train", idx, n_questions=0))
+            images.append(found[-1].image)
         pix, grids = batcher.p.preprocess_images(images)
+        cells, regions = [], []
+        for s, g in zip(found, grids):
+            c, r = token_labels(s, g)
+            cells += c
+            regions += r
         # after 70% of the phase: cos(pi * frac), i.e. a drop to ~25% then down to 5% (the shipped run's schedule)
         decay = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)) if frac > 0.7 else 1.0
         lr = peak * min(1.0, (step + 1) / 50) * decay
@@ -358,7 +380,7 @@ def vision_phase(model, aux_head, captured, batcher, args, log):
         acc_ema = acc if acc_ema is None else [0.95 * e + 0.05 * a for e, a in zip(acc_ema, acc)]
         step += 1
         t = time.time() - t0
-        if args.rank == 0 and (t >= next_log or t >= args.vision_minutes * 60):
+        if args.rank == 0 and (t >= next_log or step == args.vision_steps):
             rec = {
                 "phase": "vision",
                 "step": step,
@@ -416,11 +438,17 @@ def main(argv=None):
         help="first train the vision tower alone on the auxiliary loss for this long (0: off)",
     )
     ap.add_argument(
-        "--easy-minutes",
-        type=float,
-        default=0.0,
-        help="curriculum: the first minutes of phase 2 use scenes of 2-3 objects (default 0: off)",
+        "--vision-steps",
+        type=int,
+        default=0,
+        help="first train the vision tower alone for this many steps (reproducible; overrides --vision-minutes)",
     )
+    ap.add_argument(
+        "--init",
+        help="warm start: an MLX checkpoint of the same widths (e.g. the previous bundled model) whose vision "
+        "tower and LLM layers start the run (embeddings and head are new: the vocabulary differs)",
+    )
+    ap.add_argument("--save-every", type=int, default=0, help="also save a checkpoint OUT/ckpt-STEP every N steps")
     ap.add_argument(
         "--family-weights",
         default=None,
@@ -487,6 +515,30 @@ def launch_ranks(args, argv):
         raise SystemExit(f"a training rank failed (exit codes {codes})")
 
 
+def save(model, path: Path, tok) -> None:
+    model.save_pretrained(str(path))
+    write_sidecars(path, tok)  # save_pretrained may rewrite generation_config.json
+
+
+def warm_start(model, path: Path) -> None:
+    """Copy the vision tower and the LLM layers of an MLX checkpoint (our converter's layout) into `model`."""
+    from safetensors.numpy import load_file
+
+    ours = model.state_dict()
+    loaded = 0
+    for name, value in load_file(str(path / "model.safetensors")).items():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        key = name.replace("vision_tower.", "model.visual.").replace("language_model.model.", "model.language_model.")
+        if key.endswith("patch_embed.proj.weight"):
+            value = value.transpose(0, 4, 1, 2, 3)  # MLX [O, T, H, W, C] -> torch [O, C, T, H, W]
+        if key not in ours or tuple(ours[key].shape) != value.shape:
+            raise SystemExit(f"--init {path}: {name} {value.shape} does not fit this model")
+        ours[key].copy_(torch.from_numpy(value.astype(np.float32)))
+        loaded += 1
+    print(f"warm start: {loaded} tensors from {path}", flush=True)
+
+
 def run(args):
     """One rank of training (rank 0 validates, logs and saves)."""
     from transformers import Qwen3VLForConditionalGeneration
@@ -501,17 +553,20 @@ def run(args):
         torch.distributed.init_process_group("gloo", rank=args.rank, world_size=args.ranks)
     out = Path(args.out)
     hf = out / "hf"
-    tok = make_tokenizer()
-    config = make_config(len(tok), args)
     if args.rank == 0:
-        write_sidecars(hf)
-        config.save_pretrained(str(hf))  # the processor reads token ids from config.json
+        tok = make_tokenizer()
+        write_sidecars(hf, tok)
+        make_config(len(tok), args).save_pretrained(str(hf))  # the processor reads token ids from config.json
     if args.ranks > 1:
         torch.distributed.barrier()
-    processor = Processor.from_pretrained(hf)
+    processor = Processor.from_pretrained(hf)  # every rank: the tokenizer rank 0 trained
+    tok = processor.tokenizer
+    config = make_config(len(tok), args)
     batcher = Batcher(processor)
 
     model = Qwen3VLForConditionalGeneration(config).float().train()
+    if args.init:
+        warm_start(model, Path(args.init))
     n_params = sum(p.numel() for p in model.parameters())
     aux_head = torch.nn.Linear(args.width, scenes.N_CLASSES + 9)  # cell content, then cell position
     captured = {}
@@ -554,7 +609,8 @@ def run(args):
         )
         return acc
 
-    t_vision = vision_phase(model, aux_head, captured, batcher, args, log) if args.vision_minutes > 0 else 0.0
+    phase1 = args.vision_steps > 0 or args.vision_minutes > 0
+    t_vision = vision_phase(model, aux_head, captured, batcher, args, log) if phase1 else 0.0
     if args.vision_only:
         return
     if args.freeze_vision:
@@ -586,17 +642,18 @@ def run(args):
         if budget and frac >= 1.0:
             break
         td = time.time()
-        easy = (frac * budget if budget else t - t_vision) < args.easy_minutes * 60
-        batch = train_batch(batcher, args, step, max_objects=3 if easy else 6)
+        batch = train_batch(batcher, args, step)
         t_data += time.time() - td
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args, frac if budget else None)
-        labels = batch.pop("labels")
+        labels, weights = batch.pop("labels"), batch.pop("loss_weights")
         cells, regions = batch.pop("cell_labels"), batch.pop("cell_regions")
         logits = model(**batch).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
         )
+        w = weights[:, 1:].flatten()
+        loss = (per_token * w).sum() / w.sum()
         total = loss
         if args.aux > 0:
             z = aux_head(captured["merged"])
@@ -614,6 +671,8 @@ def run(args):
         opt.step()
         done = step + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if args.save_every and done % args.save_every == 0 and args.rank == 0:
+            save(model, out / f"ckpt-{done}", tok)
         if step == 9 and args.rank == 0:
             tt = time.time() - t0 - t_vision
             print(
@@ -634,8 +693,7 @@ def run(args):
         return
     t = time.time() - t0
     final = report(done, t, ema)
-    model.save_pretrained(str(hf))
-    write_sidecars(hf)  # save_pretrained may rewrite generation_config.json
+    save(model, hf, tok)
     summary = {
         "steps": done,
         "vision_minutes": round(t_vision / 60, 2),
