@@ -387,9 +387,11 @@ def generate_step(
     progress=None,
     logits_processors=None,
     max_tokens: int | None = None,
+    prefilled: Callable[[], None] | None = None,
 ) -> Iterator[tuple]:
     """Yield ``(token id, logprobs [V])`` forever (the caller stops), as mlx-lm's ``generate_step``; with
-    ``max_tokens``, that many and no step is computed past the last.
+    ``max_tokens``, that many and no step is computed past the last. ``prefilled()`` is called once the
+    prompt is in the cache (evaluated), before the first decode step writes to it.
 
     ``sampler(logprobs [1, V]) -> [1]`` (default greedy; mlx-lm's ``make_sampler`` makes others);
     ``logits_processors``: mlx-lm's ``(tokens so far [T], logits [1, V]) -> logits`` (``make_logits_processors``).
@@ -410,6 +412,9 @@ def generate_step(
         return token, logprobs
 
     logits = prefill(model, prep, cache, prefill_step_size, pin, progress)
+    if prefilled is not None:
+        mx.eval(logits, [c.state for c in cache])
+        prefilled()
     embed = model.language_model.model.embed_tokens
     next_pos = int(prep.positions.max().item()) + 1
     token, logprobs = sample(logits)
@@ -759,6 +764,8 @@ def stream_generate(
     videos: Sequence = (),
     fps: float | None = None,
     max_frames: int | None = None,
+    turn: str | None = None,
+    on_prefill: Callable[[PromptCache], None] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yield a `GenerationResponse` per generated token; the last one has ``finish_reason`` and ``stats``.
 
@@ -774,9 +781,18 @@ def stream_generate(
     used. A fixed-size cache pins the system prompt and images and rotates the rest. Every run is planned
     before anything is allocated (``memory_budget``, ``fit``: see `check_memory`); a turn longer than a
     fixed-size cache is refused. ``progress(done, total)`` is called after each prefill chunk.
+
+    Serving a conversation (`mlx_compact.serve`): ``turn`` is this turn's text exactly as the model reads it
+    (chat template applied, one ``<|vision_start|><|image_pad|><|vision_end|>`` per image) instead of the
+    text cut from the template; ``prompt`` is then only the question that prompt-aware compaction reads.
+    ``max_tokens=0`` with a ``prompt_cache`` only prefills the turn (mlx-lm's cache priming): the cache then
+    ends with the assistant's turn open and one response (no token, ``finish_reason`` "length") is yielded.
+    ``on_prefill(state)`` is called once the turn's prompt is in the cache, before the first token is written
+    to it: ``state`` is a `PromptCache` over the same layer caches that describes the conversation at that
+    point (copy the layers to keep them: decoding goes on writing into them).
     """
     check_prompt(processor, prompt)
-    if max_tokens < 1:
+    if max_tokens < (0 if prompt_cache is not None else 1):
         raise InputError(f"max_tokens must be at least 1, got {max_tokens}")
     sampler = _sampling(sampler, temperature, top_p, top_k, min_p)
     logits_processors = _processors(logits_processors, repetition_penalty)
@@ -820,7 +836,7 @@ def stream_generate(
         held=cache.offset,
         videos=videos,
     )
-    text = turn_text(processor, cache, prompt, len(images), system_prompt, n_videos=len(videos))
+    text = turn if turn is not None else turn_text(processor, cache, prompt, len(images), system_prompt, len(videos))
     frames = [v.decode() for v in videos]
     inputs = processor(
         text=text,
@@ -864,15 +880,28 @@ def stream_generate(
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pin = pin_point(model, cache, prep.input_ids, cache.turns == 0, im_end)
     eos = set(processor.eos_token_ids)
+
+    def prefilled():
+        if on_prefill is not None:
+            state = PromptCache(cache, int(prep.positions.max().item()) + 1, cache.turns + 1, closed=False)
+            state.text = cache.text + text
+            state.messages = cache.messages + [{"role": "user", "content": _content(prompt, len(images), len(videos))}]
+            on_prefill(state)
+
     t_prefill = time.perf_counter()
     tokens, out, t_first, fed, tok, logprobs, finish = [], "", None, 0, None, None, "length"
     try:
         with wired_limit():
             # a cache made here is dropped after the call: the last token need not go into it (no step past it)
             limit = max_tokens if prompt_cache is None else None
-            steps = generate_step(
-                model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors, limit
-            )
+            if max_tokens == 0:  # prime the cache: the prompt only
+                mx.eval(prefill(model, prep, cache, prefill_step_size, pin, progress), [c.state for c in cache])
+                prefilled()
+                steps = ()
+            else:
+                steps = generate_step(
+                    model, prep, cache, sampler, prefill_step_size, pin, progress, logits_processors, limit, prefilled
+                )
             for tok, logprobs in steps:
                 # generate_step has written `tok` into the cache before yielding it (all but the last of `limit`)
                 fed += 1 if limit is None or fed + 1 < limit else 0
@@ -897,10 +926,8 @@ def stream_generate(
         cache.turns += 1
         answer = processor.decode(tokens)
         cache.text += text + processor.decode(tokens + ([tok] if cache.closed else []), skip_special_tokens=False)
-        cache.messages += [
-            {"role": "user", "content": _content(prompt, len(images), len(videos))},
-            {"role": "assistant", "content": answer},
-        ]
+        cache.messages += [{"role": "user", "content": _content(prompt, len(images), len(videos))}]
+        cache.messages += [{"role": "assistant", "content": answer}] if max_tokens else []
     stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
     stats["finish_reason"] = finish
     if max_pixels != asked:  # fit="auto" shrank the images
