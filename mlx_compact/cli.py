@@ -4,6 +4,7 @@
     mlx-compact chat [--image PATH ...] [--video PATH ...] [options]   a conversation that keeps its cache
     mlx-compact plan --image PATH ... [options]                       the memory plan, without running
     mlx-compact convert --hf-path SRC --mlx-path DST [options]        Hugging Face checkpoint -> MLX
+    mlx-compact serve [--host H --port P --api-key K --media-dir DIR]  an OpenAI-compatible server
 
 Each subcommand has an ``add_<name>_parser(subparsers)`` that declares its arguments and a
 ``run_<name>(args)`` that does the work; `SUBCOMMANDS` lists them. Options shared by several
@@ -252,6 +253,7 @@ def _add_cache(p) -> None:
     g = p.add_argument_group("KV cache (the model's working memory of the conversation)")
     g.add_argument(
         "--max-kv-tokens",
+        "--max-kv-size",
         type=_positive_int,
         default=None,
         metavar="N",
@@ -885,8 +887,132 @@ def run_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- serve
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (POST /v1/chat/completions) for apps and scripts",
+        description="Serve one model over OpenAI's chat completions API (streaming or not), on 127.0.0.1 unless told "
+        "otherwise. Images come as data: URIs (base64) or, with --media-dir, as files in that folder; nothing is "
+        "fetched from the network. A conversation's images are encoded once: the next request of the same "
+        "conversation reuses its cached prefix and prefills only its new tokens. Every request is planned before "
+        "it runs (413 with what would fit when it would not); one computes at a time and the others wait in a "
+        "bounded queue (503 with Retry-After when it is full). Needs the serve extra: pip install 'mlx-compact[serve]'.",
+    )
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8080, help="port (default %(default)s)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="K",
+        help="require Authorization: Bearer K on /v1 routes (default: none; set one when --host is not 127.0.0.1)",
+    )
+    p.add_argument(
+        "--media-dir",
+        default=None,
+        metavar="DIR",
+        help="let requests name image files (paths or file:// URLs) inside DIR; without it only data: URIs are taken",
+    )
+    p.add_argument(
+        "--model-id",
+        default=None,
+        metavar="NAME",
+        help="the model name clients send and GET /v1/models lists (default: the model's folder or repo name)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="shrink each image to at most P pixels (a request's max_pixels may lower it, never raise it); "
+        "default: the model's own limit",
+    )
+    _add_compaction(p)
+    _add_cache(p)
+    _add_memory(p, fit=False)
+    g = p.add_argument_group("limits (each refused with a 4xx error that names it)")
+    g.add_argument(
+        "--prefix-cache-size",
+        type=_size,
+        default=_size("1GB"),
+        metavar="SIZE",
+        help="memory for conversation prefixes kept between requests, least recently used dropped first "
+        "(default 1GB, set aside from the memory budget)",
+    )
+    g.add_argument("--max-queue", type=int, default=16, metavar="N", help="requests that may wait (default 16)")
+    g.add_argument(
+        "--max-body-size", type=_size, default=_size("32MB"), metavar="SIZE", help="largest request body (default 32MB)"
+    )
+    g.add_argument("--max-images", type=_positive_int, default=8, metavar="N", help="images per request (default 8)")
+    g.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=50_000_000,
+        metavar="P",
+        help="largest image taken, in pixels before any shrinking (default 50000000)",
+    )
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=_positive_int,
+        default=32768,
+        metavar="N",
+        help="longest conversation, in text tokens (default 32768)",
+    )
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="uvicorn's log level"
+    )
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("mlx-compact serve needs Starlette and uvicorn: pip install 'mlx-compact[serve]'") from None
+    from mlx_compact.loader import resolve
+    from mlx_compact.serve.app import Settings, serve
+    from mlx_compact.serve.conversation import Limits, media_folder
+
+    _check_cache_args(args)
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    path = resolve(args.model)  # a bad model name fails here, before the server starts
+    name = args.model_id or (args.model.rstrip("/").split("/")[-1] if args.model else "qwen3-vl-tiny")
+    settings = Settings(
+        model=str(path),
+        model_id=name,
+        api_key=args.api_key,
+        media_dir=media_folder(args.media_dir),
+        max_pixels=args.max_pixels,
+        compaction=_compaction(args),
+        max_kv_size=args.max_kv_tokens,
+        kv_bits=args.kv_bits,
+        memory_budget=args.memory_budget,
+        prefix_cache_size=args.prefix_cache_size,
+        max_queue=args.max_queue,
+        max_body_size=args.max_body_size,
+        max_prompt_tokens=args.max_prompt_tokens,
+        limits=Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels),
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        _say(f"warning: serving on {args.host} without --api-key: anyone who reaches this address can use the model")
+    _say(f"serving {name} on http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)")
+    serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # Subcommands, in help order.
-SUBCOMMANDS = [add_generate_parser, add_chat_parser, add_plan_parser, add_convert_parser]
+SUBCOMMANDS = [
+    add_generate_parser,
+    add_chat_parser,
+    add_plan_parser,
+    add_convert_parser,
+    add_serve_parser,
+]
 
 
 # ---------------------------------------------------------------- entry point
