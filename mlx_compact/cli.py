@@ -5,6 +5,7 @@
     mlx-compact plan --image PATH ... [options]                       the memory plan, without running
     mlx-compact convert --hf-path SRC --mlx-path DST [options]        Hugging Face checkpoint -> MLX
     mlx-compact serve [--host H --port P --api-key K --media-dir DIR]  an OpenAI-compatible server
+    mlx-compact batch --images DIR|GLOB --prompt TEXT [--out F] [--resume]   one JSON line per image
 
 Each subcommand has an ``add_<name>_parser(subparsers)`` that declares its arguments and a
 ``run_<name>(args)`` that does the work; `SUBCOMMANDS` lists them. Options shared by several
@@ -1005,6 +1006,90 @@ def run_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- batch
+
+
+def add_batch_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch",
+        help="answer a prompt about every image of a folder, one JSON line each, resumably",
+        description="Answer a prompt about each image of a folder (or glob), with a progress bar: one JSON line per "
+        "image (file, answer, visual tokens kept, timings) appended to --out as it is done. An image that cannot be "
+        "read is reported in one line and skipped; the batch goes on (exit code 2 at the end when any was skipped). "
+        "--resume continues an interrupted batch without redoing the images already in --out. Memory is planned "
+        "once, for the largest image, before anything runs.",
+    )
+    _add_model(p)
+    p.add_argument(
+        "--images",
+        required=True,
+        metavar="DIR|GLOB",
+        help="a folder of images (in name order) or a glob such as 'photos/**/*.jpg'",
+    )
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", default=None, help="the prompt for every image")
+    prompt.add_argument(
+        "--prompts", default=None, metavar="FILE", help="a text file with one prompt per image, in the images' order"
+    )
+    p.add_argument("--out", default="results.jsonl", metavar="FILE", help="the JSON Lines output (default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue --out: skip the images it already answers")
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="shrink each image to at most P pixels (fewer visual tokens, faster); default: the model's own limit",
+    )
+    _add_compaction(p)
+    _add_cache(p)
+    _add_sampling(p)
+    _add_memory(p, fit=False)
+    p.set_defaults(run=run_batch)
+
+
+def run_batch(args) -> int:
+    from tqdm import tqdm
+
+    from mlx_compact.batch import list_images, read_prompts
+    from mlx_compact.batch import run_batch as batch
+    from mlx_compact.loader import load
+
+    _check_cache_args(args)
+    c = _compaction(args)
+    files = list_images(args.images)
+    prompts = read_prompts(args.prompts, len(files)) if args.prompts else [args.prompt] * len(files)
+    model, processor = load(args.model, memory_budget=args.memory_budget)
+
+    def report(file: str, message: str) -> None:
+        tqdm.write(f"mlx-compact batch: skipped {file}: {message}", file=sys.stderr)
+
+    counts = batch(
+        model,
+        processor,
+        files,
+        prompts,
+        args.out,
+        resume=args.resume,
+        on_error=report,
+        progress=sys.stderr.isatty(),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_pixels=args.max_pixels,
+        compaction=c,
+        max_kv_size=args.max_kv_tokens,
+        kv_bits=args.kv_bits,
+        memory_budget=args.memory_budget,
+    )
+    resumed = f", {counts['resumed']} already in {args.out}" if counts["resumed"] else ""
+    _say(f"{counts['answered']} answered, {counts['skipped']} skipped{resumed}: {args.out}")
+    return EXIT_USAGE if counts["skipped"] else 0
+
+
 # Subcommands, in help order.
 SUBCOMMANDS = [
     add_generate_parser,
@@ -1012,6 +1097,7 @@ SUBCOMMANDS = [
     add_plan_parser,
     add_convert_parser,
     add_serve_parser,
+    add_batch_parser,
 ]
 
 
