@@ -2,7 +2,8 @@
 
 The output is laid out as `mlx_vlm.convert` writes it, so either library loads the other's output:
 weights named ``language_model.model.*`` / ``language_model.lm_head.*`` / ``vision_tower.*`` (Conv3d
-stored ``(O, T, H, W, C)``; Qwen3-VL-MoE experts as ``mlp.switch_mlp.{gate,up,down}_proj``) in
+stored ``(O, T, H, W, C)``; Qwen3-VL-MoE and Qwen3.5-MoE experts as ``mlp.switch_mlp.{gate,up,down}_proj``;
+Qwen3.5's conv1d ``[C, K, 1]`` and zero-centred norms holding ``1 + w``, its ``mtp.*`` tensors dropped) in
 ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``;
 config.json with ``quantization`` and ``quantization_config`` when quantized; tokenizer, processor,
 chat-template and generation-config files copied alongside.
@@ -38,6 +39,7 @@ from mlx.utils import tree_flatten
 from mlx_compact.files import InputError, checked_file, checkpoint_root, inside, read_bytes, read_json
 from mlx_compact.fp8 import fp8_config
 from mlx_compact.loader import DTYPES, LoadError, load_model, read_config, resolve
+from mlx_compact.models.config import HYBRID
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-vlm
 SIDECAR_PATTERNS = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
@@ -218,7 +220,9 @@ def _mlx_config(config: dict, model: nn.Module) -> dict:
         "rope_theta": t.rope_theta,
         "tie_word_embeddings": t.tie_word_embeddings,
     }
-    if model.config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
+    if model.config.model_type in HYBRID:
+        _hybrid_config(config, model.config, text)
+    elif model.config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
         tc = config.setdefault("text_config", {})
         text["head_dim"] = t.head_dim
         if model.config.model_type == "qwen3_vl_moe":
@@ -236,7 +240,49 @@ def _mlx_config(config: dict, model: nn.Module) -> dict:
     return config
 
 
-def _moe_text_config(tc: dict, t) -> None:
+def _hybrid_config(config: dict, c, text: dict) -> None:
+    """Qwen3.5 / Qwen3.5-MoE keys as mlx-vlm's config reader needs them, from either dialect: the resolved tie
+    in ``text_config`` (mlx-vlm reads it there, where a tied transformers-5 save says false), the layer pattern
+    as ``full_attention_interval`` (mlx-vlm has no ``layer_types``; written only when the pattern is one),
+    ``rope_parameters`` with every key it requires, and ``max_position_embeddings``."""
+    t = c.text
+    tc = config.setdefault("text_config", {})
+    kinds, n = list(t.layer_types), t.num_hidden_layers
+    interval = next(
+        (
+            i
+            for i in range(1, n + 1)
+            if kinds == ["linear_attention" if (j + 1) % i else "full_attention" for j in range(n)]
+        ),
+        None,
+    )
+    if interval is not None:
+        tc.setdefault("full_attention_interval", interval)
+    tc["layer_types"] = kinds
+    rope = dict(tc.get("rope_parameters") or {})
+    rope.update(
+        rope_type=rope.get("rope_type", rope.get("type", "default")),
+        rope_theta=t.rope_theta,
+        mrope_section=list(t.mrope_section),
+        mrope_interleaved=True,
+        partial_rotary_factor=t.partial_rotary_factor,
+    )
+    tc["rope_parameters"] = rope
+    if c.model_type == "qwen3_5_moe":
+        text.pop("intermediate_size")
+        _moe_text_config(tc, t, f"{c.model_type}_text")
+        tc["shared_expert_intermediate_size"] = t.shared_expert_intermediate_size
+    tc.update(tie_word_embeddings=t.tie_word_embeddings, head_dim=t.head_dim)
+    tc.setdefault("max_position_embeddings", 262144)
+    tc.setdefault("model_type", f"{c.model_type}_text")
+    for k, v in text.items():
+        tc.setdefault(k, v)
+    config["vision_config"].setdefault("deepstack_visual_indexes", [])
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        config.setdefault(k, getattr(c, k))
+
+
+def _moe_text_config(tc: dict, t, model_type: str = "qwen3_vl_moe_text") -> None:
     """Qwen3-VL-MoE keys as mlx-vlm's config reader needs them, from either dialect.
 
     mlx-vlm requires ``num_experts`` (transformers 5 writes ``num_local_experts``) and every other field of its
@@ -254,7 +300,7 @@ def _moe_text_config(tc: dict, t) -> None:
         norm_topk_prob=True,
         tie_word_embeddings=t.tie_word_embeddings,
     )
-    tc.setdefault("model_type", "qwen3_vl_moe_text")
+    tc.setdefault("model_type", model_type)
     tc.setdefault("max_position_embeddings", 262144)  # the releases' value; mlx-vlm requires the key
 
 

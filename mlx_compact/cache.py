@@ -1,4 +1,5 @@
-"""KV caches for the language model: a growing one and a fixed-size, pinned, rotating one.
+"""KV caches for the language model: a growing one and a fixed-size, pinned, rotating one; and the fixed
+state of a hybrid model's linear (Gated DeltaNet) layers, `LinearCache`.
 
 All caches follow mlx-lm's cache protocol (``update_and_fetch``, ``offset``, ``state``,
 ``meta_state``, ``nbytes``, ``trim``, ``is_trimmable``, ``make_mask``, ``size``, ``empty``).
@@ -43,11 +44,14 @@ import mlx.core as mx
 from . import memory
 from .files import SAFETENSORS_DTYPES, InputError, checked_file, open_regular, safetensors_header
 from .kernels import quantize_rows
+from .models.language import attention_cache
 from .models.vision import causal_mask
 
 __all__ = [
     "KVCache",
     "FixedKVCache",
+    "LinearCache",
+    "kv_cache",
     "save_cache",
     "load_cache",
     "read_cache_file",
@@ -412,6 +416,74 @@ class FixedKVCache:
         return n
 
 
+class LinearCache:
+    """The state of one linear-attention (Gated DeltaNet) layer: ``conv`` [B, K-1, C], the last K-1 inputs
+    of its causal convolution (the model's dtype), and ``recurrent`` [B, Hv, dv, dk], the delta rule's state
+    (float32). Its size is fixed: it summarises every token seen, however many (``offset``), so nothing
+    rotates out of it, and it cannot be rewound: ``is_trimmable()`` is False and ``trim`` trims nothing.
+    """
+
+    def __init__(self) -> None:
+        self.conv = self.recurrent = None
+        self.offset = 0
+
+    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
+        """The state after ``n`` more tokens (what the layer computed)."""
+        self.conv, self.recurrent = conv, recurrent
+        self.offset += n
+
+    @property
+    def state(self):
+        return () if self.conv is None else (self.conv, self.recurrent)
+
+    @state.setter
+    def state(self, v):
+        self.conv, self.recurrent = v if v else (None, None)
+
+    @property
+    def meta_state(self):
+        return (str(self.offset),)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        (self.offset,) = map(int, v)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.conv is None else self.conv.nbytes + self.recurrent.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.nbytes
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.conv is None
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        return 0
+
+
+def kv_cache(head_dim: int, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size=None):
+    """One attention layer's cache: a growing `KVCache`, or a `FixedKVCache` of ``max_kv_size`` slots
+    (``kv_bits`` 8 / 4: quantized in groups of ``kv_group_size``, default `memory.kv_group_size`)."""
+    if kv_group_size is None:
+        kv_group_size = memory.kv_group_size(head_dim)
+    if kv_bits is not None and head_dim % kv_group_size:
+        raise InputError(
+            f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
+            f"this model's is {head_dim}"
+        )
+    if max_kv_size is None:
+        return KVCache()
+    return FixedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size)
+
+
 # ----- save / load -------------------------------------------------------------------
 
 _CLASSES = {"KVCache": KVCache, "FixedKVCache": FixedKVCache}
@@ -439,13 +511,19 @@ def save_cache(path: str | os.PathLike, caches: Sequence, metadata: dict | None 
     arrays, info = {}, []
     for i, c in enumerate(caches):
         parts = 0
-        for name, x in zip(("keys", "values"), c.state):
+        if isinstance(c, LinearCache):  # a hybrid model's linear layer: its fixed state
+            arrays.update({f"{i}.{name}": x for name, x in zip(LINEAR_PARTS, c.state)})
+            parts = len(c.state)
+        for name, x in zip(("keys", "values"), () if isinstance(c, LinearCache) else c.state):
             x = x if isinstance(x, tuple) else (x,)
             arrays.update({f"{i}.{name}.{j}": a for j, a in enumerate(x)})
             parts = len(x)
         info.append({"class": type(c).__name__, "meta": list(c.meta_state), "parts": parts})
-    if caches and caches[0].state and getattr(caches[0], "key_bias", None) is not None:
-        arrays["bias"] = caches[0].key_bias  # proportional attention: the key bias per slot, kept by layer 0
+    first = attention_cache(caches)
+    if first is not None and first.state and getattr(first, "key_bias", None) is not None:
+        arrays["bias"] = (
+            first.key_bias
+        )  # proportional attention: the key bias per slot, kept by the first attention layer
     header = {MARKER: json.dumps(info), "metadata": json.dumps(metadata or {})}
     fd, tmp = tempfile.mkstemp(prefix=".session-", suffix=".tmp", dir=folder)
     try:
@@ -518,33 +596,46 @@ def read_cache_file(path: str | os.PathLike) -> dict:
         raise corrupt("its description is not JSON") from None
     if not isinstance(metadata, dict):
         raise corrupt("its metadata is not a JSON object")
-    if not (isinstance(entries, list) and entries and all(e == entries[0] for e in entries)):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise corrupt("it does not describe one cache per layer")
+    linear = [i for i, e in enumerate(entries) if e.get("class") == "LinearCache"]  # a hybrid's linear layers
+    attn = [i for i in range(len(entries)) if i not in linear]
+    if not (attn and all(entries[i] == entries[attn[0]] for i in attn)):
         raise corrupt("it does not describe one cache per layer, all of the same kind")
-    entry = entries[0]
-    if not (isinstance(entry, dict) and set(entry) == {"class", "meta", "parts"}):
+    entry = entries[attn[0]]
+    if not (set(entry) == {"class", "meta", "parts"}):
         raise corrupt("a layer's description is not {class, meta, parts}")
     cls, meta, parts = entry["class"], _cache_settings(entry, corrupt), entry["parts"]
     bias = "bias" in header and parts > 0
+    linear_names = _linear_entries([entries[i] for i in linear], corrupt) and {
+        f"{i}.{n}" for i in linear for n in LINEAR_PARTS
+    }
 
     layers = len(entries)
-    if len(header) != 2 * parts * layers + bias:
-        raise corrupt(f"it holds {len(header)} tensors where its description says {2 * parts * layers + bias}")
-    names = {f"{i}.{n}.{j}" for i in range(layers) for n in ("keys", "values") for j in range(parts)}
+    expected = 2 * parts * len(attn) + bias + len(linear_names or ())
+    if len(header) != expected:
+        raise corrupt(f"it holds {len(header)} tensors where its description says {expected}")
+    names = {f"{i}.{n}.{j}" for i in attn for n in ("keys", "values") for j in range(parts)}
     biases = {"bias"} if bias else set()
-    if set(header) != names | biases:
-        missing, extra = sorted((names | biases) - set(header)), sorted(set(header) - names - biases)
+    if set(header) != names | biases | (linear_names or set()):
+        everything = names | biases | (linear_names or set())
+        missing, extra = sorted(everything - set(header)), sorted(set(header) - everything)
         raise corrupt(f"tensor {missing[0]!r} is missing" if missing else f"it holds an unknown tensor {extra[0]!r}")
-    first = [header[f"0.keys.{j}"][:2] for j in range(parts)]  # (dtype, shape) of each part
+    state = _linear_layout(header, linear, corrupt) if linear_names else None
+    first = [header[f"{attn[0]}.keys.{j}"][:2] for j in range(parts)]  # (dtype, shape) of each part
     if any(header[n][:2] != first[int(n.rsplit(".", 1)[1])] for n in names):
         raise corrupt("its layers' keys and values differ in dtype or shape")
     if biases and any(header[n][:2] != ("F32", (first[0][1][0], first[0][1][2])) for n in biases):
         raise corrupt("its key bias is not float32 [batch, tokens]")
-    names |= biases
+    names |= biases | (linear_names or set())
     info = {
         "class": cls,
         "meta": meta,
         "parts": parts,
         "layers": layers,
+        "linear_layers": linear,
+        "linear_meta": entries[linear[0]]["meta"] if linear else None,
+        "linear_state": state,
         "metadata": metadata,
         "bias": bias,
         "tensors": {n: header[n][:2] for n in names},
@@ -553,8 +644,43 @@ def read_cache_file(path: str | os.PathLike) -> dict:
     }
     if cls == "FixedKVCache" and parts:  # the full buffers, allocated on load
         per_token = sum(SAFETENSORS_DTYPES[d] * s[0] * s[1] * s[3] for d, s in first)
-        info["nbytes"] += 2 * layers * meta[0] * per_token + (meta[0] * 4 * first[0][1][0] if bias else 0)
+        info["nbytes"] += 2 * len(attn) * meta[0] * per_token + (meta[0] * 4 * first[0][1][0] if bias else 0)
     return info
+
+
+LINEAR_PARTS = ("conv", "recurrent")
+
+
+def _linear_entries(entries: list, corrupt) -> bool:
+    """Whether the linear layers' descriptions (all alike: tokens seen, parts 0 or 2) say they hold a state."""
+    if not entries:
+        return False
+    e = entries[0]
+    if not (
+        all(x == e for x in entries)
+        and set(e) == {"class", "meta", "parts"}
+        and e["parts"] in (0, 2)
+        and isinstance(e["meta"], list)
+        and len(e["meta"]) == 1
+        and isinstance(e["meta"][0], str)
+        and e["meta"][0].isascii()
+        and e["meta"][0].isdigit()
+        and int(e["meta"][0]) < _LIMIT
+    ):
+        raise corrupt("its linear layers' descriptions are not all one state of {class, meta: [tokens], parts}")
+    return e["parts"] == 2
+
+
+def _linear_layout(header: dict, linear: list, corrupt) -> tuple:
+    """(conv shape [B, K-1, C], recurrent shape [B, Hv, dv, dk]) of the linear layers' state, checked alike."""
+    conv, rec = header[f"{linear[0]}.conv"][:2], header[f"{linear[0]}.recurrent"][:2]
+    if any(header[f"{i}.conv"][:2] != conv or header[f"{i}.recurrent"][:2] != rec for i in linear):
+        raise corrupt("its linear layers' states differ in dtype or shape")
+    if conv[0] not in _FLOATS or len(conv[1]) != 3 or rec[0] != "F32" or len(rec[1]) != 4 or conv[1][0] != rec[1][0]:
+        raise corrupt(
+            "its linear state is not a float conv state [batch, K-1, C] and a float32 state [batch, Hv, dv, dk]"
+        )
+    return tuple(conv[1]), tuple(rec[1])
 
 
 def _cache_settings(entry, corrupt):
@@ -619,13 +745,18 @@ def _layout(keys, cls, meta, corrupt):
 
 
 def load_cache(
-    path: str | os.PathLike, layers: int | None = None, kv_heads: int | None = None, head_dim: int | None = None
+    path: str | os.PathLike,
+    layers: int | None = None,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    linear_state: tuple | None = None,
 ) -> tuple:
     """Load what `save_cache` wrote; return ``(caches, metadata)``.
 
     The file is checked from its header first (`read_cache_file`): against the model when `layers`,
-    `kv_heads` and `head_dim` are given (batch 1), and what loading allocates against the memory this
-    device has available. Only then is it read. Raises `SessionError`.
+    `kv_heads` and `head_dim` are given (batch 1; a hybrid model: ``linear_state``, its linear layers' indexes
+    and their state's shapes ``(conv [1, K-1, C], recurrent [1, Hv, dv, dk])``), and what loading allocates
+    against the memory this device has available. Only then is it read. Raises `SessionError`.
     """
     path = os.fspath(path)
     info = read_cache_file(path)
@@ -634,6 +765,14 @@ def load_cache(
             f"session file {path} holds {info['layers']} cache layers; this model has {layers}: "
             "it was saved with another model"
         )
+    if layers is not None:
+        indexes, shapes = linear_state or ([], None)
+        if list(indexes) != info["linear_layers"] or (info["linear_state"] not in (None, shapes)):
+            raise SessionError(
+                f"session file {path} holds the linear states of layers {info['linear_layers']} "
+                f"{info['linear_state'] or ''}; this model's are {list(indexes)} {shapes or ''}: it was saved with "
+                "another model"
+            )
     theirs, ours = (info["batch"], info["kv_heads"], info["head_dim"]), (1, kv_heads, head_dim)
     if info["parts"] and kv_heads is not None and theirs != ours:
         raise SessionError(
@@ -654,12 +793,18 @@ def load_cache(
     cls, parts = _CLASSES[info["class"]], info["parts"]
     caches = []
     for i in range(info["layers"]):
+        if i in info["linear_layers"]:
+            c = LinearCache()
+            c.meta_state = info["linear_meta"]
+            c.state = tuple(arrays[f"{i}.{n}"] for n in LINEAR_PARTS) if info["linear_state"] else ()
+            caches.append(c)
+            continue
         c = cls.__new__(cls)
         if info["meta"]:
             c.meta_state = info["meta"]
         k, v = (tuple(arrays[f"{i}.{name}.{j}"] for j in range(parts)) for name in ("keys", "values"))
         c.state = () if parts == 0 else (k[0], v[0]) if parts == 1 else (k, v)
-        if info["bias"] and i == 0:
+        if info["bias"] and c is attention_cache(caches + [c]):
             c.key_bias = arrays["bias"]
         caches.append(c)
     mx.eval([c.state for c in caches])

@@ -3,7 +3,9 @@
 
 A follow-up question costs only its own tokens: images are encoded once, in the turn that brings them,
 and the history is never prefilled again. With ``max_kv_size`` the cache has a fixed size; the system
-prompt and the images are pinned and old chat text rotates out.
+prompt and the images are pinned and old chat text rotates out. A hybrid model (Qwen3.5) keeps, besides, a
+fixed linear state per linear layer: what rotates out of its attention layers is still summarised there, and
+`save` / `load` store and restore that state too.
 """
 
 import json
@@ -11,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from .cache import SessionError, load_cache, read_cache_file, save_cache
 from .generate import GenerationResponse, GenerationResult, make_cache, make_prompt_cache, stream_generate, turn_text
+from .models.language import attention_cache
 
 
 class ChatSession:
@@ -126,14 +129,14 @@ class ChatSession:
         state = _chat_state(path, info["metadata"], self.model)
         self._check_settings(path, info)
         t = self.model.config.text
-        caches, _ = load_cache(path, len(self.model.layers), t.num_key_value_heads, t.head_dim)
+        caches, _ = load_cache(path, len(self.model.layers), t.num_key_value_heads, t.head_dim, _linear_state(t))
         cache = type(self.cache)(caches, state["next_pos"], state["turns"], state["closed"])
         cache.text, cache.messages = state.get("text", ""), state.get("messages", [])
         self.cache = cache
 
     def _check_settings(self, path: str, info: dict) -> None:
         """Refuse a session whose cache is not the kind this chat makes (growing, or its fixed size and bits)."""
-        mine = make_cache(self.model, self.max_kv_size, self.kv_bits)[0]
+        mine = attention_cache(make_cache(self.model, self.max_kv_size, self.kv_bits))
         ours = (type(mine).__name__, tuple(map(int, mine.meta_state)))
         theirs = (info["class"], info["meta"])
         if ours[0] == theirs[0] and ours[1][:1] + ours[1][2:5] == theirs[1][:1] + theirs[1][2:5]:
@@ -158,7 +161,18 @@ def _fingerprint(model) -> dict:
         "head_dim": t.head_dim,
         "hidden_size": t.hidden_size,
         "vocab_size": t.vocab_size,
+        **({"layer_types": list(t.layer_types)} if t.layer_types else {}),
     }
+
+
+def _linear_state(t) -> tuple:
+    """A hybrid model's linear layers and the shapes of their state (batch 1): what its session files hold."""
+    layers = [i for i in range(t.num_hidden_layers) if t.is_linear(i)]
+    if not layers:
+        return [], None
+    channels = 2 * t.linear_num_key_heads * t.linear_key_head_dim + t.linear_num_value_heads * t.linear_value_head_dim
+    conv = (1, t.linear_conv_kernel_dim - 1, channels)
+    return layers, (conv, (1, t.linear_num_value_heads, t.linear_value_head_dim, t.linear_key_head_dim))
 
 
 def _cache_flags(cls: str, meta: tuple) -> str:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from .cache import FixedKVCache, KVCache
+from .cache import FixedKVCache, kv_cache
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
 from .images import ImageFile, open_image
 from .memory import MemoryPlanError, fmt_bytes, plan, planned_compaction, weights_bytes, wired_limit
-from .memory import kv_group_size as default_group_size
+from .models.language import attention_cache
 from .models.rope_index import PER_FRAME_VIDEO
 from .video import open_videos
 
@@ -240,21 +240,17 @@ def prepare(
 def make_cache(
     model, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None
 ) -> list:
-    """The default per-layer KV caches: growing, or fixed-size/rotating when ``max_kv_size`` is given
-    (allocated once at its full size on the first write; ``kv_bits`` 8 or 4 quantizes it). Quantized
-    groups default to `memory.kv_group_size` (64 values, 32 when head_dim is not a multiple of 64)."""
+    """The model's per-layer caches: ``model.make_cache(...)`` when it has one (a hybrid model: a fixed linear
+    state per linear layer), else a KV cache per layer. KV caches grow, or are fixed-size/rotating when
+    ``max_kv_size`` is given (allocated once at its full size on the first write; ``kv_bits`` 8 or 4 quantizes
+    them). Quantized groups default to `memory.kv_group_size` (64 values, 32 when head_dim is not a multiple
+    of 64)."""
     check_cache_options(max_kv_size, kv_bits)
+    build = getattr(model, "make_cache", None)
+    if callable(build):
+        return build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
     hd = model.config.text.head_dim
-    if kv_group_size is None:
-        kv_group_size = default_group_size(hd)
-    if kv_bits is not None and hd % kv_group_size:
-        raise InputError(
-            f"a quantized KV cache (--kv-bits) needs a head size that is a multiple of {kv_group_size}; "
-            f"this model's is {hd}"
-        )
-    if max_kv_size is None:
-        return [KVCache() for _ in model.layers]
-    return [FixedKVCache(max_kv_size, bits=kv_bits, group_size=kv_group_size) for _ in model.layers]
+    return [kv_cache(hd, max_kv_size, kv_bits, kv_group_size) for _ in model.layers]
 
 
 def check_cache_options(max_kv_size: int | None = None, kv_bits: int | None = None) -> None:
@@ -286,16 +282,18 @@ class PromptCache(list):
     @property
     def max_kv_size(self) -> int | None:
         """Slots of a fixed-size cache, None for a growing one."""
-        return self[0].max_tokens if self and isinstance(self[0], FixedKVCache) else None
+        c = attention_cache(self)
+        return c.max_tokens if isinstance(c, FixedKVCache) else None
 
     @property
     def kv_bits(self) -> int | None:
-        return getattr(self[0], "bits", None) if self else None
+        return getattr(attention_cache(self), "bits", None)
 
     @property
     def offset(self) -> int:
         """Tokens written so far."""
-        return self[0].offset if self else 0
+        c = attention_cache(self)
+        return c.offset if c is not None else 0
 
 
 def make_prompt_cache(
@@ -304,20 +302,14 @@ def make_prompt_cache(
     """A cache for ``generate`` / ``stream_generate(prompt_cache=...)``: calls on the same cache continue one
     conversation. ``model.make_cache(...)`` builds it when the model defines one (hybrid models), else one KV
     cache per layer (`make_cache`): growing, or of ``max_kv_size`` slots (``kv_bits`` 8/4: quantized)."""
-    build = getattr(model, "make_cache", None)
-    caches = (
-        build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        if callable(build)
-        else make_cache(model, max_kv_size, kv_bits, kv_group_size)
-    )
-    return PromptCache(caches)
+    return PromptCache(make_cache(model, max_kv_size, kv_bits, kv_group_size))
 
 
 def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_id: int | None) -> int | None:
     """Rows of this turn to pin in a fixed-size cache (after what it holds): through the last image, or the
     system prompt on the first turn; None when nothing is pinned. A pin is a prefix of the cache: an image
     that no longer fits before the ring is a `MemoryPlanError`."""
-    c0 = cache[0]
+    c0 = attention_cache(cache)
     if not isinstance(c0, FixedKVCache):
         return None
     end = model.config.vision_end_token_id
@@ -355,11 +347,12 @@ def prefill(
     called after each chunk.
     """
     L = prep.embeds.shape[1]
-    fixed = isinstance(cache[0], FixedKVCache)
+    c0 = attention_cache(cache)
+    fixed = isinstance(c0, FixedKVCache)
     if fixed:
-        step = min(step, cache[0].max_chunk)
+        step = min(step, c0.max_chunk)
     cuts = sorted(set(list(range(0, L, step)) + ([pin] if fixed and pin else []) + [L]))
-    start = cache[0].offset
+    start = c0.offset
     for i, j in zip(cuts[:-1], cuts[1:]):
         ds = [d[:, i:j] for d in prep.deepstack] if prep.deepstack else None
         bias = None if prep.key_bias is None else prep.key_bias[:, i:j]
@@ -369,7 +362,8 @@ def prefill(
         if fixed and pin and j == pin:
             mx.eval([c.state for c in cache])
             for c in cache:
-                c.pin(start + pin)
+                if isinstance(c, FixedKVCache):
+                    c.pin(start + pin)
         elif j < L:
             mx.eval([c.state for c in cache])
         if progress is not None:
@@ -702,7 +696,8 @@ def turn_text(
 
 def check_fits_cache(n: int, cache: list) -> None:
     """Refuse a turn of ``n`` tokens that a fixed-size cache could not hold before the answer begins."""
-    size = cache[0].max_tokens if isinstance(cache[0], FixedKVCache) else None
+    c0 = attention_cache(cache)
+    size = c0.max_tokens if isinstance(c0, FixedKVCache) else None
     if size is not None and n > size:
         raise InputError(
             f"the prompt is {n} tokens but the cache holds {size} (--max-kv-tokens / max_kv_size): its start would "
@@ -940,6 +935,8 @@ def _content(prompt: str, n_images: int, n_videos: int = 0) -> list:
 
 
 def _trim(cache: list, n: int) -> bool:
+    """Forget the last ``n`` tokens if every layer can; False (nothing trimmed) otherwise: a hybrid model's
+    linear state cannot be rewound, so such a token stays in the conversation."""
     if all(c.is_trimmable() for c in cache):
         for c in cache:
             c.trim(n)
@@ -955,14 +952,15 @@ def run_stats(
     ttft = {"preprocess": prep.preprocess_s, "vision": prep.vision_s, "prefill": (t_first or t_end) - t_prefill}
     if prep.compaction is not None:
         ttft["compaction"] = prep.compaction_s
-    held = sum(c.offset for c in cache[:1])
+    c0 = attention_cache(cache)
+    held = c0.offset if c0 is not None else 0
     return {
         "prompt_tokens": len(prep.input_ids),
         "generation_tokens": n_generated,
         "visual_tokens": prep.visual_tokens,
         "kv_bytes_allocated": sum(c.nbytes for c in cache),
         "kv_bytes_used": sum(getattr(c, "used_bytes", c.nbytes) for c in cache),
-        "kv_evicted_tokens": max(0, held - getattr(cache[0], "max_tokens", held)),
+        "kv_evicted_tokens": max(0, held - getattr(c0, "max_tokens", held)),
         "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else None,  # None: one token
         "image_decode_bytes": prep.decode_bytes,

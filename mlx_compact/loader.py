@@ -83,6 +83,9 @@ def load_model(
     (`mlx_compact.fp8`; the converter's path); without it such a checkpoint is refused, naming the converter."""
     path = resolve(path_or_repo, revision=revision)
     config = read_config(path)
+    files = weight_files(path)
+    headers = {f: safetensors_header(f, checkpoint_root(path)) for f in files}
+    config = _tie_by_weights(config, headers)
     try:
         fp8 = fp8_config(config)
     except FP8Error as e:
@@ -101,8 +104,6 @@ def load_model(
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:  # a config the validation missed
         raise LoadError(f"{path}: config.json does not describe a buildable model ({e})") from None
 
-    files = weight_files(path)
-    headers = {f: safetensors_header(f, checkpoint_root(path)) for f in files}
     if not lazy:
         _check_weights_fit(path, headers, _resolve_dtype(dtype), memory_budget)
     try:
@@ -263,6 +264,15 @@ def _check_weights_fit(path: Path, headers: dict, dtype, budget) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _tie_by_weights(config: dict, headers: dict) -> dict:
+    """The config with the head's tie decided: by the top-level ``tie_word_embeddings`` when it has one (what
+    transformers obeys), else by whether the weights hold an ``lm_head.weight`` (a tied save has none)."""
+    if "tie_word_embeddings" in config:
+        return config
+    names = (n for h in headers.values() for n in h if n != "__metadata__")
+    return config if any(n.endswith("lm_head.weight") for n in names) else {**config, "tie_word_embeddings": True}
 
 
 def _looks_like_repo_id(name: str) -> bool:

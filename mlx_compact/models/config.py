@@ -6,7 +6,11 @@ Dialects met in the wild (see the project's design notes):
 - transformers 5.x: ``rope_parameters`` (top level or in ``text_config``);
 - Qwen3-VL: nested, ``mrope_interleaved: true``;
 - Qwen3-VL-MoE: the expert count is ``num_experts`` in the releases (transformers 4.57) and
-  ``num_local_experts`` in transformers-5 saves (which also move ``rope_theta`` into ``rope_parameters``).
+  ``num_local_experts`` in transformers-5 saves (which also move ``rope_theta`` into ``rope_parameters``);
+- Qwen3.5 / Qwen3.5-MoE (the Gated DeltaNet hybrids): the releases give ``layer_types`` and
+  ``full_attention_interval``, ``partial_rotary_factor`` at both levels and ``tie_word_embeddings`` at both;
+  transformers-5 saves only ``layer_types``, the factor in ``rope_parameters``, and a tied model's
+  ``text_config.tie_word_embeddings`` false under a top-level true (the top level is what transformers obeys).
 mlx-vlm writes the Hugging Face config back with a ``quantization`` key added, so it is one of the above.
 """
 
@@ -14,8 +18,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # the Qwen3-VL vision tower, DeepStack and Qwen3 attention
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # the Qwen3-VL vision tower, Qwen3 attention (q/k norms)
+HYBRID = ("qwen3_5", "qwen3_5_moe")  # Gated DeltaNet hybrids: no DeepStack, gated attention, partial M-RoPE
+MOE_TYPES = ("qwen3_vl_moe", "qwen3_5_moe")
+LAYER_KINDS = ("linear_attention", "full_attention")
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_tanh", "silu")  # vision.ACTIVATIONS' names
 QUANT_MODES = {  # mode: (group sizes, bits) that mlx's quantize takes
     "affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)),
@@ -47,6 +54,13 @@ BOUNDS = {
     "num_experts": (1, 1024),  # Qwen3-VL-MoE releases: 128
     "moe_intermediate_size": (1, 262144),
     "decoder_sparse_step": (1, 1024),
+    "shared_expert_intermediate_size": (1, 262144),
+    "linear_num_key_heads": (1, 1024),
+    "linear_num_value_heads": (1, 1024),
+    "linear_key_head_dim": (1, 1024),
+    "linear_value_head_dim": (1, 1024),
+    "linear_conv_kernel_dim": (1, 64),
+    "full_attention_interval": (1, 1024),
 }
 
 
@@ -57,6 +71,14 @@ TOKEN_ID_KEYS = {
     "vision_start_token_id": (("vision_start_token_id",), 151652),
     "vision_end_token_id": (("vision_end_token_id",), 151653),
 }
+# Qwen3.5's ids (vocabulary 248320), used when its config.json is silent
+HYBRID_TOKEN_IDS = {
+    "image_token_id": 248056,
+    "video_token_id": 248057,
+    "vision_start_token_id": 248053,
+    "vision_end_token_id": 248054,
+}
+HYBRID_EOS = 248046  # <|im_end|>
 
 
 class ConfigError(ValueError):
@@ -85,6 +107,25 @@ class TextConfig:
     moe_intermediate_size: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple = ()
+    shared_expert_intermediate_size: int = 0  # Qwen3.5-MoE: the sigmoid-gated shared expert
+    # Qwen3.5 (hybrid): per layer "linear_attention" (Gated DeltaNet) or "full_attention"; () = all attention
+    layer_types: tuple = ()
+    partial_rotary_factor: float = 1.0  # the share of head_dim that RoPE rotates
+    attn_output_gate: bool = False  # q_proj gives per head [q | gate]; the output is scaled by sigmoid(gate)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether LLM layer ``layer`` is a Gated DeltaNet (linear attention) layer."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
 
     def sparse(self, layer: int) -> bool:
         """Whether LLM layer ``layer`` has the MoE MLP (transformers' rule: not in ``mlp_only_layers`` and
@@ -154,7 +195,7 @@ class ModelConfig:
         vision = _vision_config(model_type, vc, raw, text.hidden_size)
         top = _Fields("", ("", raw), ("text_config.", tc))
         ids = (0, text.vocab_size - 1)
-        eos_name, value = top.find(("eos_token_id",), 151645, nullable=True)
+        eos_name, value = top.find(("eos_token_id",), HYBRID_EOS if model_type in HYBRID else 151645, nullable=True)
         eos = list(value) if isinstance(value, (list, tuple)) else [value]
         if eos_name and (not eos or any(type(e) is not int or not 0 <= e <= ids[1] for e in eos)):
             _bad(eos_name, value, f"a token id or a list of token ids from 0 to {ids[1]}")
@@ -175,7 +216,11 @@ def token_ids(raw: dict, vocab_size: int | None = None) -> dict:
     processor both use it, so the ids the processor writes are the ones the model looks for."""
     top = _Fields("", ("", raw), ("text_config.", _object(raw, "text_config", "")))
     bounds = (0, (vocab_size or BOUNDS["vocab_size"][1]) - 1)
-    return {name: top.whole(*keys, default=default, bounds=bounds) for name, (keys, default) in TOKEN_ID_KEYS.items()}
+    defaults = HYBRID_TOKEN_IDS if raw.get("model_type") in HYBRID else {}
+    return {
+        name: top.whole(*keys, default=defaults.get(name, default), bounds=bounds)
+        for name, (keys, default) in TOKEN_ID_KEYS.items()
+    }
 
 
 _REQUIRED = object()
@@ -275,7 +320,7 @@ def _rope_scopes(raw: dict, tc: dict) -> list:
 
 
 def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
-    qwen3 = model_type in QWEN3
+    qwen3, hybrid = model_type in QWEN3, model_type in HYBRID
     f = _Fields("language-model", ("text_config.", tc), ("", raw))
     rope = _Fields("RoPE", *_rope_scopes(raw, tc))
     hidden, heads = f.whole("hidden_size"), f.whole("num_attention_heads")
@@ -287,40 +332,80 @@ def _text_config(model_type: str, raw: dict, tc: dict) -> TextConfig:
         head_dim = hidden // heads
     if heads % kv_heads:
         _bad("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads {heads}")
-    name, section = rope.find(("mrope_section",), (24, 20, 20) if qwen3 else (16, 24, 24), nullable=True)
+    factor = 1.0
+    if hybrid:  # rope_parameters (transformers 5), else text_config / the top level (the releases)
+        name, factor = _Fields("RoPE", *rope.scopes, *f.scopes).find(("partial_rotary_factor",), 0.25)
+        rotary = int(head_dim * factor) if type(factor) in (int, float) and 0 < factor <= 1 else 0
+        if name and (rotary < 2 or rotary % 2):
+            _bad(name, factor, f"a number in (0, 1] that makes an even rotary size of head_dim {head_dim}")
+    rotary = int(head_dim * factor)
+    default_section = (11, 11, 10) if hybrid else (24, 20, 20) if qwen3 else (16, 24, 24)
+    name, section = rope.find(("mrope_section",), default_section, nullable=True)
     if (
         not isinstance(section, (list, tuple))
         or len(section) != 3
         or any(type(s) is not int or s < 0 for s in section)
-        or 2 * sum(section) != head_dim
+        or 2 * sum(section) != rotary
     ):
+        what = "head_dim / 2" if rotary == head_dim else "the rotary size / 2"
         _bad(
             name or "mrope_section (absent: the default)",
             section,
-            f"3 whole numbers that sum to head_dim / 2 = {head_dim / 2:g}",
+            f"3 whole numbers that sum to {what} = {rotary / 2:g}",
         )
     layers = f.whole("num_hidden_layers")
+    moe = model_type in MOE_TYPES
     return TextConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
-        intermediate_size=f.whole("intermediate_size"),
+        intermediate_size=f.whole("intermediate_size", default=0 if model_type == "qwen3_5_moe" else _REQUIRED),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=f.whole("vocab_size"),
         rms_norm_eps=f.positive("rms_norm_eps", 1e-6),
-        rope_theta=_Fields("RoPE", *rope.scopes, *f.scopes).positive("rope_theta", 5e6 if qwen3 else 1e6),
+        rope_theta=_Fields("RoPE", *rope.scopes, *f.scopes).positive(
+            "rope_theta", 1e7 if hybrid else 5e6 if qwen3 else 1e6
+        ),
         mrope_section=tuple(section),
         mrope_interleaved=rope.flag("mrope_interleaved", qwen3),
         attention_bias=f.flag("attention_bias", not qwen3),
         qk_norm=qwen3,
         tie_word_embeddings=_Fields("", ("", raw), ("text_config.", tc)).flag("tie_word_embeddings", False),
-        **(_moe_fields(f, layers) if model_type == "qwen3_vl_moe" else {}),
+        **(_moe_fields(f, layers, shared=model_type == "qwen3_5_moe") if moe else {}),
+        **(_hybrid_fields(f, layers, factor) if hybrid else {}),
     )
 
 
-def _moe_fields(f: _Fields, layers: int) -> dict:
-    """Qwen3-VL-MoE's expert settings. ``norm_topk_prob`` is not read: transformers always renormalises."""
+def _hybrid_fields(f: _Fields, layers: int, factor: float) -> dict:
+    """Qwen3.5's layer pattern (``layer_types``, else every ``full_attention_interval``-th layer attention) and
+    its Gated DeltaNet sizes."""
+    name, kinds = f.find(("layer_types",), None, nullable=True)
+    if name is None:
+        interval = f.whole("full_attention_interval", default=4)
+        kinds = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    elif not (isinstance(kinds, list) and len(kinds) == layers and all(k in LAYER_KINDS for k in kinds)):
+        _bad(name, kinds, f"a list of {layers} layer kinds, each {' or '.join(map(repr, LAYER_KINDS))}")
+    if "full_attention" not in kinds:
+        _bad(name or "full_attention_interval", kinds, "a pattern with at least one full_attention layer")
+    hk, hv = f.whole("linear_num_key_heads", default=16), f.whole("linear_num_value_heads", default=32)
+    if hv % hk:
+        _bad("linear_num_value_heads", hv, f"a multiple of linear_num_key_heads {hk}")
+    return dict(
+        layer_types=tuple(kinds),
+        partial_rotary_factor=float(factor),
+        attn_output_gate=True,  # transformers gates every Qwen3.5 attention (it never reads attn_output_gate)
+        linear_num_key_heads=hk,
+        linear_num_value_heads=hv,
+        linear_key_head_dim=f.whole("linear_key_head_dim", default=128),
+        linear_value_head_dim=f.whole("linear_value_head_dim", default=128),
+        linear_conv_kernel_dim=f.whole("linear_conv_kernel_dim", default=4),
+    )
+
+
+def _moe_fields(f: _Fields, layers: int, shared: bool = False) -> dict:
+    """The expert settings (Qwen3-VL-MoE; Qwen3.5-MoE adds the shared expert). ``norm_topk_prob`` is not read:
+    transformers always renormalises."""
     found = [f.find((key,), None) for key in ("num_experts", "num_local_experts")]
     (name, experts), (other, value) = found if found[0][0] else found[::-1]
     if name is None:
@@ -334,6 +419,7 @@ def _moe_fields(f: _Fields, layers: int) -> dict:
         moe_intermediate_size=f.whole("moe_intermediate_size"),
         decoder_sparse_step=f.whole("decoder_sparse_step", default=1),
         mlp_only_layers=f.indexes("mlp_only_layers", layers, nullable=True),
+        **({"shared_expert_intermediate_size": f.whole("shared_expert_intermediate_size")} if shared else {}),
     )
 
 
@@ -386,9 +472,16 @@ def _vision_config(model_type: str, vc: dict, raw: dict, llm_width: int) -> Visi
         window_size=window,
         fullatt_block_indexes=v.indexes("fullatt_block_indexes", depth),
         num_position_embeddings=positions,
-        deepstack_visual_indexes=v.indexes("deepstack_visual_indexes", depth),
+        deepstack_visual_indexes=_deepstack(model_type, v, depth),
         tokens_per_second=_Fields("", ("vision_config.", vc), ("", raw)).positive("tokens_per_second", 2.0),
     )
+
+
+def _deepstack(model_type: str, v: _Fields, depth: int) -> tuple:
+    indexes = v.indexes("deepstack_visual_indexes", depth, nullable=model_type in HYBRID)
+    if indexes and model_type in HYBRID:
+        _bad("vision_config.deepstack_visual_indexes", list(indexes), f"[] ({model_type} has no DeepStack)")
+    return indexes
 
 
 def _quantization(raw: dict) -> dict | None:

@@ -1,12 +1,19 @@
-"""The Qwen2 / Qwen3 language model with multimodal RoPE (M-RoPE), shared by every Qwen-VL model.
+"""The Qwen2 / Qwen3 / Qwen3.5 language model with multimodal RoPE (M-RoPE), shared by every Qwen-VL model.
 
 A model file may give its own MLP per layer (``mlp(cfg, layer) -> module``; Qwen3-VL-MoE: experts).
+
+Qwen3.5 (``cfg.layer_types``) is a hybrid: a layer's token mixer is either the attention below, gated
+(``q_proj`` gives per head ``[q | gate]``, the output is scaled by ``sigmoid(gate)``) with RoPE on the first
+``cfg.rotary_dim`` dimensions of each head, or a Gated DeltaNet (linear attention with a fixed-size state;
+mlx-lm's ``gated_delta_update``). Its zero-centred RMSNorms (``(1 + w) * x_hat``) are plain ``nn.RMSNorm``
+here, holding ``1 + w``: the loader adds the 1 to a Hugging Face checkpoint (mlx-community's has it already).
 """
 
 from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 
 from .config import TextConfig
 from .vision import attend, causal_mask, rotate_half
@@ -83,17 +90,36 @@ def last_row_mask(mask):
     return mask[..., -1:, :] if mask.ndim >= 2 and mask.shape[-2] > 1 else mask
 
 
+def attention_cache(caches):
+    """The cache of the first attention layer in a per-layer list (one that holds keys and values; a hybrid
+    model's linear layers hold a fixed state instead), or None. What the mask, the key bias, the prefill and
+    the runtime read the token count and the fixed-size settings from."""
+    return next((c for c in caches or () if c is not None and hasattr(c, "update_and_fetch")), None)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """RoPE in float32 on the first ``cos.shape[-1]`` dimensions of [B, H, L, hd] (all of them, or Qwen3.5's
+    partial rotary); the rest pass through."""
+    r, xf = cos.shape[-1], x.astype(mx.float32)
+    rot = xf[..., :r] if r < x.shape[-1] else xf
+    out = rot * cos + rotate_half(rot) * sin
+    if r < x.shape[-1]:
+        out = mx.concatenate([out, xf[..., r:]], axis=-1)
+    return out.astype(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = hd = cfg.head_dim
         self.scale = hd**-0.5
+        self.gated = cfg.attn_output_gate
         D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, self.n_heads * hd, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(D, self.n_heads * hd * (2 if self.gated else 1), bias=cfg.attention_bias)
         self.k_proj = nn.Linear(D, self.n_kv * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(D, self.n_kv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, D, bias=cfg.attention_bias and self.gated)
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
@@ -103,24 +129,107 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         if last_only:
             cos_q, sin_q, mask = cos[..., -1:, :], sin[..., -1:, :], last_row_mask(mask)
-        q = self.q_proj(x[:, -1:] if last_only else x).reshape(
-            B, 1 if last_only else L, self.n_heads, -1
-        )  # [B, Lq, H, hd]
+        else:
+            cos_q, sin_q = cos, sin
+        Lq = 1 if last_only else L
+        q = self.q_proj(x[:, -1:] if last_only else x).reshape(B, Lq, self.n_heads, -1)  # [B, Lq, H, hd | 2 hd]
+        if self.gated:  # per head [q_h | gate_h]
+            q, gate = mx.split(q, 2, axis=-1)  # [B, Lq, H, hd] each
         k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
         v = self.v_proj(x).reshape(B, L, self.n_kv, -1).transpose(0, 2, 1, 3)  # [B, Hkv, L, hd]
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.transpose(0, 2, 1, 3)
-        k = k.transpose(0, 2, 1, 3)
-        if last_only:
-            q = (q.astype(mx.float32) * cos_q + rotate_half(q.astype(mx.float32)) * sin_q).astype(x.dtype)
-        else:
-            q = (q.astype(mx.float32) * cos + rotate_half(q.astype(mx.float32)) * sin).astype(x.dtype)
-        k = (k.astype(mx.float32) * cos + rotate_half(k.astype(mx.float32)) * sin).astype(x.dtype)
+        q = apply_rope(q.transpose(0, 2, 1, 3), cos_q, sin_q)  # [B, H, Lq, hd]
+        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = cache_attention(q, k, v, self.scale, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, q.shape[2], -1))
+        out = cache_attention(q, k, v, self.scale, mask, cache).transpose(0, 2, 1, 3).reshape(B, Lq, -1)
+        if self.gated:
+            out = out * mx.sigmoid(gate.reshape(B, Lq, -1))
+        return self.o_proj(out)
+
+
+def causal_conv(x: mx.array, weight: mx.array, state: mx.array) -> tuple[mx.array, mx.array]:
+    """Depthwise causal convolution of x [B, L, C] that follows ``state`` [B, K-1, C] (the K-1 inputs before
+    it; zeros at the start), weight [C, K, 1] (MLX's Conv1d layout): the output [B, L, C] and the next state."""
+    K, L = weight.shape[1], x.shape[1]
+    xx = mx.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+L, C]
+    w = weight[:, :, 0].T  # [K, C]
+    out = xx[:, :L] * w[0]
+    for j in range(1, K):
+        out = out + xx[:, j : j + L] * w[j]
+    return out, xx[:, L:]  # [B, L, C], [B, K-1, C]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm with a plain weight, then a SiLU gate in float32 (Gated DeltaNet's output norm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dim,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x, self.weight, self.eps)
+        return (y.astype(mx.float32) * nn.silu(gate.astype(mx.float32))).astype(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3.5's linear attention: a causal depthwise conv over [q | k | v], then the gated delta rule
+    (mlx-lm's ``gated_delta_update``: its Metal kernel on a Mac, its ops path on the CPU) with Hk key heads
+    repeat-interleaved onto Hv value heads, and a SiLU-gated RMSNorm of the output.
+
+    ``cache``: a linear state (``conv`` [B, K-1, C] in the model's dtype, ``recurrent`` [B, Hv, dv, dk] float32,
+    and ``update(conv, recurrent, n)``), or None: a fresh state, dropped after the call.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.kernel = K = cfg.linear_conv_kernel_dim
+        D, C = cfg.hidden_size, 2 * self.hk * self.dk + self.hv * self.dv
+        self.conv_dim = C
+        self.in_proj_qkv = nn.Linear(D, C, bias=False)
+        self.in_proj_z = nn.Linear(D, self.hv * self.dv, bias=False)
+        self.in_proj_b = nn.Linear(D, self.hv, bias=False)
+        self.in_proj_a = nn.Linear(D, self.hv, bias=False)
+        self.conv1d = nn.Conv1d(C, C, K, groups=C, bias=False)  # weight [C, K, 1]
+        self.dt_bias = mx.ones((self.hv,))
+        self.A_log = mx.zeros((self.hv,))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.hv * self.dv, D, bias=False)
+
+    def __call__(self, x: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        """Output [B, L, D] for x [B, L, D] ([B, 1, D] when ``last_only``: every row still goes into the state)."""
+        B, L, _ = x.shape
+        conv_state = None if cache is None else cache.conv
+        if conv_state is None:
+            conv_state = mx.zeros((B, self.kernel - 1, self.conv_dim), x.dtype)
+        qkv, conv_state = causal_conv(self.in_proj_qkv(x), self.conv1d.weight, conv_state)  # [B, L, C]
+        q, k, v = mx.split(nn.silu(qkv), [self.hk * self.dk, 2 * self.hk * self.dk], axis=-1)
+        q, k = normalize_qk(
+            q.reshape(B, L, self.hk, self.dk), k.reshape(B, L, self.hk, self.dk), inv_scale=self.dk**-0.5, eps=1e-6
+        )
+        v = v.reshape(B, L, self.hv, self.dv)
+        recurrent = None if cache is None else cache.recurrent
+        out, recurrent = gated_delta_update(
+            q,
+            k,
+            v,
+            self.in_proj_a(x),
+            self.in_proj_b(x),
+            self.A_log,
+            self.dt_bias,
+            recurrent,
+            use_kernel=not self.training,
+        )  # [B, L, Hv, dv], [B, Hv, dv, dk]
+        if cache is not None:
+            cache.update(conv_state, recurrent, L)
+        if last_only:
+            x, out, L = x[:, -1:], out[:, -1:], 1
+        z = self.in_proj_z(x).reshape(B, L, self.hv, self.dv)
+        return self.out_proj(self.norm(out, z).reshape(B, L, -1))
 
 
 class MLP(nn.Module):
@@ -140,16 +249,25 @@ def dense_mlp(cfg: TextConfig, layer: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, mlp: nn.Module | None = None):
+    """Token mixer (``self_attn``, or ``linear_attn`` when ``linear``) and MLP, each after an RMSNorm."""
+
+    def __init__(self, cfg: TextConfig, mlp: nn.Module | None = None, linear: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        if linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
         self.mlp = mlp if mlp is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def __call__(self, x, cos, sin, mask=None, cache=None, last_only: bool = False):
         """``last_only``: every row into the cache, the output [B, 1, D] for the last row only."""
-        r = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, last_only)
+        h = self.input_layernorm(x)
+        if "linear_attn" in self:
+            r = self.linear_attn(h, cache, last_only)
+        else:
+            r = self.self_attn(h, cos, sin, mask, cache, last_only)
         x = (x[:, -1:] if last_only else x) + r
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -158,7 +276,7 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig, mlp: Callable[[TextConfig, int], nn.Module] = dense_mlp):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg, mlp(cfg, i)) for i in range(cfg.num_hidden_layers)]
+        self.layers = [DecoderLayer(cfg, mlp(cfg, i), cfg.is_linear(i)) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
@@ -171,16 +289,16 @@ class LanguageModel(nn.Module):
         self.model = TextModel(cfg, mlp)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        half = cfg.head_dim // 2
-        self._inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, half, dtype=mx.float32) * 2 / cfg.head_dim))
-        self._axes = mrope_axes(cfg.head_dim, cfg.mrope_section, cfg.mrope_interleaved)
+        rot = cfg.rotary_dim  # head_dim, or Qwen3.5's partial share of it
+        self._inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, rot // 2, dtype=mx.float32) * 2 / rot))
+        self._axes = mrope_axes(rot, cfg.mrope_section, cfg.mrope_interleaved)
 
     def rope(self, positions: mx.array):
-        """cos, sin [B, 1, L, head_dim] in float32 for [3, B, L] positions."""
+        """cos, sin [B, 1, L, rotary_dim] in float32 for [3, B, L] positions."""
         pos = positions.astype(mx.float32)  # [3, B, L]
         onehot = (self._axes[None] == mx.arange(3)[:, None]).astype(mx.float32)  # [3, hd/2]
-        ang = (pos[..., None] * (onehot * self._inv_freq)[:, None, None]).sum(0)  # [B, L, hd/2]
-        ang = mx.concatenate([ang, ang], axis=-1)[:, None]  # [B, 1, L, hd]
+        ang = (pos[..., None] * (onehot * self._inv_freq)[:, None, None]).sum(0)  # [B, L, rot/2]
+        ang = mx.concatenate([ang, ang], axis=-1)[:, None]  # [B, 1, L, rot]
         return mx.cos(ang), mx.sin(ang)
 
     def __call__(
@@ -205,14 +323,13 @@ class LanguageModel(nn.Module):
         L = h.shape[1]
         layers = self.model.layers
         cache = cache or [None] * len(layers)
+        c0 = attention_cache(cache)
         if mask is None:
-            c0 = cache[0]
             mask = (
                 c0.make_mask(L, return_array=False, window_size=None)
                 if c0 is not None and hasattr(c0, "make_mask")
                 else ("causal" if L > 1 else None)
             )
-        c0 = cache[0]
         if c0 is not None and hasattr(c0, "update_bias"):
             key_bias = c0.update_bias(key_bias, L)  # every held key's bias (None: none ever given)
         if key_bias is not None:

@@ -118,17 +118,22 @@ class Model(VLModel):
 
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face names and fused experts (either orientation) -> ours; mlx-vlm's pass through."""
-        weights = super().sanitize(weights)
         t = self.config.text
-        release = expert_orientation(weights, t.hidden_size, t.moe_intermediate_size) == "release"
-        for key in [k for k in weights if k.endswith((GATE_UP, DOWN))]:
-            w = weights.pop(key)
-            w = w.swapaxes(1, 2) if release else w  # -> [E, 2I, H] / [E, H, I]
-            prefix = key[: -len("experts.gate_up_proj" if key.endswith(GATE_UP) else "experts.down_proj")]
-            if key.endswith(GATE_UP):
-                i = w.shape[1] // 2
-                weights[prefix + "switch_mlp.gate_proj.weight"] = w[:, :i]
-                weights[prefix + "switch_mlp.up_proj.weight"] = w[:, i:]
-            else:
-                weights[prefix + "switch_mlp.down_proj.weight"] = w
-        return weights
+        return split_fused_experts(super().sanitize(weights), t.hidden_size, t.moe_intermediate_size)
+
+
+def split_fused_experts(weights: dict, hidden: int, inter: int) -> dict:
+    """Fused Hugging Face experts (``mlp.experts.gate_up_proj`` / ``down_proj``, either orientation, see
+    `expert_orientation`) -> mlx-vlm's ``mlp.switch_mlp.{gate,up,down}_proj.weight``; other tensors pass."""
+    release = expert_orientation(weights, hidden, inter) == "release"
+    for key in [k for k in weights if k.endswith((GATE_UP, DOWN))]:
+        w = weights.pop(key)
+        w = w.swapaxes(1, 2) if release else w  # -> [E, 2I, H] / [E, H, I]
+        prefix = key[: -len("experts.gate_up_proj" if key.endswith(GATE_UP) else "experts.down_proj")]
+        if key.endswith(GATE_UP):
+            i = w.shape[1] // 2
+            weights[prefix + "switch_mlp.gate_proj.weight"] = w[:, :i]
+            weights[prefix + "switch_mlp.up_proj.weight"] = w[:, i:]
+        else:
+            weights[prefix + "switch_mlp.down_proj.weight"] = w
+    return weights
