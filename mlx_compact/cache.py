@@ -16,7 +16,8 @@ Call order (one attention layer, ``L`` new tokens)::
 
 ``make_mask(L)`` never changes the cache: it describes the keys that the *next*
 ``update_and_fetch`` of ``L`` tokens will return. Every layer sees the same positions, so a
-model may call it once (on ``caches[0]``) before its layer loop, as mlx-lm models do. A mask
+model may call it once (on its first attention layer's cache, `models.language.attention_cache`)
+before its layer loop, as mlx-lm models do. A mask
 is ``None`` (every returned key visible), ``"causal"`` (plain causal mask, queries aligned to
 the last keys) or a bool array ``[L, n_keys]`` (True = attend).
 

@@ -120,7 +120,8 @@ def load_model(
 
     dtype = _resolve_dtype(dtype)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if _is_float(v) else v for k, v in weights.items()}
+        # a Gated DeltaNet's A_log stays float32 (its decay exp(-exp(A_log)) is sensitive), as mlx-lm keeps it
+        weights = {k: v.astype(dtype) if _is_float(v) and not k.endswith(".A_log") else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

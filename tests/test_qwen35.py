@@ -460,3 +460,78 @@ def test_convert_writes_the_mlx_community_layout_and_it_loads_back(models, hybri
     a = np.array(back(mx.array([ids]), mx.array(pv), IMAGES))
     b = np.array(quantized(mx.array([ids]), mx.array(pv), IMAGES))
     assert rel_err(b, a) < TOL
+
+
+@pytest.mark.parametrize("where", ["post", "encoder"])
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_compaction_after_the_merger_and_in_the_encoder_runs_on_hybrids(loaded, images, arch, where):
+    """The linear layers just see a shorter sequence: the run keeps about a third of the visual tokens and
+    prefills the compact prompt (the full prompt less the dropped tokens)."""
+    from mlx_compact import generate
+    from mlx_compact.compaction import Compaction
+
+    model, processor = loaded(arch)
+    full = generate(model, processor, "what is here?", images, max_tokens=4)
+    small = generate(
+        model, processor, "what is here?", images, max_tokens=4, compaction=Compaction("diversity", 0.34, where=where)
+    )
+    kept = [v["after"] for v in small.stats["visual_tokens"]]
+    before = [v["before"] for v in small.stats["visual_tokens"]]
+    assert sum(kept) < sum(before) and all(k >= 1 for k in kept)
+    assert small.stats["prompt_tokens"] == full.stats["prompt_tokens"] - sum(before) + sum(kept)
+    assert len(small.tokens) == len(full.tokens) == 4
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_the_cli_generates_chats_and_plans_on_hybrids(hybrid, arch, tmp_path, image_wide, capsys, monkeypatch):
+    import io
+    import sys
+
+    from mlx_compact import cli
+
+    image_wide.save(tmp_path / "img.png")
+    common = ["--model", hybrid(arch), "--image", tmp_path / "img.png"]
+    runs = [
+        (["generate", *common, "--prompt", "hi", "--max-tokens", "3", "--max-kv-tokens", "128", "--kv-bits", "8"], ""),
+        (["chat", *common, "--max-tokens", "3"], f"hi\n/save {tmp_path / 's.safetensors'}\nmore\n"),
+        (["plan", *common, "--prompt", "hi", "--max-kv-tokens", "256"], ""),
+    ]
+    for argv, stdin in runs:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = cli.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 0, (argv[0], err)
+    assert (tmp_path / "s.safetensors").exists()
+
+
+def test_bfloat16_keeps_a_log_in_float32_and_stays_close(models, hybrid):
+    model, _, cfg = models(DENSE)
+    half = load_model(hybrid(DENSE), dtype="bfloat16")
+    gdn = half.layers[0].linear_attn
+    assert gdn.A_log.dtype == mx.float32 and gdn.in_proj_qkv.weight.dtype == mx.bfloat16
+    ids, pv = image_prompt(cfg)
+    cache = make_cache(half)
+    logits = prefill(half, prepare_ids(half, ids, pv, IMAGES), cache, 16)
+    assert cache[0].recurrent.dtype == mx.float32 and cache[0].conv.dtype == mx.bfloat16
+    reference = prefill(model, prepare_ids(model, ids, pv, IMAGES), make_cache(model), 16)
+    assert rel_err(logits.astype(mx.float32), reference) < 0.05
+
+
+def test_a_session_whose_linear_state_does_not_fit_the_model_is_refused(loaded, tmp_path):
+    from mlx_compact import ChatSession
+    from mlx_compact.cache import SessionError, read_cache_file
+
+    model, processor = loaded(DENSE)
+    a = ChatSession(model, processor)
+    a.ask("hi", max_tokens=2)
+    a.save(tmp_path / "s.safetensors")
+    info = read_cache_file(tmp_path / "s.safetensors")
+    assert info["linear_layers"] == [0, 2] and info["linear_state"] == ((1, 3, 160), (1, 4, 16, 24))
+    arrays, meta = mx.load(str(tmp_path / "s.safetensors"), return_metadata=True)
+    for i in (0, 2):  # a state of other sizes (another model's), consistent across its layers
+        arrays[f"{i}.recurrent"] = mx.zeros((1, 4, 24, 16))
+    mx.save_safetensors(str(tmp_path / "other.safetensors"), arrays, meta)
+    b = ChatSession(model, processor)
+    with pytest.raises(SessionError, match=r"linear states of layers \[0, 2\].*saved with another model"):
+        b.load(tmp_path / "other.safetensors")
+    assert b.turns == 0
