@@ -75,8 +75,8 @@ def convert(
     An FP8 block-quantized source (``quantization_config.quant_method: fp8``, the Qwen FP8 releases) is
     dequantized into ``dtype`` (`mlx_compact.fp8`), then quantized if asked.
     quantize_vision: quantize the vision tower too (kept float by default).
-    quantize_router: quantize the MoE routers (``mlp.gate``, Qwen3-VL-MoE) too; kept float by default: they
-    are small (experts x hidden per layer) and pick which experts run.
+    quantize_router: quantize the MoE routers (``mlp.gate``; Qwen3.5-MoE's ``mlp.shared_expert_gate`` too) as
+    well; kept float by default: they are small (experts x hidden per layer) and pick which experts run.
     force: replace an existing ``mlx_path``, which must be empty or a previous conversion's output
     (config.json, weights and sidecar files, nothing else); the source, a folder holding it, a file,
     or a folder with anything else in it is refused even then.
@@ -179,15 +179,15 @@ def _quantize(
 ) -> dict:
     """Quantize in place like mlx-vlm's convert; return the config with its quantization keys.
 
-    The experts (``SwitchLinear``) are quantized like linears; MoE routers (``mlp.gate``) stay float unless
-    ``quantize_router``."""
+    The experts (``SwitchLinear``) are quantized like linears; MoE routers (``mlp.gate``, and the shared
+    expert's gate ``mlp.shared_expert_gate``) stay float unless ``quantize_router``."""
 
     def predicate(path, module):
         if not hasattr(module, "to_quantized"):
             return False
         if path.startswith("vision_tower") and not (quantize_vision and isinstance(module, nn.Linear)):
             return False  # the ViT's position table (Qwen3-VL) is read directly, never quantized
-        if path.endswith(".mlp.gate") and not quantize_router:
+        if path.endswith((".mlp.gate", ".mlp.shared_expert_gate")) and not quantize_router:
             return False
         return module.weight.shape[-1] % group_size == 0
 

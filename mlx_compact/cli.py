@@ -260,7 +260,8 @@ def _add_cache(p) -> None:
         metavar="N",
         help="give the cache a fixed size of N tokens, allocated once: memory cannot grow during a "
         "long answer or chat. The system prompt and the images stay pinned; when it fills, the "
-        "oldest chat text is forgotten first. Default: a cache that grows as needed",
+        "oldest chat text is forgotten first (by the attention layers: a hybrid model such as Qwen3.5 "
+        "still summarises it in the fixed state of its linear layers). Default: a cache that grows as needed",
     )
     g.add_argument(
         "--kv-bits",

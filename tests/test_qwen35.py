@@ -447,6 +447,11 @@ def test_convert_writes_the_mlx_community_layout_and_it_loads_back(models, hybri
     )
     quantized = load_model(q)
     assert "scales" in quantized.layers[0].linear_attn.in_proj_qkv
+    if arch == MOE:  # the routers stay float (as mlx-vlm reads them back)
+        assert (
+            "scales" not in quantized.layers[0].mlp.gate and "scales" not in quantized.layers[0].mlp.shared_expert_gate
+        )
+        assert "scales" in quantized.layers[0].mlp.switch_mlp.gate_proj
     packed = dict(tree_flatten(quantized.parameters()))
     dequantized = {  # the float model with each quantized weight replaced by what its 4 bits hold
         k: mx.dequantize(v, packed[k[: -len("weight")] + "scales"], packed[k[: -len("weight")] + "biases"], 32, 4)
@@ -535,3 +540,13 @@ def test_a_session_whose_linear_state_does_not_fit_the_model_is_refused(loaded, 
     with pytest.raises(SessionError, match=r"linear states of layers \[0, 2\].*saved with another model"):
         b.load(tmp_path / "other.safetensors")
     assert b.turns == 0
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_a_video_through_the_runtime_on_hybrids(loaded, video_frames, arch):
+    """A video goes in as one block per temporal slice (after its timestamp), as for Qwen3-VL."""
+    from mlx_compact import generate
+
+    model, processor = loaded(arch)
+    r = generate(model, processor, "what happens?", videos=[video_frames], max_tokens=3)
+    assert len(r.stats["visual_tokens"]) == 2 and len(r.tokens) == 3  # 4 frames = 2 temporal patches
