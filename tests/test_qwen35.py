@@ -483,6 +483,7 @@ def test_compaction_after_the_merger_and_in_the_encoder_runs_on_hybrids(loaded, 
     kept = [v["after"] for v in small.stats["visual_tokens"]]
     before = [v["before"] for v in small.stats["visual_tokens"]]
     assert sum(kept) < sum(before) and all(k >= 1 for k in kept)
+    assert small.stats["proportional"] == (where == "post")  # the key bias lives in the first attention layer
     assert small.stats["prompt_tokens"] == full.stats["prompt_tokens"] - sum(before) + sum(kept)
     assert len(small.tokens) == len(full.tokens) == 4
 
