@@ -551,3 +551,27 @@ def test_a_video_through_the_runtime_on_hybrids(loaded, video_frames, arch):
     model, processor = loaded(arch)
     r = generate(model, processor, "what happens?", videos=[video_frames], max_tokens=3)
     assert len(r.stats["visual_tokens"]) == 2 and len(r.tokens) == 3  # 4 frames = 2 temporal patches
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 256])
+def test_the_server_reuses_a_hybrid_prefix_exactly(loaded, tmp_path, max_kv_size):
+    """Prefix reuse continues a stored linear state: the same arrays and tokens as feeding every segment again."""
+    pytest.importorskip("uvicorn")
+    from test_serve import EXAMPLE, Recording, _run, _user
+
+    from mlx_compact.serve.engine import Engine
+
+    (tmp_path / "example.png").write_bytes(EXAMPLE.read_bytes())
+    model, proc = loaded(DENSE)
+    reused, fresh = (Engine(model, proc, prefix_cache=Recording(s), max_kv_size=max_kv_size) for s in (1 << 30, 0))
+    convo = [_user("describe it", "example.png")]
+    a1, _ = _run(reused, proc, convo, tmp_path, None)
+    convo += [{"role": "assistant", "content": a1}, _user("and then?")]
+    (a, sa), (b, sb) = (_run(engine, proc, convo, tmp_path, None) for engine in (reused, fresh))
+    assert sa["cached_tokens"] > 0 and sb["cached_tokens"] == 0 and a == b and len(a) >= 5
+    x, y = reused.prefix.seen[-1], fresh.prefix.seen[-1]
+    assert isinstance(x[0], LinearCache) and x.offset == y.offset
+    for cx, cy in zip(x, y):
+        for u, v in zip(cx.state, cy.state):
+            u, v = (u if isinstance(u, tuple) else (u,)), (v if isinstance(v, tuple) else (v,))
+            assert all(mx.array_equal(p, q).item() for p, q in zip(u, v))
