@@ -442,29 +442,27 @@ def test_convert_writes_the_mlx_community_layout_and_it_loads_back(models, hybri
     mine = dict(tree_flatten(model.parameters()))
     assert all(mx.array_equal(v, mine[k]) for k, v in tree_flatten(back.parameters()))
 
-    q = convert(
-        hybrid(arch), tmp_path / "q4", dtype="float32", quantize=True, q_bits=4, q_group_size=32, progress=False
-    )
-    quantized = load_model(q)
-    assert "scales" in quantized.layers[0].linear_attn.in_proj_qkv
-    if arch == MOE:  # the routers stay float (as mlx-vlm reads them back)
-        assert (
-            "scales" not in quantized.layers[0].mlp.gate and "scales" not in quantized.layers[0].mlp.shared_expert_gate
-        )
-        assert "scales" in quantized.layers[0].mlp.switch_mlp.gate_proj
-    packed = dict(tree_flatten(quantized.parameters()))
-    dequantized = {  # the float model with each quantized weight replaced by what its 4 bits hold
-        k: mx.dequantize(v, packed[k[: -len("weight")] + "scales"], packed[k[: -len("weight")] + "biases"], 32, 4)
-        if k[: -len("weight")] + "scales" in packed
-        else v
-        for k, v in packed.items()
-        if not k.endswith(("scales", "biases")) or k[: -len("scales")] + "weight" not in packed
-    }
-    back.load_weights(list(dequantized.items()))
     ids, pv = image_prompt(cfg)
-    a = np.array(back(mx.array([ids]), mx.array(pv), IMAGES))
-    b = np.array(quantized(mx.array([ids]), mx.array(pv), IMAGES))
-    assert rel_err(b, a) < TOL
+    for bits in (4, 8):
+        q = convert(hybrid(arch), tmp_path / f"q{bits}", dtype="float32", quantize=True, q_bits=bits, q_group_size=32)
+        quantized = load_model(q)
+        assert "scales" in quantized.layers[0].linear_attn.in_proj_qkv
+        if arch == MOE:  # the routers stay float (as mlx-vlm reads them back)
+            mlp = quantized.layers[0].mlp
+            assert "scales" not in mlp.gate and "scales" not in mlp.shared_expert_gate
+            assert "scales" in mlp.switch_mlp.gate_proj
+        packed = dict(tree_flatten(quantized.parameters()))
+        held = {  # the float model with each quantized weight replaced by what its bits hold
+            k: mx.dequantize(v, packed[k[:-6] + "scales"], packed[k[:-6] + "biases"], 32, bits)
+            if k[:-6] + "scales" in packed
+            else v
+            for k, v in packed.items()
+            if not k.endswith(("scales", "biases")) or k[:-6] + "weight" not in packed
+        }
+        back.load_weights(list(held.items()))
+        a = np.array(back(mx.array([ids]), mx.array(pv), IMAGES))
+        b = np.array(quantized(mx.array([ids]), mx.array(pv), IMAGES))
+        assert rel_err(b, a) < TOL, f"{bits}-bit"
 
 
 @pytest.mark.parametrize("where", ["post", "encoder"])
