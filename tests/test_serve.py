@@ -19,6 +19,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_compact
+from mlx_compact.cache import KVCache
 from mlx_compact.compaction import Compaction
 
 openai = pytest.importorskip("openai")
@@ -256,11 +257,26 @@ def _run(engine, proc, messages, folder, compaction, max_tokens=12) -> str:
     return "".join(p["text"] for k, p in out if k == "text"), out[0][1]
 
 
+class Untrimmable(KVCache):
+    """A layer cache that, like a hybrid model's recurrent state, cannot be trimmed."""
+
+    def is_trimmable(self):
+        return False
+
+    def trim(self, n):
+        raise AssertionError("a state that cannot be trimmed was trimmed")
+
+
 @pytest.mark.parametrize(
-    "compaction,max_kv_size", [(None, None), (Compaction(keep=0.5), None), (Compaction(keep=0.5), 256)]
+    "compaction,max_kv_size,untrimmable",
+    [(None, None, False), (Compaction(keep=0.5), None, False), (Compaction(keep=0.5), 256, False), (None, None, True)],
 )
-def test_a_reused_prefix_gives_exactly_what_a_fresh_run_gives(random_model, media, compaction, max_kv_size):
+def test_a_reused_prefix_gives_exactly_what_a_fresh_run_gives(
+    random_model, media, compaction, max_kv_size, untrimmable, monkeypatch
+):
     model, proc = random_model
+    if untrimmable:  # the model makes its own caches (as hybrid models do): the prefix cache only ever continues them
+        monkeypatch.setattr(model, "make_cache", lambda **kw: [Untrimmable() for _ in model.layers], raising=False)
     reused, fresh = (
         Engine(model, proc, prefix_cache=Recording(size), max_kv_size=max_kv_size) for size in (1 << 30, 0)
     )
@@ -275,6 +291,7 @@ def test_a_reused_prefix_gives_exactly_what_a_fresh_run_gives(random_model, medi
     assert sb["cached_tokens"] == 0 and sb["images_encoded"] == 2 and sa["prompt_tokens"] == sb["prompt_tokens"]
     assert a == b and len(a) >= 5
     x, y = reused.prefix.seen[-1], fresh.prefix.seen[-1]  # the states after the last prompt, both ways
+    assert all(type(c) is (Untrimmable if untrimmable else type(c)) for c in list(x) + list(y))
     assert (x.position, x.offset) == (y.position, y.offset)
     for cx, cy in zip(x, y):  # bit for bit, every layer
         for u, v in zip(cx.state, cy.state):

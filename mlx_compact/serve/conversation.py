@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import os
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import InputError, inside, read_bytes
@@ -56,7 +56,6 @@ class Segment:
     images: list[Image]
     question: str  # the user text of its turn (what prompt-aware compaction reads)
     key: str = ""  # hash of every segment up to this one, and the settings
-    tokens: int = field(default=0)
 
 
 @dataclass

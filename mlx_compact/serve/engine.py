@@ -88,6 +88,7 @@ class Engine:
             max_pixels=req.max_pixels,
             memory_budget=self.budget(),
             prefill_step_size=self.prefill_step_size,
+            fit="off",  # planned above, the whole request at once
         )
         for seg in new[:-1]:  # earlier turns of the conversation: prefilled only
             if req.cancel.is_set():

@@ -13,6 +13,8 @@ import copy
 import threading
 from collections import OrderedDict
 
+from mlx.utils import tree_flatten
+
 from ..generate import PromptCache
 
 
@@ -24,8 +26,10 @@ def copy_state(state: PromptCache) -> PromptCache:
 
 
 def state_bytes(state: PromptCache) -> int:
-    """Bytes a state's layer caches hold (their ``nbytes``, the cache protocol's)."""
-    return sum(int(c.nbytes) for c in state)
+    """Bytes a state's layer caches hold: their ``nbytes`` (the cache protocol's), else their state's arrays."""
+    return sum(
+        int(c.nbytes) if hasattr(c, "nbytes") else sum(a.nbytes for _, a in tree_flatten(c.state)) for c in state
+    )
 
 
 class PrefixCache:
