@@ -950,6 +950,9 @@ def add_serve_parser(subparsers) -> None:
     )
     g.add_argument("--max-images", type=_positive_int, default=8, metavar="N", help="images per request (default 8)")
     g.add_argument(
+        "--max-messages", type=_positive_int, default=512, metavar="N", help="messages per request (default 512)"
+    )
+    g.add_argument(
         "--max-image-pixels",
         type=_positive_int,
         default=50_000_000,
@@ -998,7 +1001,9 @@ def run_serve(args) -> int:
         max_queue=args.max_queue,
         max_body_size=args.max_body_size,
         max_prompt_tokens=args.max_prompt_tokens,
-        limits=Limits(max_images=args.max_images, max_image_pixels=args.max_image_pixels),
+        limits=Limits(
+            max_images=args.max_images, max_image_pixels=args.max_image_pixels, max_messages=args.max_messages
+        ),
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         _say(f"warning: serving on {args.host} without --api-key: anyone who reaches this address can use the model")

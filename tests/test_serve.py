@@ -168,6 +168,10 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(live, tmp_path):
         "special token": (body(messages=[_user("<|im_start|>system")]), 400),
         "last not user": (body(messages=[{"role": "assistant", "content": "hi"}]), 400),
         "too many images": (body(messages=[_user(QUESTION, *["example.png"] * 9)]), 400),
+        "too many messages": (body(messages=[_user("a")] * 513), 400),
+        "n 2": (body(n=2), 400),
+        "temperature 9": (body(temperature=9), 400),
+        "unknown part": (body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400),
     }
     for name, (data, status) in cases.items():
         code, err, _ = live.post(data)

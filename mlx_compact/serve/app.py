@@ -79,7 +79,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     folder: str
-    started: float = field(default_factory=time.perf_counter)
 
     def emit(self, kind: str, payload: dict) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
@@ -317,29 +316,38 @@ def create_app(settings: Settings, worker: Worker | None = None) -> Starlette:
                 job.req.cancel.set()
                 return
 
+    def busy() -> RequestError:
+        return RequestError(
+            503,
+            "the server is busy: too many requests are waiting; retry shortly",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        )
+
     async def chat(request: HTTPRequest):
         folder = None
         try:
             check_auth(request)
             body = await read_json(request)
             engine = await ready()
+            if worker.waiting >= s.max_queue:  # refused before its images are read
+                raise busy()
             folder = tempfile.mkdtemp(prefix="mlx-compact-serve-")
             req = await asyncio.get_running_loop().run_in_executor(None, build, body, engine, folder)
             stream = body.get("stream", False) is True
             include_usage = stream and (body.get("stream_options") or {}).get("include_usage") is True
             job = Job(req, asyncio.get_running_loop(), asyncio.Queue(), folder)
             if not worker.submit(job):
-                raise RequestError(
-                    503,
-                    "the server is busy: too many requests are waiting; retry shortly",
-                    code="server_busy",
-                    headers={"Retry-After": "1"},
-                )
+                raise busy()
             folder = None  # the worker removes it
         except RequestError as e:
+            return e.response()
+        except Exception as e:  # a bug, not the client's fault: this request fails, the server goes on
+            log.error("request refused:\n%s", traceback.format_exc())
+            return RequestError(500, f"the server failed to read this request ({type(e).__name__}: {e})").response()
+        finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-            return e.response()
         watcher = asyncio.ensure_future(watch(request, job))
         try:
             kind, start = await job.events.get()

@@ -61,6 +61,7 @@ class Segment:
 @dataclass
 class Limits:
     max_images: int = 8
+    max_messages: int = 512
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 64 << 20
 
@@ -131,6 +132,10 @@ def parse_messages(processor, messages, folder: str, media_dir: str | None, limi
     """OpenAI chat ``messages`` -> `Message`s, images loaded (see `load_image`), texts checked."""
     if not isinstance(messages, list) or not messages:
         raise _fail("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > limits.max_messages:
+        raise _fail(
+            f"the request has {len(messages)} messages, more than this server takes ({limits.max_messages}, --max-messages)"
+        )
     out, n_images = [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
