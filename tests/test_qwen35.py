@@ -573,3 +573,20 @@ def test_the_server_reuses_a_hybrid_prefix_exactly(loaded, tmp_path, max_kv_size
         for u, v in zip(cx.state, cy.state):
             u, v = (u if isinstance(u, tuple) else (u,)), (v if isinstance(v, tuple) else (v,))
             assert all(mx.array_equal(p, q).item() for p, q in zip(u, v))
+
+
+def test_the_norm_shift_is_decided_once_per_checkpoint(models, hybrid):
+    """Hugging Face names or a [C, 1, K] conv1d mark a raw checkpoint (norms + 1, as mlx-vlm decides);
+    mlx-community's names with a [C, K, 1] conv1d are taken as they are, mtp.* tensors beside them or not."""
+    from mlx.utils import tree_flatten
+
+    model, _, _ = models(DENSE)
+    ours = dict(tree_flatten(model.parameters()))  # mlx-community's layout: what convert writes
+    norm, conv = "language_model.model.norm.weight", "language_model.model.layers.0.linear_attn.conv1d.weight"
+    assert mx.array_equal(model.sanitize(dict(ours))[norm], ours[norm])
+    unconverted = {**ours, conv: ours[conv].swapaxes(1, 2)}  # mlx names, conv1d still [C, 1, K]
+    out = model.sanitize(unconverted)
+    assert mx.array_equal(out[norm], ours[norm] + 1) and out[conv].shape == (160, 4, 1)
+    with_mtp = {**ours, "mtp.norm.weight": mx.zeros((96,))}
+    out = model.sanitize(with_mtp)
+    assert "mtp.norm.weight" not in out and mx.array_equal(out[norm], ours[norm])

@@ -9,10 +9,10 @@ The model owns its cache (`Model.make_cache`): a fixed linear state per Gated De
 multi-token-prediction tensors, which are dropped), transformers-5 saves (the same names, no ``mtp.*``), both
 with conv1d [C, 1, K], patch embed [D, 3, T, P, P] and zero-centred norms holding ``w``; and mlx-community's
 (mlx-vlm's converter: ``language_model.*`` / ``vision_tower.*``, conv1d [C, K, 1], patch embed channels-last,
-norms holding ``1 + w``). Which one is decided once per checkpoint by its names, so the 1 is added exactly once.
+norms holding ``1 + w``). Which one is decided once per checkpoint, so the 1 is added exactly once.
 """
 
-from .base import VLModel, WeightsError
+from .base import VLModel
 from .qwen3_vl import Qwen3VisionTower
 
 ZERO_CENTRED = (  # the (1 + w) RMSNorms; not linear_attn.norm (a plain weight) nor the vision tower's LayerNorms
@@ -22,7 +22,7 @@ ZERO_CENTRED = (  # the (1 + w) RMSNorms; not linear_attn.norm (a plain weight) 
     ".self_attn.k_norm.weight",
     "language_model.model.norm.weight",
 )
-HF_PREFIXES = ("model.", "lm_head.", "visual.", "mtp.")
+HF_PREFIXES = ("model.", "lm_head.", "visual.")
 
 
 class Model(VLModel):
@@ -49,18 +49,18 @@ class Model(VLModel):
 
     def sanitize(self, weights: dict) -> dict:
         """Any of the three layouts (see the module) -> ours: ``mtp.*`` dropped, conv1d [C, K, 1], and the
-        zero-centred norms shifted by 1 when the checkpoint is a Hugging Face one."""
-        hf = any(k.startswith(HF_PREFIXES) for k in weights)
-        weights = super().sanitize({k: v for k, v in weights.items() if not k.startswith("mtp.")})
+        zero-centred norms shifted by 1 when the checkpoint is a Hugging Face one: named as Hugging Face names
+        them, or with its conv1d in the [C, 1, K] layout (decided once for all). ``mtp.*`` tensors decide
+        nothing: mlx-vlm can write them beside converted weights (as mlx-vlm, which also ignores them here)."""
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+        hf = any(k.startswith(HF_PREFIXES) for k in weights) or any(
+            k.endswith("linear_attn.conv1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] != 1
+            for k, v in weights.items()
+        )
+        weights = super().sanitize(weights)
         for k, v in weights.items():
-            if k.endswith("linear_attn.conv1d.weight") and v.ndim == 3 and v.shape[1] != v.shape[2]:
-                if (v.shape[1] == 1) != hf:
-                    raise WeightsError(
-                        f"{k} has shape {tuple(v.shape)}, the {'MLX' if hf else 'Hugging Face'} layout, in a checkpoint "
-                        f"named as {'Hugging Face' if hf else 'MLX'} does: re-convert it from the original"
-                    )
-                if hf:
-                    weights[k] = v.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
+            if k.endswith("linear_attn.conv1d.weight") and v.ndim == 3 and v.shape[1] == 1 and v.shape[2] != 1:
+                weights[k] = v.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
             if hf and k.endswith(ZERO_CENTRED):
                 weights[k] = v + 1
         return weights
