@@ -107,6 +107,7 @@ class ChatSession:
         Written atomically. `SessionError` (nothing written) when `path` is a folder, a pipe or a file
         that is not a session file: only a previous session file is overwritten.
         """
+        _local(self.model, "save")
         c = self.cache
         meta = {
             "next_pos": c.position,
@@ -125,6 +126,7 @@ class ChatSession:
         The file is checked completely before anything is loaded; on any error (`SessionError` naming
         the problem) the conversation is left as it was.
         """
+        _local(self.model, "load")
         info = read_cache_file(path)
         state = _chat_state(path, info["metadata"], self.model)
         self._check_settings(path, info)
@@ -149,6 +151,15 @@ class ChatSession:
             )
         fix = "restart chat without them" if theirs[0] == "KVCache" else f"restart chat with {a}"
         raise SessionError(f"{path} was saved with {a}; this chat has {b}: {fix} to load it")
+
+
+def _local(model, what: str) -> None:
+    from .pipeline import pipeline_of
+
+    if pipeline_of(model) is not None:
+        raise SessionError(
+            f"a conversation across several ranks (--pipeline) cannot be {what}ed yet: its cache is on every rank"
+        )
 
 
 def _fingerprint(model) -> dict:

@@ -348,6 +348,34 @@ def _add_memory(p, fit: bool = True) -> None:
         )
 
 
+def _add_pipeline(p) -> None:
+    g = p.add_argument_group("several Macs (run under mlx.launch; see the README)")
+    g.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="split the LLM layers across the ranks that mlx.launch started: each rank loads only its share; rank 0 "
+        "also runs the vision tower, compaction and sampling, and is the only one that prints",
+    )
+    g.add_argument(
+        "--layer-split",
+        default=None,
+        metavar="N,N,...",
+        help="the LLM layers of each rank, in rank order (default: split by bytes in proportion to each rank's memory)",
+    )
+    g.add_argument(
+        "--pipeline-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="end every rank when a transfer between ranks waits longer than this (default 300; a rank that dies "
+        "is noticed within about a second)",
+    )
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, lambda v: math.isfinite(v) and v > 0, "must be a number > 0")
+
+
 def _add_stats(p, per: str) -> None:
     p.add_argument(
         "--stats",
@@ -469,6 +497,7 @@ def add_generate_parser(subparsers) -> None:
     _add_cache(p)
     _add_sampling(p)
     _add_memory(p)
+    _add_pipeline(p)
     _add_stats(p, "the run")
     p.set_defaults(run=run_generate)
 
@@ -489,7 +518,13 @@ def _load_checked(args):
     c = _compaction(args)
     images = [_read_image(p) for p in args.image]
     videos = [_read_video(p, args) for p in args.video]
-    model, processor = load(args.model, memory_budget=args.memory_budget)
+    model, processor = load(
+        args.model,
+        memory_budget=args.memory_budget,
+        pipeline=args.pipeline,
+        layer_split=args.layer_split,
+        pipeline_timeout=args.pipeline_timeout,
+    )
     return model, processor, c, images, videos
 
 
@@ -573,6 +608,7 @@ def add_chat_parser(subparsers) -> None:
     _add_cache(p)
     _add_sampling(p)
     _add_memory(p)
+    _add_pipeline(p)
     _add_stats(p, "each answer")
     p.set_defaults(run=run_chat)
 
@@ -687,6 +723,7 @@ def run_chat(args) -> int:
     from mlx_compact.chat import ChatSession
     from mlx_compact.generate import set_seed
     from mlx_compact.memory import MemoryPlanError
+    from mlx_compact.pipeline import PipelineError
 
     model, processor, c, images, videos = _load_checked(args)
     if args.seed is not None:
@@ -721,7 +758,7 @@ def run_chat(args) -> int:
             except (UserError, InputError, MemoryPlanError) as e:
                 print(f"mlx-compact chat: error: {_one_line(e)}", file=sys.stderr, flush=True)
                 failed = True
-            except BrokenPipeError:
+            except (BrokenPipeError, PipelineError):
                 raise
             except Exception as e:  # a failed turn or command keeps the conversation: report it and go on
                 print(f"mlx-compact chat: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr, flush=True)
@@ -1129,12 +1166,17 @@ def main(argv=None) -> int:
     from mlx_compact.convert import ConvertError
     from mlx_compact.loader import LoadError
     from mlx_compact.memory import MemoryPlanError
+    from mlx_compact.pipeline import EXIT_LOST, PipelineError, process_rank
 
     try:
         return args.run(args)
     except (InputError, LoadError, ConvertError, MemoryPlanError, FileNotFoundError, PermissionError) as e:
-        print(f"mlx-compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if not getattr(args, "pipeline", False) or process_rank() == 0:  # each rank refuses; rank 0 says why
+            print(f"mlx-compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except PipelineError as e:
+        print(f"mlx-compact {args.command}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_LOST
     except KeyboardInterrupt:
         print(f"\nmlx-compact {args.command}: interrupted", file=sys.stderr)
         return 130

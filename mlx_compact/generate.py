@@ -20,6 +20,7 @@ from .images import ImageFile, open_image
 from .memory import MemoryPlanError, fmt_bytes, plan, planned_compaction, weights_bytes, wired_limit
 from .models.language import attention_cache
 from .models.rope_index import PER_FRAME_VIDEO
+from .pipeline import RemoteCaches, pipeline_of
 from .video import open_videos
 
 
@@ -249,8 +250,8 @@ def make_cache(
     build = getattr(model, "make_cache", None)
     if callable(build):
         return build(max_kv_size=max_kv_size, kv_bits=kv_bits, kv_group_size=kv_group_size)
-    hd = model.config.text.head_dim
-    return [kv_cache(hd, max_kv_size, kv_bits, kv_group_size) for _ in model.layers]
+    t = model.config.text
+    return [kv_cache(t.head_dim, max_kv_size, kv_bits, kv_group_size) for _ in range(t.num_hidden_layers)]
 
 
 def check_cache_options(max_kv_size: int | None = None, kv_bits: int | None = None) -> None:
@@ -301,8 +302,21 @@ def make_prompt_cache(
 ) -> PromptCache:
     """A cache for ``generate`` / ``stream_generate(prompt_cache=...)``: calls on the same cache continue one
     conversation. ``model.make_cache(...)`` builds it when the model defines one (hybrid models), else one KV
-    cache per layer (`make_cache`): growing, or of ``max_kv_size`` slots (``kv_bits`` 8/4: quantized)."""
-    return PromptCache(make_cache(model, max_kv_size, kv_bits, kv_group_size))
+    cache per layer (`make_cache`): growing, or of ``max_kv_size`` slots (``kv_bits`` 8/4: quantized). In a
+    pipeline (rank 0), the other ranks make theirs for their layers, held by the list's last element."""
+    caches = model_caches(model, max_kv_size, kv_bits, kv_group_size)
+    pipe = pipeline_of(model)
+    if pipe is not None:
+        caches.append(RemoteCaches(pipe, max_kv_size, kv_bits, kv_group_size))
+    return PromptCache(caches)
+
+
+def model_caches(
+    model, max_kv_size: int | None = None, kv_bits: int | None = None, kv_group_size: int | None = None
+) -> list:
+    """The caches of the layers this process runs (a pipeline rank: its slice of `make_cache`'s per-layer list)."""
+    first, stop = model.language_model.layer_range
+    return list(make_cache(model, max_kv_size, kv_bits, kv_group_size))[first:stop]
 
 
 def pin_point(model, cache: list, ids: Sequence[int], first_turn: bool, im_end_id: int | None) -> int | None:
@@ -362,7 +376,7 @@ def prefill(
         if fixed and pin and j == pin:
             mx.eval([c.state for c in cache])
             for c in cache:
-                if isinstance(c, FixedKVCache):
+                if isinstance(c, (FixedKVCache, RemoteCaches)):  # the other ranks pin theirs
                     c.pin(start + pin)
         elif j < L:
             mx.eval([c.state for c in cache])
@@ -625,6 +639,12 @@ def check_memory(
         tips = "nothing at these settings: decoding the largest image alone takes most of it; use a smaller image"
     if videos:
         tips = ", ".join(t for t in (tips, "fewer video frames (fps / max_frames, --fps / --max-frames)") if t)
+    if p.peak <= p.budget and p.short_rank is not None:
+        r, peak, budget = p.short_rank
+        raise MemoryPlanError(
+            f"rank {r} of the pipeline would need about {f(peak)} for its layers (weights, KV cache, prefill peak) "
+            f"but {f(budget)} is available there; what would fit: {tips or 'nothing at these settings'}"
+        )
     raise MemoryPlanError(
         f"this run would need about {f(p.peak)} (weights {f(p.weights)}, KV {f(p.kv)}, image decode {f(p.decode)}, "
         f"vision peak {f(p.vision)}, prefill peak {f(p.prefill)}) but {f(p.budget)} is available; what would fit: "

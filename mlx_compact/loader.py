@@ -10,6 +10,7 @@ Accepted checkpoints:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,6 +47,9 @@ def load(
     revision: str | None = None,
     compaction=None,
     memory_budget: int | None = None,
+    pipeline: bool = False,
+    layer_split=None,
+    pipeline_timeout: float | None = None,
 ):
     """Load a Qwen-VL checkpoint and return ``(model, processor)``.
 
@@ -59,10 +63,30 @@ def load(
     ``generate``, ``stream_generate`` and ``ChatSession`` use when they are not given one.
     memory_budget: bytes the weights may take (default: what this device allows); checked from the
     safetensors headers before anything is allocated.
+    pipeline: under ``mlx.launch`` with 2 or more ranks, run the LLM layers across the ranks (see
+    `mlx_compact.pipeline`): each rank reads only its share, split by bytes in proportion to each rank's memory
+    (``layer_split``, e.g. ``[20, 12]`` or ``"20,12"``: the layers of each rank, in rank order), rank 0 also the
+    vision tower and embeddings, the last rank the LM head; ``memory_budget`` is then each rank's. On rank 0
+    this returns as usual; on every other rank it serves its layers until rank 0 ends, then exits the process.
+    ``pipeline_timeout``: seconds one transfer between ranks may wait before the rank gives up (default 300).
+    Without ``mlx.launch`` (one process) ``pipeline`` changes nothing.
     Raises `LoadError` with a message naming the problem.
     """
     path = resolve(path_or_repo, revision=revision)
-    model = load_model(path, dtype=dtype, memory_budget=memory_budget)
+    model = load_model(
+        path,
+        dtype=dtype,
+        memory_budget=memory_budget,
+        pipeline=pipeline,
+        layer_split=layer_split,
+        pipeline_timeout=pipeline_timeout,
+    )
+    from .pipeline import pipeline_of
+
+    pipe = pipeline_of(model)
+    if pipe is not None and pipe.rank != 0:
+        pipe.serve(model)
+        sys.exit(0)
     model.default_compaction = as_compaction(compaction)
     from .processor import Processor  # imported here: the processor pulls in the tokenizer stack
 
@@ -77,10 +101,19 @@ def load_model(
     lazy: bool = False,
     memory_budget: int | None = None,
     dequantize_fp8: bool = False,
+    pipeline: bool = False,
+    layer_split=None,
+    pipeline_timeout: float | None = None,
 ):
     """Load only the model (see `load`). ``lazy=True`` leaves the weights unevaluated (for conversion and
     planning) and skips the memory check. ``dequantize_fp8``: an FP8 block-quantized checkpoint is dequantized
-    (`mlx_compact.fp8`; the converter's path); without it such a checkpoint is refused, naming the converter."""
+    (`mlx_compact.fp8`; the converter's path); without it such a checkpoint is refused, naming the converter.
+    With ``pipeline`` (under ``mlx.launch``), this rank's share only; the model's `mlx_compact.pipeline.Pipeline`
+    then says which (``serve`` it on ranks other than 0)."""
+    from .pipeline import group_size, parse_split
+
+    split = parse_split(layer_split)
+    group = mx.distributed.init() if pipeline and not lazy and group_size() > 1 else None
     path = resolve(path_or_repo, revision=revision)
     config = read_config(path)
     files = weight_files(path)
@@ -104,7 +137,7 @@ def load_model(
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:  # a config the validation missed
         raise LoadError(f"{path}: config.json does not describe a buildable model ({e})") from None
 
-    if not lazy:
+    if not lazy and group is None:
         _check_weights_fit(path, headers, _resolve_dtype(dtype), memory_budget)
     try:
         weights = read_weights(path, files)
@@ -122,11 +155,81 @@ def load_model(
     if dtype is not None:
         # a Gated DeltaNet's A_log stays float32 (its decay exp(-exp(A_log)) is sensitive), as mlx-lm keeps it
         weights = {k: v.astype(dtype) if _is_float(v) and not k.endswith(".A_log") else v for k, v in weights.items()}
+    if group is not None:
+        weights = _take_share(model, weights, group, split, memory_budget, pipeline_timeout, path)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
+    if group is not None:  # every rank has its share before rank 0 sends anything
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     return model
+
+
+def _take_share(model, weights: dict, group, split, budget, timeout, path) -> dict:
+    """This rank's weights (still unread) and the model cut to its share of a pipeline; the split agreed by every
+    rank from every rank's memory, and refused on every rank, naming the rank, when a share would not fit."""
+    from .memory import device_budget, fmt_bytes
+    from .pipeline import DEFAULT_TIMEOUT, Pipeline, fitting_split, gather, layer_of, layer_split, owners
+
+    lm = model.language_model
+    n, size, rank = len(lm.model.layers), group.size(), group.rank()
+    tied = lm.cfg.tie_word_embeddings
+    layer_bytes, fixed = [0] * n, [0] * size
+    for name, v in weights.items():
+        layer = layer_of(name)
+        if layer is not None:
+            layer_bytes[layer] += v.nbytes
+        else:
+            for r in owners(name, [1] * size, tied):
+                fixed[r] += v.nbytes
+    mine = device_budget()
+    budgets, memory = zip(*gather([budget or mine["available"], mine["total"]], group))
+    # rank 0 holds at least the first attention layer: its cache tells the runtime where the conversation stands
+    min_first = 1 + next((i for i in range(n) if not lm.cfg.is_linear(i)), 0)
+    if split is None:
+        split = layer_split(layer_bytes, fixed, memory, min_first)
+    elif split[0] < min_first:
+        raise LoadError(f"--layer-split: rank 0 needs at least {min_first} layers (through the first attention layer)")
+    elif len(split) != size or sum(split) != n:
+        raise LoadError(
+            f"--layer-split {','.join(map(str, split))} must give {size} ranks (one number each) {n} layers in all"
+        )
+    stops = [sum(split[: r + 1]) for r in range(size)]
+    need = [fixed[r] + sum(layer_bytes[stops[r] - split[r] : stops[r]]) for r in range(size)]
+    over = [r for r in range(size) if need[r] > budgets[r]]
+    if over:
+        r = over[0]
+        fits = fitting_split(layer_bytes, fixed, budgets, min_first)
+        advice = (
+            f"--layer-split {','.join(map(str, fits))}"
+            if fits
+            else f"nothing: the {size} ranks have {fmt_bytes(sum(budgets))} together and the weights take "
+            f"{fmt_bytes(sum(need))}; use a more quantized checkpoint or add a Mac"
+        )
+        raise LoadError(
+            f"{path}: rank {r} would hold {fmt_bytes(need[r])} of weights (LLM layers {stops[r] - split[r]}-"
+            f"{stops[r] - 1} of {n}) but {fmt_bytes(budgets[r])} is available there; what would fit: {advice}"
+        )
+    pipe = Pipeline(group, split, timeout or DEFAULT_TIMEOUT)
+    lm.layer_range = (pipe.first, pipe.stop)
+    lm.pipeline = pipe
+    for i in range(n):
+        if not pipe.first <= i < pipe.stop:
+            lm.model.layers[i] = nn.Module()
+    if rank != 0:
+        model.vision_tower = nn.Module()
+        if not (pipe.last and tied):
+            lm.model.embed_tokens = nn.Module()
+    if not pipe.last:
+        lm.model.norm = nn.Module()
+        if "lm_head" in lm:
+            lm.lm_head = nn.Module()
+    if rank == 0:
+        import atexit
+
+        atexit.register(pipe.close)
+    return {k: v for k, v in weights.items() if rank in owners(k, split, tied)}
 
 
 def resolve(path_or_repo: str | Path | None, *, revision: str | None = None) -> Path:

@@ -213,6 +213,7 @@ class Plan:
     visual_tokens: list[int] = field(default_factory=list)
     decode: int = 0  # the largest image decode (pixels and conversion copies), before the vision tower
     notes: list[str] = field(default_factory=list)  # what the figures assume (e.g. MoE: every expert resident)
+    ranks: list[tuple] = field(default_factory=list)  # a pipeline's other ranks: (rank, peak, budget) each
 
     @property
     def peak(self) -> int:
@@ -222,7 +223,12 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.budget
+        return self.peak <= self.budget and all(peak <= budget for _, peak, budget in self.ranks)
+
+    @property
+    def short_rank(self) -> tuple | None:
+        """The first other rank of a pipeline that would not fit: (rank, peak, budget), or None."""
+        return next((r for r in self.ranks if r[1] > r[2]), None)
 
     def summary(self) -> str:
         rows = [
@@ -235,6 +241,8 @@ class Plan:
             ("device budget", self.budget),
         ]
         lines = [f"{name:>14}: {fmt_bytes(v):>12}" for name, v in rows]
+        for r, peak, budget in self.ranks:
+            lines.append(f"{f'rank {r} peak':>14}: {fmt_bytes(peak):>12} of {fmt_bytes(budget)}")
         lines.append(f"{'fits':>14}: {'yes' if self.fits else 'NO'}")
         lines += [f"{'note':>14}: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -289,6 +297,7 @@ def plan(
     expert, all resident (a note in the plan says so).
     """
     c = model.config
+    text = _owned(model)
     merge = c.vision.spatial_merge_size**2
     dtype_bytes = _dtype_bytes(model)
     fused = mx.metal.is_available() if fused is None else fused
@@ -301,17 +310,17 @@ def plan(
     tokens = prompt + max_tokens
     if max_kv_tokens is not None:
         tokens = min(tokens, max_kv_tokens)
-        kv = kv_bytes(c.text, max_kv_tokens, dtype_bytes, kv_bits)
+        kv = kv_bytes(text, max_kv_tokens, dtype_bytes, kv_bits)
         kv += 4 * max_kv_tokens if key_bias else 0  # a float32 bias per slot, kept once for all layers
         step = min(prefill_step, max_kv_tokens // 4 or 1, 512)  # FixedKVCache's max_chunk caps the chunk
         growth = 0
     else:
-        kv = kv_bytes(c.text, -(-tokens // 256) * 256, dtype_bytes, kv_bits)  # KVCache grows in 256 steps
+        kv = kv_bytes(text, -(-tokens // 256) * 256, dtype_bytes, kv_bits)  # KVCache grows in 256 steps
         kv += 4 * -(-tokens // 256) * 256 if key_bias else 0
         step = prefill_step
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are
         # live until the concatenation is done
-        growth = kv // max(c.text.num_hidden_layers, 1)
+        growth = kv // max(text.num_hidden_layers, 1)
     vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches), default=0)
     ds = len(c.vision.deepstack_visual_indexes)
     # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
@@ -325,6 +334,20 @@ def plan(
         deepstack=ds,
         moe_grouped=not fused,
     )
+    ranks = []
+    pipe = _pipeline(model)
+    if pipe is not None:  # each other rank plans its own layers against its own memory
+        slots = max_kv_tokens if max_kv_tokens is not None else -(-tokens // 256) * 256
+        ranks = pipe.plan_ranks(
+            slots,
+            min(step, prompt),
+            min(prompt, tokens),
+            kv_bits or 0,
+            int(key_bias),
+            int(fused),
+            int(max_kv_tokens is None),
+            (budget or 0) // 1024,
+        )
     return Plan(
         weights=weights_bytes(model),
         kv=kv,
@@ -335,7 +358,37 @@ def plan(
         visual_tokens=visual,
         decode=decode_bytes,
         notes=_notes(c.text),
+        ranks=ranks,
     )
+
+
+def _pipeline(model):
+    from .pipeline import pipeline_of
+
+    return pipeline_of(model)
+
+
+def _owned(model):
+    """The text config counted for the layers this process runs (a pipeline rank: its share)."""
+    from dataclasses import replace
+
+    return replace(model.config.text, num_hidden_layers=len(model.layers))
+
+
+def stage_plan(
+    model, slots: int, chunk: int, context: int, kv_bits: int, key_bias: int, fused: int, growing: int, budget_kib: int
+) -> tuple[int, int]:
+    """(peak, budget) of a pipeline rank other than 0 for a run: its weights, the KV of its layers (``slots`` per
+    layer) and one prefill chunk of ``chunk`` queries over ``context`` keys through its layers (it holds no
+    prompt embeddings and no vision tower). ``budget_kib`` 0: what this device allows."""
+    text, b = _owned(model), _dtype_bytes(model)
+    kv = kv_bytes(text, slots, b, kv_bits or None) + (4 * slots if key_bias else 0)
+    growth = kv // max(text.num_hidden_layers, 1) if growing else 0
+    prefill = growth + prefill_peak(
+        model.config.text, chunk, context, b, bool(fused) and not kv_bits, moe_grouped=not fused
+    )
+    budget = budget_kib * 1024 if budget_kib else device_budget()["available"]
+    return weights_bytes(model) + kv + prefill, budget
 
 
 def _notes(text_cfg) -> list[str]:
@@ -349,10 +402,12 @@ def _notes(text_cfg) -> list[str]:
 
 def _dtype_bytes(model) -> int:
     """Bytes per element of the activations: the dtype of the LLM's final norm (float32 on CPU)."""
-    try:
-        return model.language_model.model.norm.weight.dtype.size
-    except AttributeError:
-        return 2 if mx.metal.is_available() else 4
+    lm = model.language_model.model
+    for module in (lm.norm, lm.embed_tokens, *model.layers[:1]):  # a pipeline rank has only some of them
+        for _, v in tree_flatten(module.parameters()):
+            if mx.issubdtype(v.dtype, mx.floating):
+                return v.dtype.size
+    return 2 if mx.metal.is_available() else 4
 
 
 @contextlib.contextmanager

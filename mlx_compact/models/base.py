@@ -44,7 +44,8 @@ class VLModel(nn.Module):
 
     @property
     def layers(self):
-        return self.language_model.model.layers
+        """The LLM layers this process runs (in a pipeline: its rank's share), one cache each."""
+        return self.language_model.owned_layers
 
     def encode(self, pixel_values: mx.array, grid_thw, **select) -> VisionOutput:
         """Run the vision tower: merged features [M, D] in raster order per image/slice."""

@@ -292,6 +292,7 @@ class LanguageModel(nn.Module):
         rot = cfg.rotary_dim  # head_dim, or Qwen3.5's partial share of it
         self._inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, rot // 2, dtype=mx.float32) * 2 / rot))
         self._axes = mrope_axes(rot, cfg.mrope_section, cfg.mrope_interleaved)
+        self.layer_range = (0, cfg.num_hidden_layers)  # [first, stop) of the layers this process runs
 
     def rope(self, positions: mx.array):
         """cos, sin [B, 1, L, rotary_dim] in float32 for [3, B, L] positions."""
@@ -300,6 +301,14 @@ class LanguageModel(nn.Module):
         ang = (pos[..., None] * (onehot * self._inv_freq)[:, None, None]).sum(0)  # [B, L, rot/2]
         ang = mx.concatenate([ang, ang], axis=-1)[:, None]  # [B, 1, L, rot]
         return mx.cos(ang), mx.sin(ang)
+
+    pipeline = None  # set on every rank of a pipeline (mlx_compact.pipeline): carries the hidden states on
+
+    @property
+    def owned_layers(self) -> list:
+        """The layers this process runs: all of them, or its rank's share in a pipeline (``layer_range``)."""
+        first, stop = self.layer_range
+        return self.model.layers[first:stop]
 
     def __call__(
         self,
@@ -316,13 +325,23 @@ class LanguageModel(nn.Module):
         ``deepstack`` (Qwen3-VL): dense [B, L, D] additions after layers 0, 1, ..., zero on text rows.
         ``key_bias`` [B, L]: added to the attention logits of these tokens' keys in every layer and kept with
         them in the first layer's cache, once for all layers (proportional attention: log of the tokens each
-        stands for). The mask, biased or not, is made once for every layer.
+        stands for). The mask, biased or not, is made once for every layer. In a pipeline (rank 0), the
+        hidden states go on through the other ranks, whose last one returns the logits.
         """
-        h = inputs_embeds
+        h = self.stage(inputs_embeds, positions, cache, deepstack, mask, last_only, key_bias)
+        if self.pipeline is not None:
+            return self.pipeline.forward(self, h, positions, cache, deepstack, last_only, key_bias)
+        return self.head(h, last_only)
+
+    def stage(self, h, positions, cache=None, deepstack=None, mask=None, last_only=False, key_bias=None) -> mx.array:
+        """Hidden states [B, L, D] ([B, 1, D] if ``last_only`` and this stage ends with the model's last layer)
+        after this process's layers (`owned_layers`), over their caches (the first ``len(owned_layers)`` of
+        ``cache``). ``deepstack``: indexed by the model's layer number (None where a layer has none)."""
         cos, sin = self.rope(positions)
         L = h.shape[1]
-        layers = self.model.layers
-        cache = cache or [None] * len(layers)
+        first, _ = self.layer_range
+        layers = self.owned_layers
+        cache = cache[: len(layers)] if cache else [None] * len(layers)
         c0 = attention_cache(cache)
         if mask is None:
             mask = (
@@ -334,12 +353,18 @@ class LanguageModel(nn.Module):
             key_bias = c0.update_bias(key_bias, L)  # every held key's bias (None: none ever given)
         if key_bias is not None:
             mask = biased_mask(mask, key_bias, L, h.dtype)
-        for i, (layer, c) in enumerate(zip(layers, cache)):
+        n = len(self.model.layers)
+        for j, (layer, c) in enumerate(zip(layers, cache)):
+            i = first + j
             # last_only: the last layer's attention output and MLP are needed for the last row only
-            last = last_only and i == len(layers) - 1
+            last = last_only and i == n - 1
             h = layer(h, cos, sin, mask, c, last)
-            if deepstack is not None and i < len(deepstack):
+            if deepstack is not None and i < len(deepstack) and deepstack[i] is not None:
                 h = h + (deepstack[i][:, -1:] if last else deepstack[i])
+        return h
+
+    def head(self, h: mx.array, last_only: bool = False) -> mx.array:
+        """Logits [B, L | 1, V]: the final norm and the LM head (tied: the embeddings) on hidden states."""
         h = self.model.norm(h[:, -1:] if last_only else h)
         if self.cfg.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
