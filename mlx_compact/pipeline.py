@@ -38,8 +38,9 @@ EXIT_LOST = 1
 DEFAULT_TIMEOUT = 300.0  # seconds one transfer may wait, compute of the ranks after it included
 
 # message ops (the first entry of every header)
-FORWARD, CREATE, FREE, PIN, TRIM, TRIMMABLE, NBYTES, PLAN, CLOSE = range(1, 10)
+FORWARD, CREATE, FREE, PIN, TRIM, TRIMMABLE, NBYTES, PLAN, MEMORY, CLOSE = range(1, 11)
 HEADER = 10  # int32 entries of a header
+ANSWER = 4  # int64 entries of each rank's answer to a query
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -244,11 +245,11 @@ class Pipeline:
         self._send(self._header(op, *values))
 
     def query(self, op: int, *values: int) -> list[list[int]]:
-        """Rank 0: a command every other rank answers with three numbers (row r: rank r's; row 0 unused)."""
+        """Rank 0: a command every other rank answers with `ANSWER` numbers (row r: rank r's; row 0 unused)."""
         self._flush()
         self._send(self._header(op, *values))
-        self._send(mx.zeros((self.size, 3), dtype=mx.int64))
-        return self._recv((self.size, 3), mx.int64, self.size - 1, "waiting for the answer").tolist()
+        self._send(mx.zeros((self.size, ANSWER), dtype=mx.int64))
+        return self._recv((self.size, ANSWER), mx.int64, self.size - 1, "waiting for the answer").tolist()
 
     def _flush(self) -> None:
         while self._freed:
@@ -280,6 +281,11 @@ class Pipeline:
         """Rank 0: (rank, peak, budget) of every other rank for a run (`memory.stage_plan`'s arguments)."""
         rows = self.query(PLAN, *values)
         return [(r, rows[r][0], rows[r][1]) for r in range(1, self.size)]
+
+    def memory(self) -> list[tuple[int, ...]]:
+        """Rank 0: (rank, MLX peak, peak resident set, parameter bytes, LLM layer bytes) of every other rank."""
+        rows = self.query(MEMORY)
+        return [(r, *rows[r]) for r in range(1, self.size)]
 
     def close(self) -> None:
         """Rank 0: end every other rank's `serve` (they exit)."""
@@ -316,8 +322,8 @@ class Pipeline:
                     c.trim(head[2])
             if not self.last:
                 self._send(mx.array(head, dtype=mx.int32))
-            if op in (TRIMMABLE, NBYTES, PLAN):
-                rows = self._recv((self.size, 3), mx.int64, self.prev, "waiting for the answer")
+            if op in (TRIMMABLE, NBYTES, PLAN, MEMORY):
+                rows = self._recv((self.size, ANSWER), mx.int64, self.prev, "waiting for the answer")
                 rows[self.rank] = mx.array(self._answer(op, model, caches.get(cid), head), dtype=mx.int64)
                 self._send(rows, "answering")  # the last rank's next is rank 0
             if op == CLOSE:
@@ -325,12 +331,14 @@ class Pipeline:
 
     def _answer(self, op: int, model, caches, head) -> list[int]:
         if op == TRIMMABLE:
-            return [int(all(c.is_trimmable() for c in caches)), 0, 0]
+            return [int(all(c.is_trimmable() for c in caches)), 0, 0, 0]
         if op == NBYTES:
-            return [sum(c.nbytes for c in caches), sum(getattr(c, "used_bytes", c.nbytes) for c in caches), 0]
+            return [sum(c.nbytes for c in caches), sum(getattr(c, "used_bytes", c.nbytes) for c in caches), 0, 0]
+        if op == MEMORY:
+            return memory_report(model)
         from .memory import stage_plan
 
-        return list(stage_plan(model, *head[1:9])) + [0]
+        return list(stage_plan(model, *head[1:9])) + [0, 0]
 
     def _serve_forward(self, lm, cache: list, head: list) -> None:
         _, cid, L, flags, n_ds, dtype, base = head[:7]
@@ -388,6 +396,18 @@ class RemoteCaches:
     @property
     def used_bytes(self) -> int:
         return self._bytes(1)
+
+
+def memory_report(model) -> list[int]:
+    """[MLX peak memory, peak resident set, parameter bytes, LLM layer bytes] of this process."""
+    import resource
+
+    from mlx.utils import tree_flatten
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    layers = sum(v.nbytes for layer in model.layers for _, v in tree_flatten(layer.parameters()))
+    return [mx.get_peak_memory(), rss, params, layers]
 
 
 def pipeline_of(model) -> Pipeline | None:

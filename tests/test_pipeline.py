@@ -87,8 +87,13 @@ def test_one_process_pipeline_option_changes_nothing(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_checkpoint):
-    return [str(tiny_checkpoint(arch, **variant)) for arch, variant in ARCHS] + [DEFAULT_MODEL]
+def checkpoints(tiny_checkpoint, tmp_path_factory):
+    """Every architecture: the tiny random checkpoints (the hybrids' first attention layer is layer 1, so rank 0
+    takes two of their four layers) and the bundled model."""
+    from tiny_hybrid import HYBRIDS, make_checkpoint
+
+    hybrids = [str(make_checkpoint(arch, tmp_path_factory.mktemp(arch))) for arch in HYBRIDS]
+    return [str(tiny_checkpoint(arch, **variant)) for arch, variant in ARCHS] + hybrids + [DEFAULT_MODEL]
 
 
 @pytest.fixture(scope="module")
