@@ -777,10 +777,11 @@ def add_plan_parser(subparsers) -> None:
         help="print the memory a run would need, without running the model",
         description="Print the memory plan of a run (model weights, KV cache, vision and prefill activation "
         "peaks, the memory this machine allows) and, when it does not fit, what would. Reads only the image "
-        "headers and the checkpoint's tensor sizes: nothing is decoded or run.",
+        "headers, the videos' metadata and the checkpoint's tensor sizes: nothing is decoded or run.",
     )
     _add_model(p)
-    _add_images(p, required=True, what="the run")
+    _add_images(p, what="the run")
+    _add_videos(p, what="the run")
     p.add_argument("--prompt", default="", help="the prompt (its length counts a little; default empty)")
     g = p.add_argument_group("visual-token compaction")
     g.add_argument(
@@ -826,17 +827,19 @@ def run_plan(args) -> int:
 
     _check_cache_args(args)
     sizes = [(im.height, im.width) for im in map(_read_image, args.image)]
+    videos = [_read_video(v, args) for v in args.video]
     path = resolve(args.model)
     model = load_model(path, lazy=True)  # weights stay on disk: only their sizes are read
     processor = Processor.from_pretrained(path)
-    p = plan_run(model, processor, args.prompt, args.image, **_settings(args))
-    advice = (
-        [] if p.fits else [_flags(c) for c in what_fits(model, processor, args.prompt, args.image, **_settings(args))]
-    )
+    settings = {**_settings(args), "videos": videos}
+    p = plan_run(model, processor, args.prompt, args.image, **settings)
+    advice = [] if p.fits else [_flags(c) for c in what_fits(model, processor, args.prompt, args.image, **settings)]
     merge = processor.image.merge_size**2
-    from mlx_compact.generate import image_patches
+    from mlx_compact.generate import image_patches, video_patches
 
     before = [n // merge for n in image_patches(processor, args.image, args.max_pixels)]
+    before_videos = [n // processor.video.merge_size**2 for n in video_patches(processor, videos)]
+    kept_videos = p.visual_tokens[len(before) :]
     source = "--memory-budget" if args.memory_budget is not None else device_budget()["source"]
     if args.json:
         images = [
@@ -848,6 +851,11 @@ def run_plan(args) -> int:
                 {
                     "model": args.model or DEFAULT_MODEL,
                     "images": images,
+                    "videos": [
+                        {"path": f, "frames": v.num_frames, "height": v.height, "width": v.width}
+                        | {"visual_tokens": b, "kept": k}
+                        for f, v, b, k in zip(args.video, videos, before_videos, kept_videos)
+                    ],
                     "weights": p.weights,
                     "kv": p.kv,
                     "decode": p.decode,
@@ -867,6 +875,11 @@ def run_plan(args) -> int:
     print(f"memory plan for {args.model or DEFAULT_MODEL} ({p.tokens} KV tokens, answer up to {args.max_tokens})")
     for f, (h, w), b, k in zip(args.image, sizes, before, p.visual_tokens):
         print(f"  {f}: {w}x{h} px -> {b} visual tokens" + (f", {k} kept" if k != b else ""))
+    for f, v, b, k in zip(args.video, videos, before_videos, kept_videos):
+        print(
+            f"  {f}: {v.num_frames} frames of {v.width}x{v.height} px -> {b} visual tokens"
+            + (f", {k} kept" if k != b else "")
+        )
     print(p.summary())
     print(
         f"{'budget from':>14}: {source}"

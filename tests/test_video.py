@@ -400,6 +400,24 @@ def test_cli_chat_attaches_a_video_with_a_command(tiny_checkpoint, folder, capsy
     assert [len(a["visual_tokens"]) for a in answers] == [1, 0]
 
 
+def test_cli_plan_with_a_video_equals_the_plan_and_what_generate_uses(tiny_checkpoint, loaded, folder, capsys):
+    path = tiny_checkpoint("qwen2_vl")
+    code, out, err = _main(["plan", "--model", path, "--prompt", PROMPT, "--video", folder, "--json"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    model, proc = loaded("qwen2_vl")
+    want = plan_run(model, proc, PROMPT, [], videos=[open_video(folder)])
+    assert (got["peak"], got["kv"], got["decode"], got["tokens"]) == (want.peak, want.kv, want.decode, want.tokens)
+    used = generate(model, proc, PROMPT, videos=[folder], max_tokens=2).stats["visual_tokens"]
+    assert got["images"] == [] and len(got["videos"]) == 1
+    v = got["videos"][0]
+    assert (v["frames"], v["width"], v["height"]) == (4, 64, 48)
+    assert v["visual_tokens"] == v["kept"] == used[0]["before"]
+    code, out, err = _main(["plan", "--model", path, "--video", folder, "--keep", "0.5"], capsys)
+    assert code == 0, err
+    assert f"4 frames of 64x48 px -> {used[0]['before']} visual tokens, " in out
+
+
 @pytest.mark.parametrize("flag, value", [("--fps", "0"), ("--fps", "nan"), ("--max-frames", "0")])
 def test_cli_bad_video_options_are_one_line_and_exit_2(flag, value, folder, capsys):
     with pytest.raises(SystemExit) as e:
