@@ -1,7 +1,8 @@
 """Fidelity of compact visual tokens: task accuracy and KL(full || compact) at the answer position.
 
-Default mode (the shipped tiny Qwen3-VL on the synthetic test split of `training/scenes.py`, or with
-`--world grid` of the first edition's 3x3-grid world, `training/grid_scenes.py`): for every operator and
+Default mode (the shipped tiny Qwen3-VL on the synthetic test split of the world it was trained on, the
+first edition's 3x3 grid, `training/grid_scenes.py`; `--world free` for the second edition's,
+`training/scenes.py`, with `--model` a checkpoint trained on it): for every operator and
 keep ratio, post-merger (and in-encoder with --encoder), accuracy per question family on
 `eval_questions("test", N)` (describe: the same set of objects and positions, in any order) and
 KL(full || compact) of the next-token distribution at the first answer position, averaged over the
@@ -237,7 +238,7 @@ def _fmt(v) -> str:
 # ----------------------------------------------------------------------------- default (labelled) mode
 
 
-def world_module(name: str = "free"):
+def world_module(name: str = "grid"):
     """The synthetic world of the labelled mode: "free" (training/scenes.py) or "grid" (grid_scenes.py)."""
     if name == "grid":
         from training import grid_scenes as world
@@ -268,7 +269,7 @@ def labelled(
     max_tokens: int = 4,
     log=print,
     proportional=False,
-    world="free",
+    world="grid",
 ) -> dict:
     """Accuracy per family and mean KL(full || compact) at the answer position, per setting."""
     world = world_module(world) if isinstance(world, str) else world
@@ -591,7 +592,10 @@ def main(argv=None):
         help="run every setting twice: as is and with size-aware (proportional) attention",
     )
     ap.add_argument(
-        "--world", choices=("free", "grid"), default="free", help="default mode: the synthetic world (default free)"
+        "--world",
+        choices=("free", "grid"),
+        default="grid",
+        help="default mode: the synthetic world (default grid: the shipped model's; free: the second edition's)",
     )
     ap.add_argument(
         "--kept-picture",
@@ -665,7 +669,7 @@ def main(argv=None):
         if args.mass_repeat:
             print("(a diagnostic: the targets are for real compaction, whose KV is short; this one's is full length)")
         first = (qs[0][2], qs[0][1])
-        suffix = ("_grid" if args.world == "grid" else "") + suffix
+        suffix = ("_free" if args.world == "free" else "") + suffix
         name = "fidelity_mass.json" if args.mass_repeat else f"fidelity{suffix}.json"
         out = Path(args.out) if args.out else RESULTS / name
         png = Path(args.plot) if args.plot else out.with_suffix(".png")

@@ -160,3 +160,15 @@ def test_two_rank_run_writes_a_checkpoint_our_loader_answers_with(tmp_path):
     odd = "What COLOR is the \u00e9toile? \U0001f534 <none>"
     ids = tok(odd, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == odd and tok.unk_token_id is None
+
+
+def test_first_questions_pictures_hold_what_their_answers_say():
+    fq = pytest.importorskip("training.first_questions")
+    circle, two = fq.red_circle(), fq.two_shapes()
+    assert circle.size == (448, 336) and two.size == (400, 300)
+    assert circle.getpixel((224, 168)) == fq.RED and circle.getpixel((224, 100)) == (255, 255, 255)
+    assert two.getpixel((75, 65)) == fq.BLUE and two.getpixel((330, 260)) == fq.GREEN
+    colours = {c for _, c in two.getcolors()}
+    assert colours == {(255, 255, 255), fq.BLUE, fq.GREEN}  # nothing else is drawn
+    assert fq.right("Describe this image.", "a, b", "b, a") and not fq.right("Describe this image.", "a, b", "a")
+    assert fq.right("how many?", "1", " 1") and not fq.right("how many?", "1", "2")
