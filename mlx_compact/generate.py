@@ -865,14 +865,10 @@ def stream_generate(
     grid = [tuple(int(v) for v in g) for g in inputs["grid_thw"]] if images else []
     video_grid = [tuple(int(v) for v in g) for g in inputs["video_grid_thw"]] if videos else []
     m = model.config.vision.spatial_merge_size
-    merged = [(t, h // m, w // m) for t, h, w in grid]
-    if model.model_type in PER_FRAME_VIDEO:  # a block per temporal slice
-        merged += [(1, h // m, w // m) for t, h, w in video_grid for _ in range(t)]
-    else:
-        merged += [(t, h // m, w // m) for t, h, w in video_grid]
-    check_fits_cache(
-        len(ids) + sum((c.kept(g) if c is not None else g[0] * g[1] * g[2]) - g[0] * g[1] * g[2] for g in merged), cache
-    )
+    blocks = [((t, h // m, w // m), False) for t, h, w in grid]
+    blocks += [((t, h // m, w // m), model.model_type in PER_FRAME_VIDEO) for t, h, w in video_grid]
+    dropped = sum(g[0] * g[1] * g[2] - c.kept(g, per_frame) for g, per_frame in blocks) if c is not None else 0
+    check_fits_cache(len(ids) - dropped, cache)
     prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"] if c is not None else None
     mx.reset_peak_memory()
     prep = prepare_ids(
