@@ -50,6 +50,17 @@ def device_budget() -> dict:
     return {"total": total, "available": available, "source": "os"}
 
 
+def run_budget() -> int:
+    """What a run may plan against, its loaded weights included (a plan counts them, and everything else the
+    run holds). Metal: the recommended working set. Linux/CPU: the OS's available RAM plus the memory MLX
+    already holds in this process (the loaded weights, a conversation's cache, MLX's buffer cache), which the
+    OS no longer counts as available."""
+    b = device_budget()
+    if b["source"] == "metal":
+        return b["available"]
+    return b["available"] + mx.get_active_memory() + mx.get_cache_memory()
+
+
 def weights_bytes(model) -> int:
     """Bytes of every parameter of a loaded model (packed weights, scales and biases included)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -353,7 +364,7 @@ def plan(
         kv=kv,
         vision=vision,
         prefill=prefill,
-        budget=budget if budget is not None else device_budget()["available"],
+        budget=budget if budget is not None else run_budget(),
         tokens=tokens,
         visual_tokens=visual,
         decode=decode_bytes,
@@ -387,7 +398,7 @@ def stage_plan(
     prefill = growth + prefill_peak(
         model.config.text, chunk, context, b, bool(fused) and not kv_bits, moe_grouped=not fused
     )
-    budget = budget_kib * 1024 if budget_kib else device_budget()["available"]
+    budget = budget_kib * 1024 if budget_kib else run_budget()
     return weights_bytes(model) + kv + prefill, budget
 
 

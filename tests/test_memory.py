@@ -67,6 +67,20 @@ def test_device_budget_reports_positive_available_memory():
     assert 0 < b["available"] <= b["total"]
 
 
+@pytest.mark.parametrize("source", ["os", "metal"])
+def test_the_plan_does_not_count_the_loaded_weights_twice(model, source, monkeypatch):
+    from mlx_compact import memory
+
+    # what the OS reports once the weights are loaded: they are no longer available, yet the plan counts them
+    monkeypatch.setattr(memory, "device_budget", lambda: {"total": 1 << 40, "available": 1 << 20, "source": source})
+    p = plan(model, [(1, 4, 4)], 20)
+    if source == "os":  # the CPU backend: MLX's memory in this process (the weights among it) is given back
+        assert p.budget >= (1 << 20) + weights_bytes(model)
+        assert p.budget == memory.run_budget()
+    else:  # Metal's budget is the working set, not what is free
+        assert p.budget == 1 << 20
+
+
 def test_plan_grows_with_image_size_and_refuses_a_small_budget(model):
     small = plan(model, [(1, 4, 4)], 20)  # merged grids: 16 and 1024 visual tokens
     big = plan(model, [(1, 32, 32)], 20)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..generate import check_memory, make_prompt_cache, stream_generate
-from ..memory import MemoryPlanError, device_budget
+from ..memory import MemoryPlanError, run_budget
 from .conversation import Segment
 from .prefix import PrefixCache
 
@@ -52,7 +52,7 @@ class Engine:
 
     def budget(self) -> int:
         """What a request may plan with: the memory budget less what the prefix cache may hold."""
-        base = self.memory_budget if self.memory_budget is not None else device_budget()["available"]
+        base = self.memory_budget if self.memory_budget is not None else run_budget()
         return max(base - self.prefix.max_bytes, 0)
 
     def plan(self, req: Request, new: list[Segment], held: int) -> None:
