@@ -1,6 +1,7 @@
 """The memory planner's estimate against the measured peak, at real widths and reduced depth.
 
-Random float32 weights at Qwen2.5-VL-3B, Qwen3-VL-2B and Qwen3-VL-30B-A3B widths (``--llm-layers`` /
+Random float32 weights at Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-VL-30B-A3B, Qwen3.6-27B and Qwen3.6-35B-A3B widths
+(the hybrids: ``--vocab`` rows and ``--experts`` to fit; the 3:1 layer pattern at any depth) (``--llm-layers`` /
 ``--vit-layers`` deep; the vocabulary, so the embedding / lm_head, at full size; the MoE's 128 experts per
 layer all resident, as the plan counts them: 2.4 GiB per layer in float32). A processor is built around a
 tiny byte-level tokenizer (the tests' one) with the model's token ids remapped to its special tokens,
@@ -79,6 +80,8 @@ PIXELS = {
     },
 }
 PIXELS["qwen3_vl_moe"] = PIXELS["qwen3_vl"]  # Qwen3-VL-30B-A3B ships Qwen3-VL's preprocessor config
+PIXELS["qwen3_5"] = PIXELS["qwen3_5_moe"] = PIXELS["qwen3_vl"]  # so do the Qwen3.5 / 3.6 releases
+HYBRIDS = ("qwen3_5", "qwen3_5_moe")
 
 
 def tiny_token_ids(cfg: dict) -> dict:
@@ -100,10 +103,17 @@ def tiny_token_ids(cfg: dict) -> dict:
     return cfg
 
 
-def build(model_type: str, llm_layers: int, vit_layers: int):
+def build(model_type: str, llm_layers: int, vit_layers: int, vocab: int | None = None, experts: int | None = None):
+    """Our model at real widths and reduced depth with random weights, and a processor around the tiny tokenizer.
+    ``vocab`` / ``experts``: the Qwen3.5 / 3.6 hybrids' vocabulary rows and (MoE) experts, reduced to fit."""
     from tiny_checkpoints import CHAT_TEMPLATE, make_tokenizer
 
-    cfg = tiny_token_ids(common.CONFIGS[model_type](llm_layers, vit_layers))
+    extra = {}
+    if model_type in HYBRIDS:
+        extra = {"vocab_size": vocab or common.HYBRID_VOCAB}
+        if model_type == "qwen3_5_moe" and experts:
+            extra["experts"] = experts
+    cfg = tiny_token_ids(common.CONFIGS[model_type](llm_layers, vit_layers, **extra))
     model = common.build_ours(cfg)
     common.load_same_weights([model], common.random_weights(model, seed=0))
     mx.eval(model.parameters())
@@ -168,7 +178,9 @@ def measure_stages(model, proc, image, max_tokens: int) -> dict:
     mx.synchronize()
     llm = mx.get_peak_memory() - base2
     kv = sum(c.nbytes for c in cache)
+    state = sum(c.nbytes for c in cache if type(c).__name__ == "LinearCache")
     out = {
+        "linear_state": state,
         "vision": vision,
         "llm": llm,
         "llm_held_before": base2 - base,
@@ -220,17 +232,20 @@ def main():
     ap.add_argument("--vit-layers", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--stages", action="store_true", help="also measure the vision and LLM stages apart")
+    ap.add_argument("--vocab", type=int, default=None, help="Qwen3.5 / 3.6 only: vocabulary rows (default 248320)")
+    ap.add_argument("--experts", type=int, default=None, help="Qwen3.6-35B-A3B only: experts (default 256)")
     args = ap.parse_args()
     print(f"BLAS: {_blas.BLAS}")
     print(
         f"mlx {mx.__version__}, device {mx.default_device()}, float32, {args.llm_layers} LLM layers, "
-        f"{args.vit_layers} ViT blocks, full vocabulary\n"
+        f"{args.vit_layers} ViT blocks, full vocabulary (hybrids: {args.vocab or 'full'}; "
+        f"35B-A3B experts: {args.experts or 256})\n"
     )
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     rows, refusals = [], {}
     for mt in args.models.split(","):
         t = time.perf_counter()
-        model, proc = build(mt, args.llm_layers, args.vit_layers)
+        model, proc = build(mt, args.llm_layers, args.vit_layers, args.vocab, args.experts)
         print(f"{common.NAMES[mt]}: built in {time.perf_counter() - t:.0f} s", flush=True)
         for w, h in sizes:
             image = make_image(w, h)
@@ -242,7 +257,14 @@ def main():
                 "image": f"{w}x{h}",
                 "patches": sum(image_patches(proc, [image])),
                 "prompt_tokens": m["prompt_tokens"],
-                "plan": {"weights": p.weights, "kv": p.kv, "vision": p.vision, "prefill": p.prefill, "peak": p.peak},
+                "plan": {
+                    "weights": p.weights,
+                    "kv": p.kv,
+                    "linear_state": p.state,
+                    "vision": p.vision,
+                    "prefill": p.prefill,
+                    "peak": p.peak,
+                },
                 "measured": m,
                 "stages": s,
                 "peak_ratio": p.peak / m["peak"],
@@ -260,7 +282,9 @@ def main():
                     f"\n      vision plan {fmt_bytes(p.vision)} measured {fmt_bytes(s['vision'])} "
                     f"({p.vision / s['vision']:.3f}); kv+prefill plan {fmt_bytes(p.kv + p.prefill)} measured "
                     f"{fmt_bytes(s['llm'])} ({(p.kv + p.prefill) / max(s['llm'], 1):.3f}), "
-                    f"kv alloc {fmt_bytes(s['kv_allocated'])} plan {fmt_bytes(p.kv)}; "
+                    f"kv alloc {fmt_bytes(s['kv_allocated'])} plan {fmt_bytes(p.kv)}"
+                    + (f" (state {fmt_bytes(s['linear_state'])} plan {fmt_bytes(p.state)})" if p.state else "")
+                    + "; "
                     f"vision {s['vision_s']:.1f} s, llm {s['llm_s']:.1f} s"
                 )
             print(line, flush=True)

@@ -157,12 +157,128 @@ def qwen3_vl_moe_30b_a3b_config(llm_layers: int = 4, vit_layers: int = 4) -> dic
     return cfg
 
 
+HYBRID_VOCAB = 248320  # Qwen3.5 / 3.6 releases
+
+
+def hybrid_id(token_id: int, vocab_size: int = HYBRID_VOCAB) -> int:
+    """A Qwen3.5 special token id (``<|endoftext|>`` 248044 .. ``<|video_pad|>`` 248057) in a vocabulary of
+    ``vocab_size`` rows: the same distance from its end."""
+    return token_id - (HYBRID_VOCAB - vocab_size)
+
+
+def qwen3_6_27b_config(llm_layers: int = 4, vit_layers: int = 4, vocab_size: int = HYBRID_VOCAB) -> dict:
+    """Qwen3.6-27B widths (the Qwen3.5-27B release dialect, transformers 4.57: ``layer_types`` and
+    ``full_attention_interval``, ``rope_parameters`` with the rotary factor in text_config) at reduced depth.
+
+    LLM: hidden 5120, MLP 17408, layers in the release's 3:1 pattern (``llm_layers`` of them: three Gated DeltaNet
+    then one gated attention), attention 24 query / 4 KV heads of 256 with the output gate and rotary 0.25,
+    Gated DeltaNet 16 key / 48 value heads of 128, conv kernel 4; untied lm_head. Vision: the Qwen3-VL tower
+    1152 wide, 16 heads, MLP 4304 -> 5120, no DeepStack. ``vocab_size``: the release's 248320, or fewer rows
+    where the embedding and lm_head would not fit (say so where it is used); the special token ids (248044 ..
+    248057 in the release) then keep their places at the top of the smaller vocabulary (`hybrid_id`)."""
+    types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(llm_layers)]
+    return {
+        "model_type": "qwen3_5",
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "image_token_id": hybrid_id(248056, vocab_size),
+        "video_token_id": hybrid_id(248057, vocab_size),
+        "vision_start_token_id": hybrid_id(248053, vocab_size),
+        "vision_end_token_id": hybrid_id(248054, vocab_size),
+        "tie_word_embeddings": False,
+        "transformers_version": "4.57.1",
+        "text_config": {
+            "model_type": "qwen3_5_text",
+            "hidden_size": 5120,
+            "intermediate_size": 17408,
+            "num_hidden_layers": llm_layers,
+            "layer_types": types,
+            "full_attention_interval": 4,
+            "num_attention_heads": 24,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "attn_output_gate": True,
+            "linear_num_key_heads": 16,
+            "linear_num_value_heads": 48,
+            "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4,
+            "vocab_size": vocab_size,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144,
+            "partial_rotary_factor": 0.25,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000000,
+                "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.25,
+            },
+            "mamba_ssm_dtype": "float32",
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "hidden_act": "silu",
+            "eos_token_id": hybrid_id(248044, vocab_size),
+        },
+        "vision_config": {
+            "model_type": "qwen3_5",
+            "depth": vit_layers,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "in_channels": 3,
+            "out_hidden_size": 5120,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [],
+        },
+    }
+
+
+def qwen3_6_35b_a3b_config(
+    llm_layers: int = 4, vit_layers: int = 4, vocab_size: int = HYBRID_VOCAB, experts: int = 256
+) -> dict:
+    """Qwen3.6-35B-A3B widths (the Qwen3.5-35B-A3B release dialect) at reduced depth, 3:1 as in the release.
+
+    LLM: hidden 2048, every MLP a mixture of ``experts`` (the release: 256; fewer where they would not fit) of
+    width 512, top 8, plus a sigmoid-gated shared expert of 512; attention 16 query / 2 KV heads of 256, gated,
+    rotary 0.25; Gated DeltaNet 16 key / 32 value heads of 128; untied lm_head. Vision: 1152 wide -> 2048."""
+    cfg = qwen3_6_27b_config(llm_layers, vit_layers, vocab_size)
+    text = cfg["text_config"]
+    cfg.update(model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"])
+    cfg["transformers_version"] = "4.57.0.dev0"
+    del text["intermediate_size"]
+    text.update(
+        model_type="qwen3_5_moe_text",
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        linear_num_value_heads=32,
+        num_experts=experts,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+    )
+    cfg["vision_config"].update(model_type="qwen3_5_moe", out_hidden_size=2048)
+    return cfg
+
+
 CONFIGS = {
     "qwen2_5_vl": qwen2_5_vl_3b_config,
     "qwen3_vl": qwen3_vl_2b_config,
     "qwen3_vl_moe": qwen3_vl_moe_30b_a3b_config,
+    "qwen3_5": qwen3_6_27b_config,
+    "qwen3_5_moe": qwen3_6_35b_a3b_config,
 }
-NAMES = {"qwen2_5_vl": "Qwen2.5-VL-3B", "qwen3_vl": "Qwen3-VL-2B", "qwen3_vl_moe": "Qwen3-VL-30B-A3B"}
+NAMES = {
+    "qwen2_5_vl": "Qwen2.5-VL-3B",
+    "qwen3_vl": "Qwen3-VL-2B",
+    "qwen3_vl_moe": "Qwen3-VL-30B-A3B",
+    "qwen3_5": "Qwen3.6-27B",
+    "qwen3_5_moe": "Qwen3.6-35B-A3B",
+}
 
 # ----- models and weights -------------------------------------------------------------------
 

@@ -465,8 +465,9 @@ def _stats_text(s: dict) -> str:
     return (
         f"prompt {s['prompt_tokens']} tokens (visual {vis}), generated {s['generation_tokens']}; "
         f"TTFT {sum(t.values()):.2f} s ({split}); decode {decode}; "
-        f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB{evicted}; "
-        f"peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+        f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB{evicted}"
+        + (f" (linear state {s['linear_state_bytes'] / 2**20:.1f} MiB)" if s.get("linear_state_bytes") else "")
+        + f"; peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
     )
 
 
@@ -858,6 +859,7 @@ def run_plan(args) -> int:
                     ],
                     "weights": p.weights,
                     "kv": p.kv,
+                    "linear_state": p.state,
                     "decode": p.decode,
                     "vision": p.vision,
                     "prefill": p.prefill,

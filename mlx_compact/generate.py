@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from .cache import FixedKVCache, kv_cache
+from .cache import FixedKVCache, LinearCache, kv_cache
 from .compaction import Compaction, as_compaction, assemble, tower_hooks
 from .files import InputError
 from .images import ImageFile, open_image
@@ -976,6 +976,7 @@ def run_stats(
         "visual_tokens": prep.visual_tokens,
         "kv_bytes_allocated": sum(c.nbytes for c in cache),
         "kv_bytes_used": sum(getattr(c, "used_bytes", c.nbytes) for c in cache),
+        "linear_state_bytes": sum(c.nbytes for c in cache if isinstance(c, LinearCache)),  # of both: fixed
         "kv_evicted_tokens": max(0, held - getattr(c0, "max_tokens", held)),
         "ttft_s": ttft,
         "decode_tokens_per_s": decoded / (t_end - t_first) if decoded and t_first else None,  # None: one token
@@ -991,7 +992,8 @@ def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> 
     (``prompt_cache=`` continues a conversation).
 
     Returns a ``GenerationResult`` with ``.text``, ``.tokens`` and ``.stats`` (prompt and generated
-    token counts, visual tokens before/after per image, KV bytes allocated and used, TTFT split into
+    token counts, visual tokens before/after per image, KV bytes allocated and used (a hybrid model's fixed linear
+    state included, and apart as ``linear_state_bytes``), TTFT split into
     preprocess / vision / prefill seconds (and compaction, when compacting), decode tokens/s, peak memory
     since the call began, finish_reason). ``compaction=Compaction(...)`` compacts the visual tokens end to end.
     """

@@ -72,14 +72,41 @@ def kv_group_size(head_dim: int) -> int:
     return 64 if head_dim % 64 == 0 else 32
 
 
+def attention_layers(text_cfg) -> int:
+    """LLM layers that hold keys and values: the ``full_attention`` ones of a hybrid model (``layer_types``),
+    else every layer."""
+    types = getattr(text_cfg, "layer_types", None)
+    return sum(t == "full_attention" for t in types) if types else text_cfg.num_hidden_layers
+
+
+def linear_layers(text_cfg) -> int:
+    """A hybrid model's Gated DeltaNet (linear attention) layers, which hold a fixed state instead of KV."""
+    return text_cfg.num_hidden_layers - attention_layers(text_cfg)
+
+
+def linear_state_bytes(text_cfg, dtype_bytes: int = 2) -> int:
+    """Exact bytes of a hybrid model's fixed linear state (batch 1), whatever the context length: per linear
+    layer, the causal conv's last K-1 inputs [K-1, C] in the model's dtype (C = 2 Hk dk + Hv dv) and the delta
+    rule's recurrent state [Hv, dv, dk] in float32. 0 for a model without linear layers."""
+    n = linear_layers(text_cfg)
+    if not n:
+        return 0
+    hk, hv = text_cfg.linear_num_key_heads, text_cfg.linear_num_value_heads
+    dk, dv = text_cfg.linear_key_head_dim, text_cfg.linear_value_head_dim
+    conv = (text_cfg.linear_conv_kernel_dim - 1) * (2 * hk * dk + hv * dv) * dtype_bytes
+    return n * (conv + hv * dv * dk * 4)
+
+
 def kv_bytes(
     text_cfg, tokens: int, dtype_bytes: int = 2, bits: int | None = None, group_size: int | None = None
 ) -> int:
-    """Exact KV bytes for ``tokens`` tokens (batch 1), as the caches store them: keys and values, per layer, kv
-    head and token, of ``head_dim`` elements of ``dtype_bytes`` each; quantized (``bits``), the packed ``bits``-bit
-    values plus one scale and one bias (``dtype_bytes`` each) per group of ``group_size`` (default `kv_group_size`).
-    ``text_cfg``: anything with ``num_hidden_layers``, ``num_key_value_heads`` and ``head_dim`` (a TextConfig)."""
-    rows = 2 * text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * tokens  # keys and values
+    """Exact KV bytes for ``tokens`` tokens (batch 1), as the caches store them: keys and values, per attention
+    layer (`attention_layers`: a hybrid's linear layers hold none), kv head and token, of ``head_dim`` elements of
+    ``dtype_bytes`` each; quantized (``bits``), the packed ``bits``-bit values plus one scale and one bias
+    (``dtype_bytes`` each) per group of ``group_size`` (default `kv_group_size`). The fixed linear state of a
+    hybrid is `linear_state_bytes`. ``text_cfg``: anything with ``num_hidden_layers``, ``num_key_value_heads`` and
+    ``head_dim`` (a TextConfig)."""
+    rows = 2 * attention_layers(text_cfg) * text_cfg.num_key_value_heads * tokens  # keys and values
     hd = text_cfg.head_dim
     if bits is None:
         return rows * hd * dtype_bytes
@@ -151,12 +178,14 @@ def prefill_peak(
     prompt_tokens: int = 0,
     deepstack: int = 0,
     moe_grouped: bool | None = None,
+    gdn_kernel: bool | None = None,
 ) -> int:
     """Peak activation bytes of one prefill chunk of ``tokens`` queries over ``context`` keys.
 
     ``prompt_tokens`` / ``deepstack``: the whole prompt's embeddings [L, D] and DeepStack features
     (``deepstack`` of [L, D]) are held through the prefill. ``moe_grouped``: whether MoE experts may run
-    grouped (the CPU backend; see `moe_mlp_peak`); default: whether this device is the CPU.
+    grouped (the CPU backend; see `moe_mlp_peak`); default: whether this device is the CPU. ``gdn_kernel``: whether a
+    hybrid's Gated DeltaNet layers run mlx-lm's Metal kernel (see `gdn_peak`).
     """
     D, H, Hkv, hd = text_cfg.hidden_size, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.head_dim
     T, S, b = tokens, context, dtype_bytes
@@ -166,18 +195,62 @@ def prefill_peak(
     # the attention output before o_proj
     attn_rows = 2 * T * D * b + 4 * T * H * hd * b + 3 * T * Hkv * hd * b
     scores = 0 if fused else H * _score_rows(T, _attention_chunk()) * S * b
+    mixer = attn_rows + scores if attention_layers(text_cfg) else 0
+    if linear_layers(text_cfg):
+        mixer = max(mixer, gdn_peak(text_cfg, T, b, gdn_kernel))
+        # each linear layer's cache keeps its conv state as a view of that layer's conv input [T + K - 1, C]
+        # until the next chunk replaces it
+        held += linear_layers(text_cfg) * (T + text_cfg.linear_conv_kernel_dim - 1) * _conv_channels(text_cfg) * b
     # MLP: h, normed h, then [T, I]: gate, up, silu(gate), product
     mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
     if text_cfg.num_experts:  # MoE layers (and dense ones unless every layer is sparse)
         dense = text_cfg.sparse_layers < text_cfg.num_hidden_layers
-        mlp = max(
-            mlp if dense else 0,
-            moe_mlp_peak(
-                text_cfg, T, b, grouped=None if moe_grouped is None else moe_grouped and _moe_groups(text_cfg, T)
-            ),
+        moe = moe_mlp_peak(
+            text_cfg, T, b, grouped=None if moe_grouped is None else moe_grouped and _moe_groups(text_cfg, T)
         )
+        shared = getattr(text_cfg, "shared_expert_intermediate_size", 0)
+        if shared:  # Qwen3.5-MoE's shared expert, beside the routed output: [T, I_s] x 4 and two [T, D]
+            moe += 2 * T * D * b + 4 * T * shared * b
+        mlp = max(mlp if dense else 0, moe)
     logits = text_cfg.vocab_size * 4  # the last row only (generate computes lm_head on it alone)
-    return held + rope + max(attn_rows + scores, mlp) + logits
+    return held + rope + max(mixer, mlp) + logits
+
+
+def _conv_channels(text_cfg) -> int:
+    """C of a Gated DeltaNet layer: the [q | k | v] channels its causal conv runs over."""
+    return 2 * text_cfg.linear_num_key_heads * text_cfg.linear_key_head_dim + (
+        text_cfg.linear_num_value_heads * text_cfg.linear_value_head_dim
+    )
+
+
+def gdn_peak(text_cfg, tokens: int, dtype_bytes: int = 4, kernel: bool | None = None) -> int:
+    """Peak activation bytes of one Gated DeltaNet (linear attention) layer on a chunk of ``tokens`` rows.
+
+    Held through the layer: its input (the residual) and the normed input [T, D]. Then the largest of:
+    - the causal conv: its input with the K-1 cached rows [T + K - 1, C], the running sum of the K taps and
+      each tap's product [T, C], the projection [T, C] until the concatenation is done;
+    - the delta rule (mlx-lm's ``gated_delta_update``): the conv's SiLU [T, C] (v is a view of it), the
+      L2-normed q and k [T, Hk, dk] and their copies repeated onto the Hv value heads, a, b, the decay and beta
+      [T, Hv] (float32), the per-token outputs and their stack [T, Hv, dv], and float32 states [Hv, dv, dk]:
+      with its Metal kernel (``kernel``; default: Metal is available and dk is a multiple of 32) the one in and
+      the one out; on its sequential ops path (the CPU) one per token of the chunk, since MLX's CPU backend
+      allocates each step's output when the step is queued, before the steps ahead of it free theirs
+      (one layer at Qwen3.6 widths measured 1.04 T + 10 of them for T = 64 .. 512, counted as T + T / 16 + 16:
+      1.6 GiB per 512-token chunk at Qwen3.6-27B's 48 x 128 x 128);
+    - the output: the delta rule's output and z [T, Hv dv], the gated RMSNorm in float32 (normed, gate,
+      its SiLU, product) and the projection [T, D].
+    """
+    T, D, b = tokens, text_cfg.hidden_size, dtype_bytes
+    hk, hv = text_cfg.linear_num_key_heads, text_cfg.linear_num_value_heads
+    dk, dv, K = text_cfg.linear_key_head_dim, text_cfg.linear_value_head_dim, text_cfg.linear_conv_kernel_dim
+    if kernel is None:
+        kernel = mx.metal.is_available() and dk % 32 == 0
+    C = _conv_channels(text_cfg)
+    states = 2 if kernel else T + T // 16 + 16
+    conv = (T + K - 1) * C * b + 3 * T * C * b
+    delta = T * C * b + 2 * T * (hk + hv) * dk * b + 4 * T * hv * 4 + 2 * T * hv * dv * b + states * hv * dv * dk * 4
+    out = 2 * T * hv * dv * b + 4 * T * hv * dv * 4 + T * D * b
+    return 2 * T * D * b + max(conv, delta, out)
 
 
 def _moe_groups(text_cfg, tokens: int) -> bool:
@@ -223,6 +296,7 @@ class Plan:
     tokens: int = 0
     visual_tokens: list[int] = field(default_factory=list)
     decode: int = 0  # the largest image decode (pixels and conversion copies), before the vision tower
+    state: int = 0  # of ``kv``: a hybrid model's fixed linear state (conv + recurrent, every linear layer)
     notes: list[str] = field(default_factory=list)  # what the figures assume (e.g. MoE: every expert resident)
     ranks: list[tuple] = field(default_factory=list)  # a pipeline's other ranks: (rank, peak, budget) each
 
@@ -245,6 +319,7 @@ class Plan:
         rows = [
             ("weights", self.weights),
             ("KV cache", self.kv),
+            *([("linear state", self.state)] if self.state else []),
             ("image decode", self.decode),
             ("vision peak", self.vision),
             ("prefill peak", self.prefill),
@@ -302,7 +377,9 @@ def plan(
     Activations are counted in the model's dtype (float32 on the CPU backend). The KV is what the
     cache will *allocate*: a growing cache rounds up to its 256-token steps, a fixed-size cache
     (``max_kv_tokens``) allocates all its slots on the first write. ``decode_bytes``: the peak of decoding
-    the largest image file (`mlx_compact.images.ImageFile.decode_bytes`). ``key_bias``: the cache keeps a
+    the largest image file (`mlx_compact.images.ImageFile.decode_bytes`). A hybrid model (Qwen3.5) holds KV in its
+    attention layers only, and ``kv`` adds the fixed state of its linear layers (``state``, also apart): what
+    every layer's cache allocates, as the run's ``kv_bytes_allocated`` reports it. ``key_bias``: the cache keeps a
     float32 key bias per slot (proportional attention). ``fused``: whether attention is fused SDPA (default:
     whether Metal is available; True plans for a Mac from elsewhere). A MoE model's weights count every
     expert, all resident (a note in the plan says so).
@@ -331,7 +408,8 @@ def plan(
         step = prefill_step
         # growing one layer's cache concatenates the old buffers with the new step: the old ones are
         # live until the concatenation is done
-        growth = kv // max(text.num_hidden_layers, 1)
+        growth = kv // max(attention_layers(text), 1)
+    state = linear_state_bytes(text, dtype_bytes)  # a hybrid's linear layers: fixed, whatever the length
     vision = max((vision_peak(c.vision, p, dtype_bytes, fused=fused) for p in patches), default=0)
     ds = len(c.vision.deepstack_visual_indexes)
     # quantized KV attention is matmuls over the packed cache: its scores are materialized even on Metal
@@ -344,6 +422,7 @@ def plan(
         prompt_tokens=prompt,
         deepstack=ds,
         moe_grouped=not fused,
+        gdn_kernel=fused and getattr(c.text, "linear_key_head_dim", 0) % 32 == 0,
     )
     ranks = []
     pipe = _pipeline(model)
@@ -361,14 +440,15 @@ def plan(
         )
     return Plan(
         weights=weights_bytes(model),
-        kv=kv,
+        kv=kv + state,
+        state=state,
         vision=vision,
         prefill=prefill,
         budget=budget if budget is not None else run_budget(),
         tokens=tokens,
         visual_tokens=visual,
         decode=decode_bytes,
-        notes=_notes(c.text),
+        notes=_notes(c.text, dtype_bytes),
         ranks=ranks,
     )
 
@@ -380,10 +460,13 @@ def _pipeline(model):
 
 
 def _owned(model):
-    """The text config counted for the layers this process runs (a pipeline rank: its share)."""
+    """The text config counted for the layers this process runs (a pipeline rank: its share; a hybrid's
+    ``layer_types`` those of its layers)."""
     from dataclasses import replace
 
-    return replace(model.config.text, num_hidden_layers=len(model.layers))
+    text = model.config.text
+    types = tuple("linear_attention" if "linear_attn" in layer else "full_attention" for layer in model.layers)
+    return replace(text, num_hidden_layers=len(model.layers), layer_types=types if text.layer_types else ())
 
 
 def stage_plan(
@@ -394,7 +477,8 @@ def stage_plan(
     prompt embeddings and no vision tower). ``budget_kib`` 0: what this device allows."""
     text, b = _owned(model), _dtype_bytes(model)
     kv = kv_bytes(text, slots, b, kv_bits or None) + (4 * slots if key_bias else 0)
-    growth = kv // max(text.num_hidden_layers, 1) if growing else 0
+    growth = kv // max(attention_layers(text), 1) if growing else 0
+    kv += linear_state_bytes(text, b)
     prefill = growth + prefill_peak(
         model.config.text, chunk, context, b, bool(fused) and not kv_bits, moe_grouped=not fused
     )
@@ -402,13 +486,20 @@ def stage_plan(
     return weights_bytes(model) + kv + prefill, budget
 
 
-def _notes(text_cfg) -> list[str]:
-    if not text_cfg.num_experts:
-        return []
-    return [
-        f"all {text_cfg.num_experts} experts resident in each of the {text_cfg.sparse_layers} MoE layers "
-        f"({text_cfg.num_experts_per_tok} active per token): the weights count every expert"
-    ]
+def _notes(text_cfg, dtype_bytes: int = 2) -> list[str]:
+    notes = []
+    if linear_layers(text_cfg):
+        notes.append(
+            f"KV in the {attention_layers(text_cfg)} attention layers only; the KV cache includes the fixed state of "
+            f"the {linear_layers(text_cfg)} linear layers ({fmt_bytes(linear_state_bytes(text_cfg, dtype_bytes))}, "
+            "the same at any length)"
+        )
+    if text_cfg.num_experts:
+        notes.append(
+            f"all {text_cfg.num_experts} experts resident in each of the {text_cfg.sparse_layers} MoE layers "
+            f"({text_cfg.num_experts_per_tok} active per token): the weights count every expert"
+        )
+    return notes
 
 
 def _dtype_bytes(model) -> int:

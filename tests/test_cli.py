@@ -36,6 +36,7 @@ STATS_KEYS = {
     "visual_tokens",
     "kv_bytes_allocated",
     "kv_bytes_used",
+    "linear_state_bytes",
     "ttft_s",
     "decode_tokens_per_s",
     "peak_memory_bytes",

@@ -1,0 +1,114 @@
+"""The memory plan of the Qwen3.5 hybrids: keys and values in the attention layers only, plus the fixed state of
+the Gated DeltaNet layers, counted as the caches allocate them and reported apart in the run's stats."""
+
+from types import SimpleNamespace
+
+import pytest
+from conftest import _noise_image
+from tiny_hybrid import DENSE, HYBRIDS, MOE, make_checkpoint
+
+from mlx_compact import generate, load
+from mlx_compact.generate import plan_run
+from mlx_compact.memory import (
+    attention_layers,
+    fmt_bytes,
+    gdn_peak,
+    kv_bytes,
+    linear_layers,
+    linear_state_bytes,
+    prefill_peak,
+)
+
+PROMPT = "describe the picture"
+SETTINGS = [{}, {"max_kv_size": 160}, {"max_kv_size": 160, "kv_bits": 8}]
+
+
+def release(linear: int, attention: int, kv_heads: int, hv: int, hidden: int = 2048, head_dim: int = 256):
+    """The text-config fields the plan reads, of a release: 3 linear layers to 1 attention layer."""
+    types = (["linear_attention"] * 3 + ["full_attention"]) * attention
+    assert types.count("linear_attention") == linear
+    return SimpleNamespace(
+        num_hidden_layers=len(types),
+        layer_types=tuple(types),
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        linear_num_key_heads=16,
+        linear_num_value_heads=hv,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg, kv_per_token, state",
+    [
+        # Qwen3.5-27B: 16 attention layers x 2 x 4 heads x 256 x 2 bytes; 48 x (3 x 10240 x 2 + 48 x 128 x 128 x 4)
+        (release(48, 16, 4, 48, 5120), 64 * 1024, 48 * (61_440 + 3_145_728)),
+        # Qwen3.5-35B-A3B: 10 x 2 x 2 x 256 x 2; 30 x (3 x 8192 x 2 + 32 x 128 x 128 x 4)
+        (release(30, 10, 2, 32), 20 * 1024, 30 * (49_152 + 2_097_152)),
+    ],
+    ids=["27B", "35B-A3B"],
+)
+def test_release_sizes(cfg, kv_per_token, state):
+    """bfloat16 KV per token and the fixed state, as the design table has them (hand-computed here)."""
+    assert attention_layers(cfg) + linear_layers(cfg) == cfg.num_hidden_layers
+    assert kv_bytes(cfg, 1, dtype_bytes=2) == kv_per_token
+    assert kv_bytes(cfg, 1000, dtype_bytes=2) == 1000 * kv_per_token
+    assert linear_state_bytes(cfg, dtype_bytes=2) == state
+    full = SimpleNamespace(**{**vars(cfg), "layer_types": ()})  # no layer_types: every layer attention, no state
+    assert kv_bytes(full, 1, 2) == kv_per_token * 4 and linear_state_bytes(full) == 0
+
+
+def test_the_cpu_delta_rule_counts_a_state_per_token():
+    """On the CPU (mlx-lm's sequential ops path) a 512-row chunk holds ~one float32 state per row; the Metal
+    kernel two."""
+    cfg = release(48, 16, 4, 48, 5120)
+    state = 48 * 128 * 128 * 4
+    cpu, metal = gdn_peak(cfg, 512, 4, kernel=False), gdn_peak(cfg, 512, 4, kernel=True)
+    assert 512 * state < cpu < 600 * state and metal < 600 * 2**20 < cpu
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    done = {}
+
+    def get(arch):
+        if arch not in done:
+            done[arch] = load(str(make_checkpoint(arch, tmp_path_factory.mktemp(arch))))
+        return done[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["growing", "fixed", "fixed-8bit"])
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_the_plan_counts_what_the_caches_allocate(loaded, arch, settings):
+    model, proc = loaded(arch)
+    image = _noise_image(60, 90, seed=1)
+    r = generate(model, proc, PROMPT, [image], max_tokens=4, **settings)
+    s, t = r.stats, model.config.text
+    state = linear_state_bytes(t, dtype_bytes=4)  # float32 on the CPU: conv in the model's dtype
+    assert 0 < s["linear_state_bytes"] == state
+    if "max_kv_size" in settings:  # a fixed cache allocates its slots at once: the plan is exact
+        p = plan_run(model, proc, PROMPT, [image], max_tokens=4, max_kv_tokens=160, kv_bits=settings.get("kv_bits"))
+        assert s["kv_bytes_allocated"] == p.kv and p.state == state
+        assert f"linear state: {fmt_bytes(p.state):>12}" in p.summary()
+    else:  # a growing one rounds up to 256-token steps; only the attention layers hold any
+        held = s["prompt_tokens"] + s["generation_tokens"] - 1
+        assert s["kv_bytes_allocated"] == kv_bytes(t, -(-held // 256) * 256, 4) + state
+        assert kv_bytes(t, 256, 4) == 2 * attention_layers(t) * t.num_key_value_heads * t.head_dim * 256 * 4
+    assert any("linear layers" in n for n in plan_run(model, proc, PROMPT, [image]).notes)
+
+
+def test_the_moe_prefill_counts_the_shared_expert(loaded):
+    t = loaded(MOE)[0].config.text
+    assert t.shared_expert_intermediate_size > 0 and loaded(DENSE)[0].config.text.shared_expert_intermediate_size == 0
+
+    def peak(shared: int) -> int:  # a shared expert wide enough to be the largest term
+        cfg = SimpleNamespace(**{**vars(t), "shared_expert_intermediate_size": shared})
+        cfg.sparse_layers = t.sparse_layers
+        return prefill_peak(cfg, 64, 64, moe_grouped=False)
+
+    assert peak(20_000) - peak(10_000) == 4 * 64 * 10_000 * 4  # gate, up, SiLU, product [T, I_s] in float32
