@@ -3,6 +3,10 @@
 - `mlx_vlm.convert` output (float and 4-bit) loads in mlx-compact with mlx-vlm's own logits.
 - `mlx-compact convert` output (float and 4-bit) loads in mlx-vlm with our logits, including from a
   transformers-5 config.json that mlx-vlm cannot read itself.
+- Qwen3.5 / Qwen3.5-MoE (the hybrids), float and 4-bit: our conversion of every source (release, transformers 5,
+  a tied transformers-5 save that mlx-vlm cannot read itself) loads in mlx-vlm, and mlx-vlm's conversion of the
+  release loads in ours: logits within 1e-5 and greedy tokens (each library's own generation loop, hybrid
+  cache and chunked prefill) equal.
 - `mlx_vlm.convert --q-mode mxfp4 / mxfp8` output (microscaling floats, which MLX quantizes natively) loads in
   mlx-compact with the logits of its dequantized weights.
 
@@ -13,6 +17,7 @@ hub dialects (flat44 for Qwen2/2.5-VL, qwen3_nested for Qwen3-VL), which every a
 Measured: ours vs mlx-vlm, max relative logit difference <= 1e-6 (float32 and 4-bit) for all three archs.
 """
 
+import itertools
 import json
 
 import mlx.core as mx
@@ -111,3 +116,103 @@ def test_mlx_vlm_microscaling_checkpoints_load(ckpt, tmp_path, mode, bits):
     ours = our_logits(model, inputs)
     assert rel_err(ours, our_logits(dequantized(load_model(out), mode, bits), inputs)) < TOL
     assert rel_err(ours, mlx_vlm_logits(out, inputs)) < 1e-2
+
+
+# ---------------------------------------------------------------- Qwen3.5 / Qwen3.5-MoE (the hybrids)
+
+GREEDY = 8
+
+
+def our_greedy(model, inputs, n: int = GREEDY) -> list:
+    """Greedy tokens from our runtime (prepare, chunked prefill, the hybrid cache, decode)."""
+    from mlx_compact.generate import generate_step, make_cache, prepare_ids
+
+    prep = prepare_ids(
+        model, inputs["input_ids"][0].tolist(), inputs["pixel_values"], inputs["image_grid_thw"].tolist()
+    )
+    steps = generate_step(model, prep, make_cache(model), lambda x: mx.argmax(x, axis=-1), 512)
+    return [int(t) for t, _ in itertools.islice(steps, n)]
+
+
+def mlx_vlm_greedy(path, inputs, n: int = GREEDY) -> list:
+    """Greedy tokens from mlx-vlm's own generation loop on a directory."""
+    from mlx_vlm.generate.ar import generate_step
+
+    model, _ = mlx_vlm_utils.load(str(path))
+    gen = generate_step(
+        mx.array(inputs["input_ids"]),
+        model,
+        mx.array(inputs["pixel_values"]),
+        None,
+        max_tokens=n,
+        temperature=0.0,
+        image_grid_thw=mx.array(inputs["image_grid_thw"]),
+    )
+    return [int(t) for t, _ in itertools.islice(gen, n)]
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    from tiny_hybrid import make_checkpoint
+
+    done = {}
+
+    def get(arch, layout="default", dialect="default", tie=False):
+        key = (arch, layout, dialect, tie)
+        if key not in done:
+            path = tmp_path_factory.mktemp(f"{arch}-{layout}-{dialect}-{tie}")
+            done[key] = make_checkpoint(arch, path, layout=layout, dialect=dialect, tie_word_embeddings=tie)
+        return done[key]
+
+    return get
+
+
+def hybrid_inputs(path) -> dict:
+    """Numpy inputs for one chat prompt with one 90x60 image, made by our processor (transformers 5.24 has no
+    processor class for the tiny hybrids' files)."""
+    from conftest import _noise_image
+
+    from mlx_compact.processor import Processor
+
+    proc = Processor.from_pretrained(path)
+    out = proc(text=proc.build_prompt("What is this?", n_images=1), images=[_noise_image(60, 90, seed=1)])
+    return {
+        "input_ids": np.asarray(out["input_ids"]),
+        "pixel_values": np.asarray(out["pixel_values"]),
+        "image_grid_thw": np.asarray(out["grid_thw"]),
+    }
+
+
+HYBRID_SOURCES = [("release", "release", False), ("default", "default", False), ("default", "default", True)]
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "q4"])
+@pytest.mark.parametrize("source", HYBRID_SOURCES, ids=["release", "v5", "v5-tied"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_our_converted_loads_in_mlx_vlm(hybrid, tmp_path, arch, source, quantize):
+    """Every source layout, the tied transformers-5 save included (which mlx-vlm cannot read itself)."""
+    out = convert(
+        hybrid(arch, *source), tmp_path / "ours", quantize=quantize, q_group_size=32, dtype="float32", progress=False
+    )  # groups of 32: most of the tiny widths (96, 160, 64) divide
+    inputs = hybrid_inputs(out)
+    ours = load_model(out)
+    assert rel_err(mlx_vlm_logits(out, inputs), our_logits(ours, inputs)) < TOL
+    assert mlx_vlm_greedy(out, inputs) == our_greedy(ours, inputs)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "q4"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_mlx_vlm_converted_loads_in_mlx_compact(hybrid, tmp_path, arch, quantize):
+    """From the release layout and dialect (mlx-vlm reads that one; not a tied transformers-5 save)."""
+    from mlx_vlm.convert import convert as mlx_vlm_convert
+
+    out = tmp_path / "mlx-vlm"
+    mlx_vlm_convert(
+        str(hybrid(arch, "release", "release")), str(out), quantize=quantize, q_bits=4, q_group_size=32, dtype="float32"
+    )
+    inputs = hybrid_inputs(out)
+    ours = load_model(out)
+    if quantize:
+        assert ours.config.quantization["bits"] == 4
+    assert rel_err(our_logits(ours, inputs), mlx_vlm_logits(out, inputs)) < TOL
+    assert our_greedy(ours, inputs) == mlx_vlm_greedy(out, inputs)
