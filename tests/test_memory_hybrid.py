@@ -112,3 +112,116 @@ def test_the_moe_prefill_counts_the_shared_expert(loaded):
         return prefill_peak(cfg, 64, 64, moe_grouped=False)
 
     assert peak(20_000) - peak(10_000) == 4 * 64 * 10_000 * 4  # gate, up, SiLU, product [T, I_s] in float32
+
+
+# ---------------------------------------------------------------- the README's figures
+
+
+def _text(layers: int, hidden: int, heads: int, kv_heads: int, hv: int, **extra) -> dict:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "full_attention_interval": 4,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": 256,
+        "attn_output_gate": True,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": hv,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_conv_kernel_dim": 4,
+        "vocab_size": 248320,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000000,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25,
+        },
+        **extra,
+    }
+
+
+def _vision(depth: int, width: int, inter: int, out: int) -> dict:
+    return {
+        "depth": depth,
+        "hidden_size": width,
+        "num_heads": 16,
+        "intermediate_size": inter,
+        "out_hidden_size": out,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [],
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+
+
+QWEN3_6_35B_A3B = {  # the release's sizes (see the design notes)
+    "model_type": "qwen3_5_moe",
+    "tie_word_embeddings": False,
+    "text_config": _text(
+        40,
+        2048,
+        16,
+        2,
+        32,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+    ),
+    "vision_config": _vision(27, 1152, 4304, 2048),
+}
+QWEN3_5_2B = {  # as the README states them (the 2B release's config.json was not checked here)
+    "model_type": "qwen3_5",
+    "tie_word_embeddings": True,
+    "text_config": _text(24, 2048, 8, 2, 16, intermediate_size=6144),
+    "vision_config": _vision(24, 1024, 4096, 2048),
+}
+
+
+@pytest.mark.parametrize(
+    "cfg, name, gb, params",
+    [(QWEN3_6_35B_A3B, "Qwen3.6-35B-A3B-4bit", 32, 35.1), (QWEN3_5_2B, "Qwen3.5-2B-4bit", 8, 2.2)],
+    ids=["35B-A3B", "2B"],
+)
+def test_readme_states_the_hybrid_plans(cfg, name, gb, params):
+    """Built lazily (nothing allocated), bfloat16, quantized as mlx-vlm's converter does (4-bit groups of 64, the
+    routers and shared-expert gates 8-bit, the vision tower float), planned for a Mac (fused attention)."""
+    import re
+    from pathlib import Path
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_compact.memory import plan, weights_bytes
+    from mlx_compact.models import build_model
+
+    model = build_model(cfg)
+    model.set_dtype(mx.bfloat16)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+
+    def predicate(path, m):
+        if path.startswith("vision_tower") or not hasattr(m, "to_quantized"):
+            return False
+        return {"group_size": 64, "bits": 8} if path.endswith(("mlp.gate", "shared_expert_gate")) else True
+
+    nn.quantize(model, group_size=64, bits=4, class_predicate=predicate)
+    t, budget = model.config.text, int(gb * 2**30 * 2 / 3)
+    image = [60 * 34 * 4]  # 1920x1080 -> 60 x 34 merged tokens
+    one = plan(model, image, 20, max_tokens=512, fused=True, budget=budget)
+    fixed = plan(model, image, 20, max_tokens=512, max_kv_tokens=32768, kv_bits=8, fused=True, budget=budget)
+    assert one.fits and fixed.fits and f"{n / 1e9:.1f}" == f"{params}"
+    figures = [
+        f"| {name} ({params}B",
+        f"{fmt_bytes(weights_bytes(model))} | {kv_bytes(t, 1, 2) // 1024} KiB | {fmt_bytes(linear_state_bytes(t, 2))} |"
+        f" {fmt_bytes(one.peak)} | {fmt_bytes(fixed.peak)} | {gb} GB Mac: {fmt_bytes(budget)} |",
+    ]
+    text = re.sub(r"\s+", " ", (Path(__file__).resolve().parent.parent / "README.md").read_text())
+    for figure in figures:
+        assert figure in text, f"README's {name} row: expected '{figure}'"
