@@ -468,6 +468,7 @@ def _stats_text(s: dict) -> str:
         f"KV {s['kv_bytes_used'] / 2**20:.1f} of {s['kv_bytes_allocated'] / 2**20:.1f} MiB{evicted}"
         + (f" (linear state {s['linear_state_bytes'] / 2**20:.1f} MiB)" if s.get("linear_state_bytes") else "")
         + f"; peak {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+        + "".join(f", rank {r['rank']} {r['peak_memory_bytes'] / 2**30:.2f} GiB" for r in s.get("ranks", []))
     )
 
 
@@ -514,11 +515,13 @@ def _load_checked(args):
     """Check the options, images and videos, then load the model: (model, processor, compaction, images,
     videos)."""
     from mlx_compact.loader import load
+    from mlx_compact.pipeline import process_rank
 
     _check_cache_args(args)
     c = _compaction(args)
-    images = [_read_image(p) for p in args.image]
-    videos = [_read_video(p, args) for p in args.video]
+    first = not args.pipeline or process_rank() == 0  # images and videos are the first rank's: it encodes them
+    images = [_read_image(p) for p in args.image] if first else []
+    videos = [_read_video(p, args) for p in args.video] if first else []
     model, processor = load(
         args.model,
         memory_budget=args.memory_budget,

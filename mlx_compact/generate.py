@@ -940,6 +940,12 @@ def stream_generate(
         cache.messages += [{"role": "user", "content": _content(prompt, len(images), len(videos))}]
         cache.messages += [{"role": "assistant", "content": answer}] if max_tokens else []
     stats = run_stats(prep, cache, len(tokens), t_prefill, t_first, t_end, model)
+    pipe = pipeline_of(model)
+    if pipe is not None:  # the other ranks' peaks during this run (each reset when reported)
+        stats["ranks"] = [
+            {"rank": r, "peak_memory_bytes": peak, "weights_bytes": params}
+            for r, peak, _, params, _ in pipe.memory(True)
+        ]
     stats["finish_reason"] = finish
     if max_pixels != asked:  # fit="auto" shrank the images
         stats["fitted_max_pixels"] = max_pixels

@@ -207,9 +207,13 @@ def _take_share(model, weights: dict, group, split, budget, timeout, path) -> di
             else f"nothing: the {size} ranks have {fmt_bytes(sum(budgets))} together and the weights take "
             f"{fmt_bytes(sum(need))}; use a more quantized checkpoint or add a Mac"
         )
+        a, b = stops[r] - split[r], stops[r] - 1
+        holds = [f"LLM layers {a}-{b} of {n}" if b > a else f"LLM layer {a} of {n}"]
+        holds += ["the vision tower and embeddings"] if r == 0 else []
+        holds += ["the LM head"] if r == size - 1 else []
         raise LoadError(
-            f"{path}: rank {r} would hold {fmt_bytes(need[r])} of weights (LLM layers {stops[r] - split[r]}-"
-            f"{stops[r] - 1} of {n}) but {fmt_bytes(budgets[r])} is available there; what would fit: {advice}"
+            f"{path}: rank {r} would hold {fmt_bytes(need[r])} of weights ({', '.join(holds)}) but "
+            f"{fmt_bytes(budgets[r])} is available there; what would fit: {advice}"
         )
     pipe = Pipeline(group, split, timeout or DEFAULT_TIMEOUT)
     lm.layer_range = (pipe.first, pipe.stop)

@@ -282,9 +282,10 @@ class Pipeline:
         rows = self.query(PLAN, *values)
         return [(r, rows[r][0], rows[r][1]) for r in range(1, self.size)]
 
-    def memory(self) -> list[tuple[int, ...]]:
-        """Rank 0: (rank, MLX peak, peak resident set, parameter bytes, LLM layer bytes) of every other rank."""
-        rows = self.query(MEMORY)
+    def memory(self, reset: bool = False) -> list[tuple[int, ...]]:
+        """Rank 0: (rank, MLX peak, peak resident set, parameter bytes, LLM layer bytes) of every other rank; the
+        MLX peaks since the last ``reset`` (or the start), which ``reset`` then starts again."""
+        rows = self.query(MEMORY, int(reset))
         return [(r, *rows[r]) for r in range(1, self.size)]
 
     def close(self) -> None:
@@ -335,7 +336,10 @@ class Pipeline:
         if op == NBYTES:
             return [sum(c.nbytes for c in caches), sum(getattr(c, "used_bytes", c.nbytes) for c in caches), 0, 0]
         if op == MEMORY:
-            return memory_report(model)
+            report = memory_report(model)
+            if head[1]:
+                mx.reset_peak_memory()
+            return report
         from .memory import stage_plan
 
         return list(stage_plan(model, *head[1:9])) + [0, 0]

@@ -39,6 +39,7 @@ def _run(responses) -> dict:
         "logprobs": logprobs,
         "kv_bytes": stats.get("kv_bytes_allocated"),
         "evicted": stats.get("kv_evicted_tokens"),
+        "ranks": stats.get("ranks"),  # a pipeline's other ranks: their peaks in the run and weights
     }
 
 

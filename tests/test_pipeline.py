@@ -120,6 +120,8 @@ def test_two_ranks_give_the_one_process_answers_and_logits(launched, checkpoints
                 assert a["tokens"] == b["tokens"], (path, name)
                 np.testing.assert_allclose(np.array(b["logprobs"]), np.array(a["logprobs"]), atol=1e-6, rtol=0)
                 assert a["evicted"] == b["evicted"]
+        (rank1,) = got["image"]["ranks"]  # reported after the run by the other rank
+        assert rank1["rank"] == 1 and rank1["weights_bytes"] > 0 and rank1["peak_memory_bytes"] > 0
         if path != DEFAULT_MODEL:  # the shipped model answers in one word: only the tiny ones rotate
             assert got["fixed"]["evicted"] > 0
 
@@ -127,7 +129,8 @@ def test_two_ranks_give_the_one_process_answers_and_logits(launched, checkpoints
 def test_every_rank_plans_and_refuses_with_one_message_naming_the_rank(launched, checkpoints):
     for path in checkpoints:
         got = launched[path]
-        assert "rank 0 would hold" in got["refused"] and "what would fit" in got["refused"]
+        assert "rank 0 would hold" in got["refused"] and "the vision tower and embeddings" in got["refused"]
+        assert "what would fit" in got["refused"]
         if got["split"][1] > got["split"][0]:  # rank 1 holds more layers, so more KV
             plan = got["plan"]
             assert plan["peak0"] <= plan["budget"] < plan["peak1"]
@@ -187,3 +190,20 @@ def test_a_rank_that_stops_answering_ends_the_others_within_the_timeout(tiny_che
     print(f"rank 0 gone: rank 1 ended after {waited:.2f} s")
     assert rc == 1 and len(lines) == 1, (rc, lines)
     assert lines[0].startswith("mlx-compact: rank 1: ") and "rank 0" in lines[0] and lines[0].endswith("ending")
+
+
+def test_ranks_other_than_0_leave_the_images_to_rank_0(tiny_checkpoint, tmp_path, monkeypatch):
+    """An image need only exist on the first Mac: the other ranks never read it (rank 0 encodes it)."""
+    import mlx_compact.pipeline
+    from mlx_compact import cli
+
+    args = cli.build_parser().parse_args(
+        ["generate", "--pipeline", "--model", str(tiny_checkpoint("qwen2_vl")), "--prompt", "Hi"]
+        + ["--image", str(tmp_path / "only-on-the-first-mac.png")]
+    )
+    monkeypatch.setattr(mlx_compact.pipeline, "process_rank", lambda: 1)
+    _, _, _, images, videos = cli._load_checked(args)  # not launched: one process, which loads normally
+    assert images == [] and videos == []
+    monkeypatch.setattr(mlx_compact.pipeline, "process_rank", lambda: 0)
+    with pytest.raises(cli.InputError, match="only-on-the-first-mac"):
+        cli._load_checked(args)
