@@ -205,6 +205,7 @@ class Pipeline:
         self._ids = itertools.count(1)
         self._freed: list[int] = []
         self.closed = False
+        self.broken: str | None = None  # why the pipeline stopped (a lost rank): nothing is sent after it
 
     def layers_of(self, rank: int) -> range:
         return range(self.stops[rank] - self.split[rank], self.stops[rank])
@@ -214,12 +215,17 @@ class Pipeline:
     def _lost(self, peer: int, e: Exception):
         line = f"mlx-compact: rank {self.rank}: lost the connection to rank {peer} ({e}); ending"
         if self.rank == 0:
-            raise PipelineError(line.removeprefix("mlx-compact: ")) from None
+            # MLX's ring backend fails the pending transfer, but a later one on the lost connection would wait for
+            # ever: this pipeline sends and receives nothing more
+            self.broken = line.removeprefix("mlx-compact: ")
+            raise PipelineError(self.broken) from None
         if peer == 0:  # rank 0 can no longer say it
             self.watchdog.say(line)
         os._exit(EXIT_LOST)
 
     def _send(self, x: mx.array, what: str = "sending") -> None:
+        if self.broken:
+            raise PipelineError(self.broken)
         try:
             with self.watchdog.transfer(f"{what} to rank {self.next}"):
                 mx.eval(mx.distributed.send(x, self.next, group=self.group))
@@ -227,6 +233,8 @@ class Pipeline:
             self._lost(self.next, e)
 
     def _recv(self, shape, dtype, src: int, what: str = "waiting", bounded: bool = True) -> mx.array:
+        if self.broken:
+            raise PipelineError(self.broken)
         try:
             with self.watchdog.transfer(f"{what} from rank {src}", bounded):
                 y = mx.distributed.recv(tuple(shape), dtype, src, group=self.group)

@@ -167,10 +167,10 @@ def _ends_within(proc, bound: float) -> tuple:
     return proc.returncode, time.monotonic() - t, proc.stderr.read().decode().strip().splitlines()
 
 
-def test_a_killed_rank_ends_the_other_within_a_second_or_two_with_one_line(tiny_checkpoint, tmp_path):
+def test_a_killed_rank_ends_the_other_within_seconds_with_one_line(tiny_checkpoint, tmp_path):
     procs = _start_pair(str(tiny_checkpoint("qwen3_vl_moe")), 30.0, tmp_path)
     os.kill(procs[1].pid, signal.SIGKILL)  # MLX's ring backend fails rank 0's pending transfer
-    rc, waited, lines = _ends_within(procs[0], bound=10)
+    rc, waited, lines = _ends_within(procs[0], bound=15)  # 1.0 s here on a quiet machine, 5.5 s at load 12
     procs[1].wait()
     print(f"rank 1 killed: rank 0 ended after {waited:.2f} s")
     assert rc == 1 and len(lines) == 1, (rc, lines)
