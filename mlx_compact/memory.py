@@ -198,9 +198,6 @@ def prefill_peak(
     mixer = attn_rows + scores if attention_layers(text_cfg) else 0
     if linear_layers(text_cfg):
         mixer = max(mixer, gdn_peak(text_cfg, T, b, gdn_kernel))
-        # each linear layer's cache keeps its conv state as a view of that layer's conv input [T + K - 1, C]
-        # until the next chunk replaces it
-        held += linear_layers(text_cfg) * (T + text_cfg.linear_conv_kernel_dim - 1) * _conv_channels(text_cfg) * b
     # MLP: h, normed h, then [T, I]: gate, up, silu(gate), product
     mlp = 2 * T * D * b + 4 * T * text_cfg.intermediate_size * b
     if text_cfg.num_experts:  # MoE layers (and dense ones unless every layer is sparse)

@@ -590,3 +590,17 @@ def test_the_norm_shift_is_decided_once_per_checkpoint(models, hybrid):
     with_mtp = {**ours, "mtp.norm.weight": mx.zeros((96,))}
     out = model.sanitize(with_mtp)
     assert "mtp.norm.weight" not in out and mx.array_equal(out[norm], ours[norm])
+
+
+def test_the_conv_state_keeps_only_its_own_rows():
+    from mlx_compact.models.language import causal_conv
+
+    x, w = mx.random.normal((1, 512, 256)), mx.random.normal((256, 4, 1))  # [B, L, C], [C, K, 1]
+    mx.eval(x, w)
+    before = mx.get_active_memory()
+    out, state = causal_conv(x, w, mx.zeros((1, 3, 256)))
+    mx.eval(out, state)
+    del out
+    mx.clear_cache()
+    # a view of the chunk's conv input [1, 515, 256] would keep 527 KB alive until the next chunk
+    assert mx.get_active_memory() - before <= state.nbytes + 1024

@@ -158,7 +158,7 @@ def causal_conv(x: mx.array, weight: mx.array, state: mx.array) -> tuple[mx.arra
     out = xx[:, :L] * w[0]
     for j in range(1, K):
         out = out + xx[:, j : j + L] * w[j]
-    return out, xx[:, L:]  # [B, L, C], [B, K-1, C]
+    return out, mx.contiguous(xx[:, L:])  # [B, L, C], [B, K-1, C]: a copy, so the state holds not all of xx
 
 
 class GatedRMSNorm(nn.Module):
