@@ -15,6 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .compaction.types import Compaction, as_compaction
+from .models.language import DELTA_STEP
 from .models.rope_index import PER_FRAME_VIDEO
 
 
@@ -230,10 +231,10 @@ def gdn_peak(text_cfg, tokens: int, dtype_bytes: int = 4, kernel: bool | None = 
       L2-normed q and k [T, Hk, dk] and their copies repeated onto the Hv value heads, a, b, the decay and beta
       [T, Hv] (float32), the per-token outputs and their stack [T, Hv, dv], and float32 states [Hv, dv, dk]:
       with its Metal kernel (``kernel``; default: Metal is available and dk is a multiple of 32) the one in and
-      the one out; on its sequential ops path (the CPU) one per token of the chunk, since MLX's CPU backend
-      allocates each step's output when the step is queued, before the steps ahead of it free theirs
-      (one layer at Qwen3.6 widths measured 1.04 T + 10 of them for T = 64 .. 512, counted as T + T / 16 + 16:
-      1.6 GiB per 512-token chunk at Qwen3.6-27B's 48 x 128 x 128);
+      the one out; on its sequential ops path (the CPU) one per queued row, since MLX's CPU backend allocates
+      each step's output when the step is queued, before the steps ahead of it free theirs (one layer at
+      Qwen3.6 widths measured 1.04 T + 10 of them for T = 64 .. 512): the layer queues
+      `models.language.DELTA_STEP` rows at a time, counted as S + S / 16 + 16 for S = min(T, DELTA_STEP);
     - the output: the delta rule's output and z [T, Hv dv], the gated RMSNorm in float32 (normed, gate,
       its SiLU, product) and the projection [T, D].
     """
@@ -243,7 +244,8 @@ def gdn_peak(text_cfg, tokens: int, dtype_bytes: int = 4, kernel: bool | None = 
     if kernel is None:
         kernel = mx.metal.is_available() and dk % 32 == 0
     C = _conv_channels(text_cfg)
-    states = 2 if kernel else T + T // 16 + 16
+    S = min(T, DELTA_STEP)
+    states = 2 if kernel else S + S // 16 + 16
     conv = (T + K - 1) * C * b + 3 * T * C * b
     delta = T * C * b + 2 * T * (hk + hv) * dk * b + 4 * T * hv * 4 + 2 * T * hv * dv * b + states * hv * dv * dk * 4
     out = 2 * T * hv * dv * b + 4 * T * hv * dv * 4 + T * D * b
