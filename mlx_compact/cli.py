@@ -550,6 +550,12 @@ def _answer(responses, mode: str) -> None:
     _print_stats(stats, mode, None if mode == "text" else text)
 
 
+def _sampling(args) -> dict:
+    """The answer options generate, chat and batch share (their flags: `_add_sampling`)."""
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: getattr(args, k) for k in keys}
+
+
 def run_generate(args) -> int:
     from mlx_compact.generate import stream_generate
 
@@ -561,12 +567,7 @@ def run_generate(args) -> int:
             args.prompt,
             images,
             videos=videos,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
+            **_sampling(args),
             seed=args.seed,
             max_pixels=args.max_pixels,
             compaction=c,
@@ -684,12 +685,7 @@ class _Chat:
                     question,
                     images,
                     videos=videos,
-                    max_tokens=a.max_tokens,
-                    temperature=a.temperature,
-                    top_p=a.top_p,
-                    top_k=a.top_k,
-                    min_p=a.min_p,
-                    repetition_penalty=a.repetition_penalty,
+                    **_sampling(a),
                     progress=_prefill_progress(),
                 ),
                 a.stats,
@@ -1133,12 +1129,7 @@ def run_batch(args) -> int:
         resume=args.resume,
         on_error=report,
         progress=sys.stderr.isatty(),
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
+        **_sampling(args),
         seed=args.seed,
         max_pixels=args.max_pixels,
         compaction=c,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_generate import STATS_KEYS
 
 from mlx_compact import cli
 from mlx_compact.compaction import METHODS, Compaction
@@ -30,21 +31,6 @@ from mlx_compact.memory import fmt_bytes, plan
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "mlx-compact"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mlx_compact.cli"]
-STATS_KEYS = {
-    "prompt_tokens",
-    "generation_tokens",
-    "visual_tokens",
-    "kv_bytes_allocated",
-    "kv_bytes_used",
-    "linear_state_bytes",
-    "ttft_s",
-    "decode_tokens_per_s",
-    "peak_memory_bytes",
-    "kv_evicted_tokens",
-    "image_decode_bytes",
-    "proportional",
-    "finish_reason",
-}
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
 CHAT_SCRIPT = """what is in the picture
 and the colour?
