@@ -19,11 +19,12 @@ Question families (answers are 1-2 words):
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from training.scenes import _font, draw_shape  # the drawing both worlds share
 
 FAMILIES = ("colour", "count", "where", "read", "exists")
 COLOURS = {
@@ -91,36 +92,6 @@ class Scene:
         return [3 * (r * MERGED_PX // ch) + c * MERGED_PX // cw for r in range(rows) for c in range(cols)]
 
 
-_FONTS: dict = {}
-
-
-def _font(size: int):
-    if size not in _FONTS:
-        _FONTS[size] = ImageFont.load_default(size=size)  # Pillow's bundled font: same on every install
-    return _FONTS[size]
-
-
-def _star(cx, cy, r):
-    pts = []
-    for i in range(10):
-        a = -math.pi / 2 + i * math.pi / 5
-        rr = r if i % 2 == 0 else r * 0.45
-        pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
-    return pts
-
-
-def _draw_shape(d: ImageDraw.ImageDraw, shape: str, box, colour):
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        d.ellipse(box, fill=colour)
-    elif shape == "square":
-        d.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
-    else:
-        d.polygon(_star((x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2), fill=colour)
-
-
 def render(rng: random.Random, objects, cell) -> Image.Image:
     ch, cw = cell
     bg = tuple(rng.randint(225, 255) for _ in range(3))
@@ -132,7 +103,7 @@ def render(rng: random.Random, objects, cell) -> Image.Image:
             s = rng.randint(int(0.55 * min(ch, cw)), int(0.85 * min(ch, cw)))
             x = cx0 + (cw - s) // 2 + rng.randint(-3, 3)
             y = cy0 + (ch - s) // 2 + rng.randint(-3, 3)
-            _draw_shape(d, o.name, (x, y, x + s, y + s), COLOURS[o.colour])
+            draw_shape(d, o.name, (x, y, x + s, y + s), COLOURS[o.colour])
         else:
             font = _font(rng.randint(30, 38))
             ink = tuple(rng.randint(0, 70) for _ in range(3))
